@@ -1,0 +1,153 @@
+"""Render a Partition for people and machines: rich table, JSON, Graphviz DOT, and a self-contained HTML page."""
+from __future__ import annotations
+
+import html
+import json
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+from monomod.ir import Partition
+
+
+def human(n: float, unit: str = "") -> str:
+    """1234567 -> '1.23M' (decimal prefixes, as FLOPs and parameter counts are usually quoted)."""
+    for factor, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= factor:
+            return f"{n / factor:.3g}{prefix}{unit}"
+    return f"{n:.3g}{unit}"
+
+
+def human_bytes(n: float) -> str:
+    for factor, prefix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= factor:
+            return f"{n / factor:.3g} {prefix}"
+    return f"{int(n)} B"
+
+
+def partition_table(p: Partition) -> Table:
+    total = p.traced.flops if p.cost == "flops" else p.traced.params
+    table = Table(title=f"{p.traced.name}: {p.k} modules ({p.method}, balanced by {p.cost})", title_justify="left")
+    for column, justify in (("#", "right"), ("covers", "left"), ("nodes", "right"), ("params", "right"),
+                            ("FLOPs", "right"), ("share", "right"), ("outputs → next module", "left")):
+        table.add_column(column, justify=justify, overflow="fold")
+    for m in p.modules:
+        outs = ", ".join(v.describe() for v in m.outputs)
+        table.add_row(
+            str(m.index), ", ".join(m.covers), str(len(m.nodes)), human(m.params), human(m.flops),
+            f"{100 * p.module_cost(m) / total:.1f}%" if total else "-", outs,
+        )
+    return table
+
+
+def balance_line(p: Partition) -> Text:
+    costs = [p.module_cost(m) for m in p.modules]
+    mean = sum(costs) / len(costs)
+    tensors = sum(len(c) for c in p.cuts)
+    return Text.assemble(
+        ("balance ", "bold"), f"{p.balance:.3f} max/mean {p.cost} ({human(max(costs))} / {human(mean)})",
+        ("  ·  cut ", "bold"), f"{human_bytes(p.bytes_cut)} per sample in {tensors} tensor(s) over {p.k - 1} cut(s)",
+        ("  ·  model ", "bold"), f"{human(p.traced.params)} params, {human(p.traced.flops)} FLOPs per sample",
+    )
+
+
+def partition_json(p: Partition) -> str:
+    return json.dumps(p.to_json(), indent=2)
+
+
+def partition_dot(p: Partition) -> str:
+    """Graphviz DOT of the tensor data flow, one cluster per module; edges that cross a cut are red."""
+    infos = p.traced.nodes
+    shown = {name for name, info in infos.items() if info.holds_tensors and info.op != "get_attr"}
+    lines = [f'digraph "{p.traced.name}" {{', "  rankdir=TB;", '  node [shape=box, fontsize=9, fontname="Helvetica"];']
+    for m in p.modules:
+        label = f"module {m.index}: {', '.join(m.covers)}\\n{human(m.params)} params, {human(m.flops)} FLOPs"
+        lines.append(f"  subgraph cluster_{m.index} {{")
+        lines.append(f'    label="{_dot_escape(label)}"; style=rounded; color="#4a6fa5";')
+        for name in m.nodes:
+            if name in shown:
+                info = infos[name]
+                shape = "×".join(map(str, info.symbolic_shape() or [])) or "tensors"
+                lines.append(f'    "{name}" [label="{_dot_escape(info.target)}\\n{shape}"];')
+        lines.append("  }")
+    for node in p.traced.graph_module.graph.nodes:
+        if node.name not in shown:
+            continue
+        for user in node.users:
+            if user.name in shown:
+                crossing = p.assignment[node.name] != p.assignment[user.name]
+                style = f' [color=red, penwidth=2, label="{human_bytes(infos[node.name].bytes)}"]' if crossing else ""
+                lines.append(f'  "{node.name}" -> "{user.name}"{style};')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _dot_escape(text: str) -> str:
+    return text.replace('"', '\\"')
+
+
+def partition_html(p: Partition) -> str:
+    """A page that opens offline: an inline SVG of the modules and the cut tensors between them, and the table."""
+    data = p.to_json()
+    esc = html.escape
+    rows = "".join(
+        f"<tr><td>{m['index']}</td><td>{esc(', '.join(m['covers']))}</td><td>{m['nodes']}</td>"
+        f"<td>{human(m['params'])}</td><td>{human(m['flops'])}</td>"
+        f"<td>{esc('; '.join(_shape_text(v) for v in m['inputs']))}</td>"
+        f"<td>{esc('; '.join(_shape_text(v) for v in m['outputs']))}</td></tr>"
+        for m in data["modules"]
+    )
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>monomod · {esc(p.traced.name)}</title>
+<style>
+body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #1d2433; }}
+table {{ border-collapse: collapse; margin-top: 1.5em; }}
+td, th {{ border: 1px solid #c9d1dd; padding: 4px 8px; text-align: left; vertical-align: top; }}
+th {{ background: #eef2f7; }}
+.meta {{ color: #555; }}
+</style></head><body>
+<h1>{esc(p.traced.name)} → {p.k} modules</h1>
+<p class="meta">balanced by {esc(p.cost)} ({esc(p.method)}): max/mean {p.balance:.3f} · {human(p.traced.params)} params ·
+{human(p.traced.flops)} FLOPs per sample · {human_bytes(p.bytes_cut)} per sample cross the cuts</p>
+{_svg(p)}
+<table><tr><th>#</th><th>covers</th><th>nodes</th><th>params</th><th>FLOPs</th><th>inputs</th><th>outputs</th></tr>
+{rows}</table>
+<script type="application/json" id="partition">{esc(json.dumps(data))}</script>
+</body></html>
+"""
+
+
+def _shape_text(value: dict[str, Any]) -> str:
+    shape = value["shape"]
+    return f"{value['name']} " + ("×".join(map(str, shape)) if shape else str(value["dtype"]))
+
+
+def _svg(p: Partition) -> str:
+    """Modules as boxes left to right, sized by their share of the cost, with the cut tensors on the arrows."""
+    box_w, gap, height, top = 170, 90, 240, 30
+    width = p.k * box_w + (p.k - 1) * gap + 40
+    costs = [p.module_cost(m) for m in p.modules]
+    peak = max(costs) or 1
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 2 * top}" '
+             f'viewBox="0 0 {width} {height + 2 * top}" font-family="system-ui, sans-serif" font-size="11">',
+             '<defs><marker id="arrow" markerWidth="10" markerHeight="8" refX="9" refY="4" orient="auto">'
+             '<path d="M0,0 L10,4 L0,8 z" fill="#c0392b"/></marker></defs>']
+    for m, cost in zip(p.modules, costs):
+        x = 20 + m.index * (box_w + gap)
+        bar = int((height - 80) * cost / peak)
+        parts.append(f'<rect x="{x}" y="{top}" width="{box_w}" height="{height}" rx="8" fill="#f4f7fb" stroke="#4a6fa5"/>')
+        parts.append(f'<rect x="{x + 10}" y="{top + height - 10 - bar}" width="{box_w - 20}" height="{bar}" fill="#c9d8ee"/>')
+        parts.append(f'<text x="{x + 10}" y="{top + 18}" font-weight="bold">module {m.index}</text>')
+        parts.append(f'<text x="{x + 10}" y="{top + 34}">{human(m.flops)} FLOPs · {human(m.params)} params</text>')
+        for i, label in enumerate(m.covers[:8]):
+            parts.append(f'<text x="{x + 10}" y="{top + 54 + 14 * i}">{html.escape(label[:28])}</text>')
+        if m.index < p.k - 1:
+            y = top + height // 2
+            parts.append(f'<line x1="{x + box_w}" y1="{y}" x2="{x + box_w + gap - 2}" y2="{y}" stroke="#c0392b" '
+                         f'stroke-width="2" marker-end="url(#arrow)"/>')
+            for i, value in enumerate(m.outputs[:4]):
+                parts.append(f'<text x="{x + box_w + 4}" y="{y - 8 - 13 * i}" fill="#c0392b" font-size="9">'
+                             f'{html.escape(_shape_text(value.to_json())[:22])}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)

@@ -1,0 +1,1 @@
+"""Student families: NAC, V-MoE and ViT, each a StagedModel."""

@@ -1,0 +1,63 @@
+"""The contract every student (and meta model) stage honours.
+
+A staged model is a plain ``nn.Module`` whose ``forward`` is exactly the chain of its ``stages``. Each stage
+declares what it consumes and produces, so that the compiler can splice a stage between layers of a meta model or
+teacher and insert stitch layers only where token widths differ.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+StageKind = Literal["image->tokens", "tokens->tokens", "tokens->logits"]
+
+
+@dataclass(frozen=True)
+class StageInterface:
+    """What a stage consumes and produces. Widths are token widths (the last dim of ``[B, T, D]``)."""
+
+    kind: StageKind
+    width_in: int | None  # None when the stage takes images
+    width_out: int | None  # None when the stage produces logits
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "width_in": self.width_in, "width_out": self.width_out}
+
+
+class Stage(nn.Module):
+    """Base class for one stage; subclasses set ``self.interface`` in ``__init__``."""
+
+    interface: StageInterface
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Auxiliary loss of the last forward (e.g. MoE load balancing); None when the stage has none."""
+        losses = [m.last_aux_loss for m in self.modules() if getattr(m, "last_aux_loss", None) is not None]
+        return torch.stack(losses).sum() if losses else None
+
+
+class StagedModel(nn.Module):
+    """A model that is the exact composition of its ``stages``."""
+
+    def __init__(self, stages: list[Stage], *, num_classes: int, img_size: int, in_chans: int) -> None:
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+        self.num_classes = num_classes
+        self.img_size = img_size
+        self.in_chans = in_chans
+
+    @property
+    def interfaces(self) -> list[StageInterface]:
+        return [s.interface for s in self.stages]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return x
+
+    def aux_loss(self) -> torch.Tensor | None:
+        """Sum of the stages' auxiliary losses from the last forward, or None."""
+        losses = [loss for s in self.stages if (loss := s.aux_loss()) is not None]
+        return torch.stack(losses).sum() if losses else None
