@@ -6,11 +6,16 @@ from monomod.frontend import load_model
 from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedModel
 from monomod.passes.extract import Chain, extract
 from monomod.passes.partition import partition
+from monomod.passes.stitch import Stitched, stitch
 from monomod.passes.trace import trace
+from monomod.students import STUDENT_KINDS, StagedModel, StageInterface, build_student
+from monomod.students.hybrid import Hybrid, hybrid
+from monomod.students.meta import build_meta
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BoundaryValue", "Chain", "ModuleSpec", "MonomodError", "NodeInfo", "Partition", "TracedModel",
-    "extract", "load_model", "partition", "trace", "__version__",
+    "BoundaryValue", "Chain", "Hybrid", "ModuleSpec", "MonomodError", "NodeInfo", "Partition", "STUDENT_KINDS",
+    "StageInterface", "StagedModel", "Stitched", "TracedModel", "build_meta", "build_student", "extract", "hybrid",
+    "load_model", "partition", "stitch", "trace", "__version__",
 ]

@@ -34,6 +34,7 @@ def cli() -> None:
 
     \b
     monomod inspect vit_base --modules 8      # how the teacher splits into modules
+    monomod student nac --modules 4           # a student's stages, interfaces and costs
     """
 
 
@@ -89,6 +90,61 @@ def inspect(
     out.print(report.partition_table(part))
     out.print(report.balance_line(part))
     out.print(f"[dim]traced {len(traced.nodes)} nodes and partitioned in {elapsed:.2f} s[/dim]")
+
+
+@cli.command()
+@click.argument("kind")
+@click.option("-k", "--modules", "k", type=int, default=4, show_default=True, help="Number of stages (K).")
+@click.option("--preset", help="Family preset (default: the family's small CPU preset).")
+@click.option("--img-size", type=int, default=32, show_default=True, help="Input resolution.")
+@click.option("--num-classes", type=int, default=10, show_default=True, help="Classifier size.")
+@click.option("--in-chans", type=int, default=3, show_default=True, help="Input channels.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def student(kind: str, k: int, preset: str | None, img_size: int, num_classes: int, in_chans: int, fmt: str) -> None:
+    """Build a KIND student (nac, moe or vit) cut into K stages and show each stage's interface and cost.
+
+    FLOPs are per sample, counted like `monomod inspect` counts the teacher.
+
+    \b
+    Examples:
+      monomod student nac --modules 4
+      monomod student moe --modules 4 --preset vmoe_base --img-size 224 --num-classes 1000
+      monomod student vit --modules 3 --format json
+    """
+    import json
+
+    from rich.table import Table
+
+    from monomod import report
+    from monomod.students import build_student
+    from monomod.students.summary import stage_costs
+
+    model = build_student(kind, modules=k, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                          preset=preset)
+    costs = stage_costs(model)
+    params, flops = sum(c.params for c in costs), sum(c.flops for c in costs)
+    if fmt == "json":
+        click.echo(json.dumps({"kind": kind, "preset": model.preset, "params": params, "flops": flops,
+                               "stages": [c.to_json() for c in costs]}, indent=2))
+        return
+    table = Table(title=f"{kind} student: {len(costs)} stages (preset {model.preset}, {img_size} px)",
+                  title_justify="left")
+    for column, justify in (("#", "right"), ("interface", "left"), ("width in", "right"), ("width out", "right"),
+                            ("params", "right"), ("FLOPs", "right")):
+        table.add_column(column, justify=justify)
+    for c in costs:
+        table.add_row(str(c.index), c.interface, _dash(c.width_in), _dash(c.width_out), report.human(c.params),
+                      report.human(c.flops))
+    table.add_row("", "total", "", "", report.human(params), report.human(flops), style="bold")
+    out.print(table)
+    measured = [str(c.index) for c in costs if c.counted_by == "flop_counter"]
+    if measured:
+        out.print(f"[dim]stage(s) {', '.join(measured)}: the trace pass cannot measure them, so FLOPs are from "
+                  "torch FlopCounterMode (matmul-like ops only)[/dim]")
+
+
+def _dash(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def _example_input(net, img_size: int | None, in_chans: int | None):

@@ -6,10 +6,11 @@ little above FlopCounterMode's. Ops we have no formula for are measured with Flo
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import traceback
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -121,7 +122,7 @@ def trace(
     x1 = example_input[:1]
     annotator = _Annotator(gm)
     shapes2 = _ShapeRecorder(gm)
-    with torch.no_grad():
+    with _frozen_parameters(model):
         try:
             annotator.run(x1)
             shapes2.run(x1.expand(2, *x1.shape[1:]).contiguous())
@@ -143,6 +144,20 @@ def trace(
     return TracedModel(
         name=name or type(model).__name__, model=model, graph_module=gm, nodes=nodes, input_shape=tuple(x1.shape)
     )
+
+
+@contextlib.contextmanager
+def _frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Propagate without autograd. Not ``torch.no_grad()``: views of parameters made under it still claim
+    ``requires_grad`` without a grad_fn, which FlopCounterMode's module tracker rejects."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 class _Annotator(fx.Interpreter):

@@ -85,3 +85,12 @@ def test_meta_device_trace_matches_real_trace(traced_models):
     traced = monomod.trace(model, torch.randn(1, 3, 32, 32, device="meta"))
     real = traced_models["vit"]
     assert traced.flops == real.flops and traced.params == real.params
+
+
+def test_parameter_views_do_not_break_flop_counting():
+    # NAC's read-in expands learned latents over the batch: a view of a parameter. Counting FLOPs under
+    # torch.no_grad() used to trip FlopCounterMode's module tracker on exactly this.
+    stage = monomod.build_student("nac", modules=3, num_classes=10, img_size=32).stages[0].eval()
+    traced = monomod.trace(stage, torch.randn(1, 3, 32, 32))
+    assert traced.flops > 0 and traced.params == sum(p.numel() for p in stage.parameters())
+    assert all(p.requires_grad for p in stage.parameters())  # tracing leaves the model as it found it

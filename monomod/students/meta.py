@@ -1,0 +1,264 @@
+"""The meta model: the frozen context in which each student module is distilled (METHOD.md, step 2).
+
+``build_meta(partition)`` returns a K-stage StagedModel whose boundary tensors have exactly the shapes of the
+teacher modules' boundaries, so teacher module i drops in for meta stage i with no adapter, and a student stage
+needs stitch layers only where its width differs from the teacher's.
+
+Two kinds:
+
+* ``"trained"`` (Deep Incubation): one transformer block per stage, of an internal ``width`` that may differ from
+  the teacher's boundary width D (linear maps D -> width -> D keep the boundaries teacher-shaped). Stage 0 also
+  embeds the image, the last stage pools and classifies. It must be trained end to end before use.
+* ``"teacher"`` (teacher-as-meta, not in the paper): the extracted teacher modules themselves. No meta training,
+  and the context is exactly the teacher's, at the cost of running the (larger) teacher around each student.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from monomod.errors import MonomodError
+from monomod.ir import BoundaryValue, Partition
+from monomod.students.base import Stage, StagedModel, StageInterface
+
+MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens; more than this is not a ViT layout we recognise
+
+
+def build_meta(partition: Partition, width: int | None = None, *, kind: Literal["trained", "teacher"] = "trained",
+               num_heads: int | None = None, mlp_ratio: float = 4.0) -> StagedModel:
+    """A K-stage meta model for ``partition`` (K = ``partition.k`` >= 2) with teacher-shaped boundaries.
+
+    ``width`` (trained kind only; default: the teacher's boundary width D) is the internal width of the meta
+    blocks; ``num_heads`` defaults to width // 64 (rounded down to a divisor of width, at least 1).
+    """
+    if partition.k < 2:
+        raise MonomodError(f"a meta model needs K >= 2 modules, got K={partition.k}", "partition into 2 or more modules")
+    c, h, w = _image_shape(partition)
+    if kind == "teacher":
+        if width is not None:
+            raise MonomodError("width applies to the trained meta model only", "drop width or use kind='trained'")
+        return _teacher_meta(partition, c, h)
+    if kind != "trained":
+        raise MonomodError(f"unknown meta kind {kind!r}", "choose 'trained' or 'teacher'")
+
+    tokens, dim = _token_boundary(partition)
+    num_classes = _num_classes(partition)
+    width = dim if width is None else width
+    if width < 1:
+        raise MonomodError(f"meta width must be positive, got {width}")
+    heads = num_heads or _default_heads(width)
+    if width % heads:
+        raise MonomodError(f"meta width {width} is not divisible by num_heads={heads}", "choose another num_heads")
+    patch, prefix = _token_layout(tokens, h, w, hint=_timm_layout(partition.traced.model))
+
+    def block() -> nn.Module:
+        from timm.layers import trunc_normal_
+        from timm.models.vision_transformer import Block
+
+        b = Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True)
+        for m in b.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        return b
+
+    stages: list[Stage] = [MetaEmbedStage(c, h, w, patch, prefix, width, dim, block())]
+    stages += [MetaBlockStage(width, dim, block()) for _ in range(partition.k - 2)]
+    stages.append(MetaHeadStage(width, dim, num_classes, prefix, block()))
+    meta = StagedModel(stages, num_classes=num_classes, img_size=h, in_chans=c)
+    meta.meta_kind = "trained"
+    meta.meta_width = width
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Trained meta stages
+# ---------------------------------------------------------------------------------------------------------------
+def _to_width(d_in: int, d_out: int) -> nn.Module:
+    """A linear map between widths, or Identity when they already agree."""
+    return nn.Identity() if d_in == d_out else nn.Linear(d_in, d_out)
+
+
+class MetaEmbedStage(Stage):
+    """Stage 0: patch embedding, prefix tokens, position embedding, one block; image -> ``[B, T, D]``."""
+
+    def __init__(self, in_chans: int, height: int, width_px: int, patch: int, prefix: int, width: int, dim: int,
+                 block: nn.Module) -> None:
+        super().__init__()
+        self.interface = StageInterface("image->tokens", None, dim)
+        self.patch_embed = nn.Conv2d(in_chans, width, kernel_size=patch, stride=patch)
+        self.prefix_tokens = nn.Parameter(torch.zeros(1, prefix, width)) if prefix else None
+        num_tokens = prefix + (height // patch) * (width_px // patch)
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, width))
+        self.block = block
+        self.proj_out = _to_width(width, dim)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.prefix_tokens is not None:
+            nn.init.trunc_normal_(self.prefix_tokens, std=1e-6)  # timm's class-token init
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        if self.prefix_tokens is not None:
+            x = torch.cat([self.prefix_tokens.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.proj_out(self.block(x + self.pos_embed))
+
+
+class MetaBlockStage(Stage):
+    """A middle stage: D -> width, one block, width -> D. Works for any token count."""
+
+    def __init__(self, width: int, dim: int, block: nn.Module) -> None:
+        super().__init__()
+        self.interface = StageInterface("tokens->tokens", dim, dim)
+        self.proj_in = _to_width(dim, width)
+        self.block = block
+        self.proj_out = _to_width(width, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj_out(self.block(self.proj_in(x)))
+
+
+class MetaHeadStage(Stage):
+    """Last stage: D -> width, one block, final norm, class-token (or mean) pooling, linear head."""
+
+    def __init__(self, width: int, dim: int, num_classes: int, prefix: int, block: nn.Module) -> None:
+        super().__init__()
+        self.interface = StageInterface("tokens->logits", dim, None)
+        self.proj_in = _to_width(dim, width)
+        self.block = block
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.head = nn.Linear(width, num_classes)
+        self.pool = "token" if prefix else "avg"
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.block(self.proj_in(x)))
+        return self.head(x[:, 0] if self.pool == "token" else x.mean(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Teacher as meta
+# ---------------------------------------------------------------------------------------------------------------
+class TeacherStage(Stage):
+    """One extracted teacher module as a Stage (its parameters stay shared with the teacher)."""
+
+    def __init__(self, module: nn.Module, interface: StageInterface) -> None:
+        super().__init__()
+        self.module = module
+        self.interface = interface
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedModel:
+    from monomod.passes.extract import extract
+
+    for spec in partition.modules:
+        if len(spec.outputs) != 1 or (spec.outputs[0].shape is None):
+            names = ", ".join(v.describe() for v in spec.outputs)
+            raise MonomodError(
+                f"teacher-as-meta needs one tensor on every boundary, but module {spec.index} outputs {names}",
+                "partition at other cut points (--cuts) so each boundary is a single tensor",
+            )
+    k = partition.k
+    stages: list[Stage] = []
+    for i, module in enumerate(extract(partition)):
+        width_in = None if i == 0 else _token_width(partition.modules[i - 1].outputs[0])
+        width_out = None if i == k - 1 else _token_width(partition.modules[i].outputs[0])
+        kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
+        stages.append(TeacherStage(module, StageInterface(kind, width_in, width_out)))
+    out = partition.modules[-1].outputs[0].shape
+    num_classes = int(out[-1]) if out and isinstance(out[-1], int) else 0
+    meta = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+    meta.meta_kind = "teacher"
+    meta.meta_width = None
+    return meta
+
+
+def _token_width(value: BoundaryValue) -> int | None:
+    """D for a ``[B, T, D]`` boundary; None for any other layout (a stitch there would need a conv adapter)."""
+    shape = value.shape
+    return int(shape[2]) if shape is not None and len(shape) == 3 and shape[0] == "B" else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading the teacher's layout from the partition
+# ---------------------------------------------------------------------------------------------------------------
+def _image_shape(partition: Partition) -> tuple[int, int, int]:
+    shape = partition.traced.input_shape
+    if len(shape) != 4:
+        raise MonomodError(f"the teacher takes an input of shape {tuple(shape)}, not an image [B, C, H, W]")
+    return int(shape[1]), int(shape[2]), int(shape[3])
+
+
+def _token_boundary(partition: Partition) -> tuple[int, int]:
+    """(T, D) shared by every cut; MonomodError if any cut is not one ``[B, T, D]`` tensor of that shape."""
+    seen: set[tuple[int, int]] = set()
+    for spec in partition.modules[:-1]:
+        outs = spec.outputs
+        shape = outs[0].shape if len(outs) == 1 else None
+        if shape is None or len(shape) != 3 or shape[0] != "B":
+            names = ", ".join(v.describe() for v in outs)
+            raise MonomodError(
+                f"the trained meta model needs token boundaries [B, T, D], but module {spec.index} outputs {names}",
+                "use the teacher as meta instead (kind='teacher')",
+            )
+        seen.add((int(shape[1]), int(shape[2])))
+    if len(seen) > 1:
+        raise MonomodError(
+            f"the trained meta model needs one token shape on every cut, got {sorted(seen)} (T, D)",
+            "use the teacher as meta instead (kind='teacher')",
+        )
+    return seen.pop()
+
+
+def _num_classes(partition: Partition) -> int:
+    outs = partition.modules[-1].outputs
+    shape = outs[0].shape if len(outs) == 1 else None
+    if shape is None or len(shape) != 2 or shape[0] != "B":
+        names = ", ".join(v.describe() for v in outs)
+        raise MonomodError(f"the teacher's output is {names}, not logits [B, classes]",
+                           "use the teacher as meta instead (kind='teacher')")
+    return int(shape[1])
+
+
+def _timm_layout(model: nn.Module) -> tuple[int, int] | None:
+    """(patch size, prefix tokens) of a timm ViT teacher, used to break ties; None for anything else."""
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    prefix = getattr(model, "num_prefix_tokens", None)
+    if isinstance(patch, (tuple, list)) and len(set(patch)) == 1:
+        patch = patch[0]
+    return (patch, prefix) if isinstance(patch, int) and isinstance(prefix, int) else None
+
+
+def _token_layout(tokens: int, height: int, width: int, hint: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(patch size, prefix tokens) with ``prefix + (H/p)(W/p) == T``.
+
+    Several layouts can fit (T=5 at 32 px: patch 16 + 1 class token, or patch 32 + 4 registers); the teacher's
+    own layout wins when it fits, else the one with the fewest prefix tokens (the most patches).
+    """
+    fits = [
+        (p, tokens - (height // p) * (width // p))
+        for p in range(1, math.gcd(height, width) + 1)
+        if height % p == 0 and width % p == 0 and 0 <= tokens - (height // p) * (width // p) <= MAX_PREFIX_TOKENS
+    ]
+    if hint in fits:
+        return hint
+    if not fits:
+        raise MonomodError(
+            f"cannot lay out {tokens} tokens as prefix tokens plus square patches of a {height}x{width} image",
+            "use the teacher as meta instead (kind='teacher')",
+        )
+    return min(fits, key=lambda f: f[1])
+
+
+def _default_heads(width: int) -> int:
+    """width // 64 heads (64-wide heads, as ViTs use), lowered to a divisor of width."""
+    return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
+
+
+__all__ = ["MetaBlockStage", "MetaEmbedStage", "MetaHeadStage", "TeacherStage", "build_meta"]
