@@ -1,6 +1,8 @@
 """monomod: compile a monolithic vision transformer into a modular student by module-to-module distillation."""
 from __future__ import annotations
 
+__version__ = "0.1.0"  # first, so modules imported below may read it
+
 from monomod.errors import MonomodError
 from monomod.frontend import load_model
 from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedModel
@@ -8,14 +10,15 @@ from monomod.passes.extract import Chain, extract
 from monomod.passes.partition import partition
 from monomod.passes.stitch import Stitched, stitch
 from monomod.passes.trace import trace
+from monomod.plan import Job, Plan
+from monomod.runtime.api import Run, convert, load_run, load_student
 from monomod.students import STUDENT_KINDS, StagedModel, StageInterface, build_student
 from monomod.students.hybrid import Hybrid, hybrid
 from monomod.students.meta import build_meta
 
-__version__ = "0.1.0"
 
 __all__ = [
-    "BoundaryValue", "Chain", "Hybrid", "ModuleSpec", "MonomodError", "NodeInfo", "Partition", "STUDENT_KINDS",
+    "BoundaryValue", "Chain", "Hybrid", "Job", "Plan", "Run", "convert", "load_run", "load_student", "ModuleSpec", "MonomodError", "NodeInfo", "Partition", "STUDENT_KINDS",
     "StageInterface", "StagedModel", "Stitched", "TracedModel", "build_meta", "build_student", "extract", "hybrid",
     "load_model", "partition", "stitch", "trace", "__version__",
 ]

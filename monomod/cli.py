@@ -1,9 +1,9 @@
 """The ``monomod`` command line."""
 from __future__ import annotations
 
+import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -147,6 +147,159 @@ def _dash(value: int | None) -> str:
     return "-" if value is None else str(value)
 
 
+@cli.command()
+@click.argument("model")
+@click.option("--to", "student", required=True, help="Student family: nac, moe or vit.")
+@click.option("-k", "--modules", "k", type=int, required=True, help="Number of modules (stages) to distil.")
+@click.option("--data", default="digits", show_default=True, help="digits | synthetic | imagefolder:PATH (train/ and val/).")
+@click.option("--ood", default="auto", show_default=True, help="OOD split: auto, none, or imagefolder:PATH.")
+@click.option("--preset", type=click.Choice(["demo", "paper"]), default="demo", show_default=True, help="Training budgets.")
+@click.option("--meta", type=click.Choice(["trained", "teacher"]), default="trained", show_default=True,
+              help="Context for the module pairs: a trained meta model, or the teacher's own modules.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), help="RUN_DIR (default: runs/MODEL-STUDENT-kK).")
+@click.option("--img-size", type=int, help="Input resolution (default: the preset's, else the teacher's).")
+@click.option("--in-chans", type=int, help="Input channels (default: the teacher's).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local teacher weights (.safetensors or .pth).")
+@click.option("--pretrained", is_flag=True, help="Download the teacher's pretrained weights through timm (needs network).")
+@click.option("--teacher-trained", is_flag=True, help="The teacher already knows this data: skip its adaptation.")
+@click.option("--student-preset", help="Student preset (see `monomod student KIND --help`).")
+@click.option("--stitch", type=click.Choice(["linear", "ln_linear"]), help="Stitch layers (default: the reference's per family).")
+@click.option("--keep-stitches", is_flag=True, help="Keep the stitch layers as adapters in the assembled student.")
+@click.option("--upcycle", is_flag=True, help="MoE: initialise experts from the teacher's MLPs (beyond the paper).")
+@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation term.")
+@click.option("--tau", type=float, default=1.0, show_default=True, help="Distillation temperature.")
+@click.option("--kd", type=click.Choice(["soft", "hard"]), default="soft", show_default=True)
+@click.option("--kl-norm", type=click.Choice(["batchmean", "reference"]), default="batchmean", show_default=True,
+              help="KL averaging: per sample, or per sample and class as the reference code does.")
+@click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Compile and print the plan, then stop.")
+@click.option("--force", is_flag=True, help="Replace a different plan in RUN_DIR (unchanged finished jobs are kept).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
+            img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
+            student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
+            kd: str, kl_norm: str, feature_loss: float, seed: int, dry_run: bool, force: bool, fmt: str) -> None:
+    """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
+
+    \b
+    Examples:
+      monomod convert vit_tiny --to nac --modules 4 --preset demo
+      monomod convert vit_tiny --to moe --modules 4 --meta teacher --out runs/moe
+      monomod convert vit_huge --to nac --modules 10 --data imagefolder:tiny-imagenet --preset paper --dry-run
+    """
+    from monomod.passes.plan import ConvertOptions
+    from monomod.runtime.api import compile_options
+    from monomod.runtime.execute import prepare_run_dir
+
+    options = ConvertOptions(
+        teacher=model, student=student, modules=k, data=data, ood=None if ood == "none" else ood, preset=preset,
+        meta=meta, img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
+        teacher_trained=teacher_trained, student_preset=student_preset, stitch=stitch, keep_stitches=keep_stitches,
+        upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm, feature_loss=feature_loss, seed=seed,
+    )
+    with err.status("compiling the plan ...", spinner="dots"):
+        plan = compile_options(options)
+    run_dir = Path(out_dir or f"runs/{model.replace(':', '_').replace('/', '_')}-{student}-k{k}")
+    if dry_run:
+        if fmt == "json":
+            click.echo(json.dumps(plan.to_dict(), indent=2))
+        else:
+            out.print(plan_table(plan, run_dir))
+            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
+        return
+    prepare_run_dir(plan, run_dir, force=force)
+    _execute_and_report(plan, run_dir, fmt)
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--job", "jobs", multiple=True, help="Run only this job (repeatable), e.g. --job m2mkd:2.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def run(run_dir: str, jobs: tuple[str, ...], fmt: str) -> None:
+    """Execute RUN_DIR's plan, or resume it: finished jobs (same hash) are skipped.
+
+    \b
+    Examples:
+      monomod run runs/vit_tiny-nac-k4
+      monomod run runs/vit_tiny-nac-k4 --job m2mkd:2
+    """
+    from monomod.plan import Plan
+
+    plan = Plan.load(run_dir)
+    for name in jobs:
+        plan.job(name)  # unknown names fail here, before any work
+    _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None)
+
+
+@cli.group()
+def plan() -> None:
+    """Look at a distillation plan."""
+
+
+@plan.command("show")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
+def plan_show(run_dir: str, fmt: str) -> None:
+    """Print RUN_DIR's plan: jobs, dependencies, hashes and which are finished.
+
+    \b
+    Example:
+      monomod plan show runs/vit_tiny-nac-k4
+    """
+    from monomod.plan import Plan
+    from monomod.runtime.jobs import is_done
+
+    loaded = Plan.load(run_dir)
+    if fmt == "yaml":
+        click.echo(loaded.to_yaml(), nl=False)
+    elif fmt == "json":
+        data = loaded.to_dict()
+        for job in data["jobs"]:
+            job["done"] = is_done(Path(run_dir), loaded.job(job["name"]))
+        click.echo(json.dumps(data, indent=2))
+    else:
+        out.print(plan_table(loaded, Path(run_dir)))
+
+
+def plan_table(plan, run_dir: Path):
+    from rich.table import Table
+
+    from monomod.runtime.jobs import is_done
+
+    s = plan.settings
+    table = Table(title=f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
+                        f"({s['img_size']} px), meta {s['meta']}, preset {s['preset']}", title_justify="left")
+    for column in ("job", "kind", "needs", "steps", "hash", "state"):
+        table.add_column(column)
+    for job in plan.jobs:
+        steps = job.config.get("train", {}).get("steps")
+        state = "[green]done[/green]" if run_dir.exists() and is_done(run_dir, job) else "pending"
+        table.add_row(job.name, job.kind, ", ".join(job.inputs) or "-", str(steps or "-"), job.hash, state)
+    return table
+
+
+def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None) -> None:
+    from monomod import report
+    from monomod.runtime.execute import execute
+
+    if fmt != "json":
+        out.print(plan_table(plan, run_dir))
+    started = time.perf_counter()
+    statuses = execute(plan, run_dir, only=only, console=err)
+    elapsed = time.perf_counter() - started
+    summary = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else None
+    if fmt == "json":
+        click.echo(json.dumps({"run_dir": str(run_dir), "seconds": round(elapsed, 3), "report": summary,
+                               "jobs": [s.__dict__ for s in statuses]}, indent=2))
+        return
+    if summary:
+        out.print(report.results_table(summary))
+    ran = sum(1 for s in statuses if s.state == "done")
+    out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
+              f"report: {run_dir / 'report.md'}[/dim]")
+
+
 def _example_input(net, img_size: int | None, in_chans: int | None):
     """A one-sample input in the model's expected layout, on the model's device (meta for a shape-only trace)."""
     import torch
@@ -166,18 +319,13 @@ def _split(text: str | None) -> list[str] | None:
 
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file and rename, so a reader never sees half a file."""
+    """Write a whole file or nothing: readers never see half a page."""
+    from monomod.runtime.checkpoint import atomic_write_text
+
     target = Path(path)
     if not target.parent.exists():
         raise MonomodError(f"directory {str(target.parent)!r} does not exist", "create it first or choose another path")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(target, text)
 
 
 def main() -> None:

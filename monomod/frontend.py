@@ -124,13 +124,21 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a local weight file into ``model``; absolute position embeddings are resampled to the model's grid."""
+def load_weights(model: nn.Module, path: str | Path, *, allow_new_classifier: bool = False) -> None:
+    """Load a local weight file into ``model``; absolute position embeddings are resampled to the model's grid.
+
+    ``allow_new_classifier`` keeps the model's own (fresh) classifier when the file's has another number of classes,
+    which is how a teacher trained elsewhere is adapted to new data.
+    """
     state = load_state_dict(path)
     own = model.state_dict()
     for key, value in list(state.items()):
         if key in own and value.shape != own[key].shape and key.endswith("pos_embed") and value.ndim == 3:
             state[key] = _resample_pos_embed(model, value, own[key])
+    if allow_new_classifier:
+        head = _classifier_prefix(model)
+        for key in [k for k in state if head and k.startswith(head + ".") and k in own and state[k].shape != own[k].shape]:
+            state[key] = own[key]
     missing, unexpected = [k for k in own if k not in state], [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or mismatched:
@@ -141,6 +149,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         )
         raise MonomodError(f"weights file {str(path)!r} does not fit the model ({detail})", "pass the matching model name and --num-classes/--img-size")
     model.load_state_dict(state)
+
+
+def _classifier_prefix(model: nn.Module) -> str | None:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    head = cfg.get("classifier")
+    return head if isinstance(head, str) else None
 
 
 def _resample_pos_embed(model: nn.Module, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import html
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.table import Table
@@ -151,3 +152,112 @@ def _svg(p: Partition) -> str:
                              f'{html.escape(_shape_text(value.to_json())[:22])}</text>')
     parts.append("</svg>")
     return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ run reports
+
+RESULT_ROWS = (
+    ("teacher", "teacher"),
+    ("meta", "meta model"),
+    ("assembled", "m2mKD student, assembled (before fine-tune)"),
+    ("student", "m2mKD student (assembled + fine-tuned)"),
+    ("baseline", "baseline (same student from scratch, same fine-tune budget)"),
+)
+
+
+def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, float | None]],
+                     running: dict[str, float] | None = None) -> dict[str, Any]:
+    """Write report.json, report.md and curves.png for a finished run; returns the JSON object.
+
+    Wall times come from each finished job's record; ``running`` adds jobs still going (the one writing this).
+    """
+    from monomod.runtime.checkpoint import atomic_write_json, atomic_write_text
+
+    run_dir = Path(run_dir)
+    jobs: dict[str, float | None] = {}
+    for job in plan.jobs:
+        marker = run_dir / "jobs" / job.dir / "done.json"
+        if marker.is_file():
+            jobs[job.name] = json.loads(marker.read_text()).get("seconds")
+    jobs.update(running or {})
+    report = {
+        **{name: results[name] for name, _ in RESULT_ROWS if name in results},
+        "jobs": {name: {"seconds": seconds} for name, seconds in jobs.items()},
+        "total_seconds": round(sum(s for s in jobs.values() if s), 3),
+        "settings": plan.settings,
+    }
+    atomic_write_json(run_dir / "report.json", report)
+    curves = _plot_curves(run_dir, plan)
+    atomic_write_text(run_dir / "report.md", run_report_markdown(report, curves))
+    return report
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png") -> str:
+    s = report["settings"]
+    lines = [
+        f"# {s['teacher']} → {s['student']} ({s['modules']} modules)",
+        "",
+        f"Data: `{s['data']}` at {s['img_size']} px, preset `{s['preset']}`, meta `{s['meta']}`, seed {s['seed']}.",
+        "",
+        "| model | IID top-1 | OOD top-1 |",
+        "|---|---:|---:|",
+    ]
+    for name, label in RESULT_ROWS:
+        if name in report:
+            lines.append(f"| {label} | {_pct(report[name]['iid_acc'])} | {_pct(report[name]['ood_acc'])} |")
+    lines += ["", "| job | wall time (s) |", "|---|---:|"]
+    lines += [f"| {name} | {info['seconds']:.1f} |" for name, info in report["jobs"].items() if info["seconds"] is not None]
+    lines += [f"| **total** | **{report['total_seconds']:.1f}** |", ""]
+    if curves:
+        lines += [f"![training curves]({curves})", ""]
+    return "\n".join(lines)
+
+
+def results_table(report: dict[str, Any]) -> Table:
+    table = Table(title="results", title_justify="left")
+    table.add_column("model")
+    table.add_column("IID top-1", justify="right")
+    table.add_column("OOD top-1", justify="right")
+    for name, label in RESULT_ROWS:
+        if name in report:
+            table.add_row(label, _pct(report[name]["iid_acc"]), _pct(report[name]["ood_acc"]))
+    return table
+
+
+def _plot_curves(run_dir: Path, plan: Any) -> str | None:
+    """Training loss of every job, and train accuracy of the fine-tuned student against the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series = {}
+    for job in plan.jobs:
+        path = run_dir / "jobs" / job.dir / "metrics.jsonl"
+        if path.is_file():
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if rows:
+                series[job.name] = rows
+    if not series:
+        return None
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, rows in series.items():
+        loss_ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label=name, linewidth=1.2)
+    loss_ax.set(title="training loss", xlabel="step", yscale="log")
+    loss_ax.legend(fontsize=7, ncol=2)
+    for name in ("finetune", "baseline"):
+        rows = [r for r in series.get(name, []) if r.get("acc") is not None]
+        if rows:
+            acc_ax.plot([r["step"] for r in rows], [r["acc"] for r in rows], label="m2mKD student" if name == "finetune" else "baseline")
+    acc_ax.set(title="train accuracy (end-to-end phase)", xlabel="step", ylim=(0, 1))
+    acc_ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = run_dir / ".curves.png.tmp"
+    fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    tmp.replace(run_dir / "curves.png")
+    return "curves.png"

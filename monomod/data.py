@@ -1,0 +1,504 @@
+"""Datasets for every training job: built-in digits, a synthetic smoke-test set, and image folders.
+
+Every dataset yields ``(image, label)`` with ``image`` a float tensor ``[C, H, W]`` that is already normalised with the
+bundle's ``mean``/``std``, so training code feeds it straight to a model. The bundle records ``mean``/``std`` so the
+exported student can take raw images in [0, 1] and normalise itself.
+
+Evaluation data never depends on the training seed: the digits split and its OOD corruptions use fixed seeds, so every
+run (and every resumed run) scores on exactly the same images. ``make_loader`` fixes the batch order *and* the random
+augmentations from ``(seed, epoch)``, so a job resumed at epoch ``k`` sees the batches the uninterrupted job saw.
+"""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+
+from monomod.errors import MonomodError
+
+DATA_KINDS = ("digits", "synthetic", "imagefolder")
+
+# Fixed seeds for evaluation data: independent of the training seed so every run scores on the same images.
+_SPLIT_SEED = 20240601
+_OOD_SEED = 20240602
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Corruptions applied to the digits test split to make its OOD split; test image i gets exactly one of them.
+DIGITS_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "low_contrast", "rotation", "shift", "inversion", "occlusion")
+
+_SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH'"
+
+
+@dataclass
+class DataBundle:
+    """A task's splits plus what a model needs to know about its inputs (shape, classes, normalisation)."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    ood: Dataset | None
+    num_classes: int
+    in_chans: int
+    img_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    classes: list[str]
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary (sizes, shape, normalisation) for reports, so a result says what it was measured on."""
+        out: dict[str, Any] = {
+            "name": self.name,
+            "train": len(self.train),  # type: ignore[arg-type]
+            "val": len(self.val),  # type: ignore[arg-type]
+            "ood": None if self.ood is None else len(self.ood),  # type: ignore[arg-type]
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "img_size": self.img_size,
+            "mean": [float(m) for m in self.mean],
+            "std": [float(s) for s in self.std],
+            "classes": list(self.classes),
+        }
+        tags = getattr(self.ood, "tags", None)
+        if tags is not None:
+            out["ood_corruptions"] = dict(sorted(Counter(tags).items()))
+        return out
+
+
+# --------------------------------------------------------------------------------------------------------- datasets
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory as raw uint8 ``[N, c, H, W]`` (``c`` is 1 or ``in_chans``), normalised on access.
+
+    uint8 keeps a 224-pixel digits set under 100 MB; channels are expanded to ``in_chans`` lazily for the same reason.
+    ``augment`` (train only) runs on the raw [0, 1] image before normalisation and draws from the torch RNG.
+    ``tags`` optionally names what was done to each image (the OOD corruption), for per-corruption reports.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        in_chans: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        tags: list[str] | None = None,
+    ) -> None:
+        assert images.dtype == torch.uint8 and images.dim() == 4 and images.shape[1] in (1, in_chans)
+        assert len(images) == len(labels)
+        self.images = images
+        self.labels = labels.long()
+        self.in_chans = in_chans
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+        self.tags = tags
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def raw(self, index: int) -> torch.Tensor:
+        """The un-augmented, un-normalised image in [0, 1], ``[in_chans, H, W]``."""
+        x = self.images[index].float().div_(255.0)
+        return x.expand(self.in_chans, -1, -1)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = self.images[index].float().div_(255.0)
+        if self.augment is not None:
+            x = self.augment(x)
+        x = x.expand(self.in_chans, -1, -1)
+        return (x - self.mean) / self.std, int(self.labels[index])
+
+
+def _to_uint8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+
+
+def _channel_stats(images: torch.Tensor, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 images as the model sees them ([0, 1], channels expanded to in_chans)."""
+    x = images.double().div(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-6)
+    if len(mean) == 1 and in_chans > 1:
+        mean, std = mean.expand(in_chans), std.expand(in_chans)
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
+
+
+class RandomShiftAffine:
+    """Light train augmentation for small centred images: rotate by up to ``degrees``, scale by ``1 ± scale``, and
+    translate by up to ``img_size / 8`` pixels (one pixel of the original 8x8 digit). Draws from the torch RNG, which
+    ``make_loader`` seeds from ``(seed, epoch)``. Background (0) fills the exposed border."""
+
+    def __init__(self, img_size: int, degrees: float = 10.0, scale: float = 0.1) -> None:
+        self.max_shift = max(1, round(img_size / 8))
+        self.degrees = degrees
+        self.scale = scale
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.functional import InterpolationMode, affine
+
+        u = torch.rand(3)
+        shift = torch.randint(-self.max_shift, self.max_shift + 1, (2,))
+        return affine(
+            x,
+            angle=float((u[0] * 2 - 1) * self.degrees),
+            translate=[int(shift[0]), int(shift[1])],
+            scale=float(1 + (u[1] * 2 - 1) * self.scale),
+            shear=[0.0, 0.0],
+            interpolation=InterpolationMode.BILINEAR,
+            fill=[0.0],
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------- digits
+
+
+def _resize(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    if x.shape[-1] == img_size and x.shape[-2] == img_size:
+        return x
+    return F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    radius = max(1, math.ceil(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    y = F.conv2d(F.pad(x[None], (radius, radius, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), k.view(1, 1, -1, 1))
+    return y[0]
+
+
+def _corrupt(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
+    """One deterministic corruption of a single-channel image ``[1, H, W]`` in [0, 1]; randomness comes from ``g``.
+
+    gaussian_noise: additive N(0, 0.35). gaussian_blur: sigma = 0.6 source pixel. low_contrast: squeezed to 30 % of its
+    range around mid grey. rotation: 30-50 degrees either way. shift: translated 2 source pixels in a random direction
+    (part of the digit leaves the frame). inversion: 1 - x. occlusion: a random square of 40 % side set to white.
+    """
+    from torchvision.transforms.functional import InterpolationMode, affine
+
+    size = x.shape[-1]
+    u = torch.rand(4, generator=g)
+    if kind == "gaussian_noise":
+        return x + 0.35 * torch.randn(x.shape, generator=g)
+    if kind == "gaussian_blur":
+        return _gaussian_blur(x, sigma=0.6 * size / 8)
+    if kind == "low_contrast":
+        return 0.5 + (x - 0.5) * 0.3
+    if kind == "rotation":
+        angle = float((30 + 20 * u[0]) * (1 if u[1] < 0.5 else -1))
+        return affine(x, angle=angle, translate=[0, 0], scale=1.0, shear=[0.0, 0.0],
+                      interpolation=InterpolationMode.BILINEAR, fill=[0.0])
+    if kind == "shift":
+        step = max(1, round(2 * size / 8))
+        theta = float(u[0]) * 2 * math.pi
+        dx, dy = round(step * math.cos(theta)), round(step * math.sin(theta))
+        return affine(x, angle=0.0, translate=[dx, dy], scale=1.0, shear=[0.0, 0.0],
+                      interpolation=InterpolationMode.NEAREST, fill=[0.0])
+    if kind == "inversion":
+        return 1.0 - x
+    if kind == "occlusion":
+        side = max(1, round(0.4 * size))
+        top, left = int(u[0] * (size - side + 1)), int(u[1] * (size - side + 1))
+        y = x.clone()
+        y[..., top:top + side, left:left + side] = 1.0
+        return y
+    raise AssertionError(kind)
+
+
+def _digits_ood(images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """Corrupt each test image with one corruption; the assignment is a fixed-seed balanced permutation."""
+    g = torch.Generator().manual_seed(_OOD_SEED)
+    which = torch.randperm(len(images), generator=g) % len(DIGITS_CORRUPTIONS)
+    tags = [DIGITS_CORRUPTIONS[int(k)] for k in which]
+    out = torch.stack([_corrupt(img, tag, g) for img, tag in zip(images, tags)])
+    return out, tags
+
+
+def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool) -> DataBundle:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div(16.0).unsqueeze(1)  # [1797, 1, 8, 8] in [0, 1]
+    y = torch.from_numpy(digits.target).long()
+    idx_train, idx_val = train_test_split(
+        np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=_SPLIT_SEED
+    )
+    idx_train, idx_val = torch.from_numpy(np.sort(idx_train)), torch.from_numpy(np.sort(idx_val))
+    x = _resize(x, img_size).clamp(0.0, 1.0)
+    train_x, val_x = _to_uint8(x[idx_train]), _to_uint8(x[idx_val])
+    mean, std = _channel_stats(train_x, in_chans)
+    common = {"in_chans": in_chans, "mean": mean, "std": std}
+    train = TensorImageDataset(train_x, y[idx_train], augment=RandomShiftAffine(img_size) if augment else None,
+                               **common)
+    val = TensorImageDataset(val_x, y[idx_val], **common)
+    ood_ds = None
+    if ood:
+        ood_x, tags = _digits_ood(x[idx_val])
+        ood_ds = TensorImageDataset(_to_uint8(ood_x), y[idx_val], tags=tags, **common)
+    return DataBundle("digits", train, val, ood_ds, 10, in_chans, img_size, mean, std, [str(i) for i in range(10)])
+
+
+# -------------------------------------------------------------------------------------------------------- synthetic
+
+
+def _load_synthetic(img_size: int, in_chans: int, ood: bool, augment: bool, seed: int) -> DataBundle:
+    """10 classes, each a smooth random template (a 4x4 grid per channel, upsampled) plus pixel noise.
+
+    Noise (sigma 0.3) is larger than the class structure (+-0.2) per pixel but averages out over a patch, so it is
+    learnable in a few epochs without being trivial at one channel. The OOD split uses the same templates under a
+    shifted distribution: stronger noise (0.45), contrast squeezed to 60 %, and the image rolled right by an eighth.
+    ``seed`` picks the templates and noise, so smoke tests can vary it; train/val/ood are 512/128/128.
+    """
+    num_classes, n_train, n_val, n_ood = 10, 512, 128, 128
+    g = torch.Generator().manual_seed(int(seed) % (2**63))
+    templates = _resize(torch.rand(num_classes, in_chans, 4, 4, generator=g), img_size)
+    templates = (templates - templates.amin(dim=(1, 2, 3), keepdim=True)) / (
+        templates.amax(dim=(1, 2, 3), keepdim=True) - templates.amin(dim=(1, 2, 3), keepdim=True) + 1e-6
+    )
+    templates = 0.3 + 0.4 * templates  # mid-grey with +-0.2 class structure
+
+    def draw(n: int, noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(n) % num_classes
+        labels = labels[torch.randperm(n, generator=g)]
+        return templates[labels] + noise * torch.randn(n, in_chans, img_size, img_size, generator=g), labels
+
+    train_x, train_y = draw(n_train, 0.3)
+    val_x, val_y = draw(n_val, 0.3)
+    train_u8, val_u8 = _to_uint8(train_x), _to_uint8(val_x)
+    mean, std = _channel_stats(train_u8, in_chans)
+    common = {"in_chans": in_chans, "mean": mean, "std": std}
+    train = TensorImageDataset(train_u8, train_y, augment=RandomShiftAffine(img_size) if augment else None, **common)
+    val = TensorImageDataset(val_u8, val_y, **common)
+    ood_ds = None
+    if ood:
+        ood_x, ood_y = draw(n_ood, 0.45)
+        ood_x = torch.roll(0.5 + (ood_x - 0.5) * 0.6, shifts=max(1, img_size // 8), dims=-1)
+        ood_ds = TensorImageDataset(_to_uint8(ood_x), ood_y, **common)
+    classes = [f"class{i}" for i in range(num_classes)]
+    return DataBundle("synthetic", train, val, ood_ds, num_classes, in_chans, img_size, mean, std, classes)
+
+
+# ------------------------------------------------------------------------------------------------------ imagefolder
+
+
+class _PilLoader:
+    """Opens any image as ``mode`` ("RGB" or "L"); grayscale and palette files become the channels a model expects."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Any:
+        from PIL import Image
+
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB").convert(self.mode)
+
+
+class _ClassFolder(ImageFolder):
+    """ImageFolder with the class list and label indices given (not rediscovered), so labels can follow another
+    split's classes; empty class folders are allowed (an empty split is caught by the caller)."""
+
+    def __init__(self, root: str, classes: list[str], class_to_idx: dict[str, int], **kwargs: Any) -> None:
+        self._given = (list(classes), dict(class_to_idx))
+        super().__init__(root, allow_empty=True, **kwargs)
+
+    def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
+        return self._given[0], dict(self._given[1])
+
+
+def _image_folder(root: Path, class_to_idx: dict[str, int] | None, transform: Any, in_chans: int, what: str) -> Any:
+    """An ImageFolder over ``root/<class>/*``; labels come from ``class_to_idx`` (the IID classes) when given, so val
+    and OOD folders that hold a subset of the classes still get the training indices."""
+    if not root.is_dir():
+        raise MonomodError(f"{what} directory {root} does not exist", "create it with one subfolder per class")
+    folders = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise MonomodError(f"no class folders in {what} directory {root}", f"put its images in {root}/<class>/")
+    if class_to_idx is not None:
+        unknown = [c for c in folders if c not in class_to_idx]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" (+{len(unknown) - 5} more)" if len(unknown) > 5 else "")
+            raise MonomodError(
+                f"{what} directory {root} has classes not in the training set: {shown}",
+                "its class folders must be a subset of the training class folders (matched by name)",
+            )
+        mapping = {c: class_to_idx[c] for c in folders}
+    else:
+        mapping = {c: i for i, c in enumerate(folders)}
+
+    loader = _PilLoader("L" if in_chans == 1 else "RGB")
+    ds = _ClassFolder(str(root), folders, mapping, transform=transform, loader=loader)
+    if len(ds) == 0:
+        raise MonomodError(f"no images in {what} directory {root}", f"put image files in {root}/<class>/")
+    return ds
+
+
+def _eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
+    from torchvision import transforms as T
+
+    return T.Compose([
+        T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std),
+    ])
+
+
+def _load_imagefolder(path: str, img_size: int, in_chans: int, augment: bool) -> DataBundle:
+    from torchvision import transforms as T
+
+    if in_chans not in (1, 3):
+        raise MonomodError(f"imagefolder data needs in_chans 1 or 3, got {in_chans}", "use in_chans 3 (RGB) or 1")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise MonomodError(f"data directory {root} does not exist",
+                           "pass imagefolder:PATH with PATH/train and PATH/val")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise MonomodError(f"no {split}/ directory in {root}", f"create {root / split}/<class>/ with its images")
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
+    if augment:
+        train_tf = T.Compose([
+            T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std),
+        ])
+    else:
+        train_tf = _eval_transform(img_size, mean, std)
+    train = _image_folder(root / "train", None, train_tf, in_chans, "train")
+    val = _image_folder(root / "val", train.class_to_idx, _eval_transform(img_size, mean, std), in_chans, "val")
+    name = f"imagefolder:{root.resolve()}"
+    return DataBundle(name, train, val, None, len(train.classes), in_chans, img_size, mean, std, list(train.classes))
+
+
+def _load_ood_folder(path: str, bundle: DataBundle) -> Dataset:
+    """An OOD image folder (e.g. Tiny-ImageNet-R) whose classes are a subset of the IID classes, by folder name."""
+    if bundle.in_chans not in (1, 3):
+        raise MonomodError(f"an imagefolder OOD set needs in_chans 1 or 3, got {bundle.in_chans}",
+                           "use in_chans 3 (RGB) or 1")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise MonomodError(f"OOD directory {root} does not exist", "pass ood='imagefolder:PATH' with PATH/<class>/")
+    if (root / "val").is_dir():
+        root = root / "val"
+    class_to_idx = {c: i for i, c in enumerate(bundle.classes)}
+    transform = _eval_transform(bundle.img_size, bundle.mean, bundle.std)
+    return _image_folder(root, class_to_idx, transform, bundle.in_chans, "OOD")
+
+
+# ------------------------------------------------------------------------------------------------------- public API
+
+
+def load_data(
+    spec: str,
+    *,
+    img_size: int,
+    in_chans: int = 3,
+    ood: str | None = "auto",
+    seed: int = 0,
+    augment: bool = True,
+) -> DataBundle:
+    """Load the task named by ``spec``: ``digits`` (built in), ``synthetic`` (smoke tests) or ``imagefolder:PATH``.
+
+    ``ood``: ``"auto"`` gives each kind its default OOD split (digits: fixed corruptions of the test split;
+    synthetic: its shifted split; imagefolder: none), ``None`` (or ``"none"``) gives none, and
+    ``"imagefolder:PATH2"`` loads ``PATH2/val`` (or ``PATH2``) with labels mapped to the IID classes by folder name.
+    ``seed`` only picks the synthetic data; the digits split is fixed so every run evaluates on the same images.
+    ``augment`` turns on the light random train augmentation; val and OOD are never augmented.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+    if not isinstance(img_size, int) or img_size < 1:
+        raise MonomodError(f"img_size must be a positive integer, got {img_size!r}", "pass e.g. img_size=32")
+    if not isinstance(in_chans, int) or in_chans < 1:
+        raise MonomodError(f"in_chans must be a positive integer, got {in_chans!r}",
+                           "pass 3 for RGB or 1 for grayscale")
+    ood_folder: str | None = None
+    if ood is None or ood == "none":
+        want_ood = False
+    elif ood == "auto":
+        want_ood = True
+    elif isinstance(ood, str) and ood.startswith("imagefolder:") and ood[len("imagefolder:"):]:
+        want_ood, ood_folder = False, ood[len("imagefolder:"):]
+    else:
+        raise MonomodError(f"unknown OOD spec {ood!r}", "use 'auto', None or 'imagefolder:PATH'")
+
+    kind, sep, arg = spec.partition(":")
+    if kind == "digits" and not sep:
+        bundle = _load_digits(img_size, in_chans, want_ood, augment)
+    elif kind == "synthetic" and not sep:
+        bundle = _load_synthetic(img_size, in_chans, want_ood, augment, seed)
+    elif kind == "imagefolder" and sep and arg:
+        bundle = _load_imagefolder(arg, img_size, in_chans, augment)
+    elif kind == "imagefolder":
+        raise MonomodError("imagefolder data needs a path", "use 'imagefolder:PATH' with PATH/train and PATH/val")
+    else:
+        raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+    if ood_folder is not None:
+        bundle.ood = _load_ood_folder(ood_folder, bundle)
+    return bundle
+
+
+def _derive_seed(seed: int, epoch: int, stream: int) -> int:
+    """A well-mixed 63-bit seed from (seed, epoch, stream), so nearby seeds and epochs give unrelated streams."""
+    words = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch) & 0xFFFFFFFFFFFFFFFF, stream]
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]) >> 1
+
+
+class SeededLoader(DataLoader):
+    """A single-process DataLoader whose shuffle order and whose augmentation randomness come from ``(seed, epoch)``.
+
+    Batches are fetched with the global torch CPU RNG temporarily swapped for the loader's own stream (and swapped
+    back before each batch is yielded), so dataset transforms that draw from the torch RNG are reproducible and the
+    training loop's own randomness (dropout, init) neither affects nor is affected by data loading. Iterating the
+    same loader twice gives the same batches.
+    """
+
+    def __init__(self, dataset: Dataset, *, seed: int, epoch: int, **kwargs: Any) -> None:
+        self._order_seed = _derive_seed(seed, epoch, 0)
+        self._aug_seed = _derive_seed(seed, epoch, 1)
+        super().__init__(dataset, generator=torch.Generator().manual_seed(self._order_seed), **kwargs)
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        self.generator.manual_seed(self._order_seed)
+        state = torch.Generator().manual_seed(self._aug_seed).get_state()
+        it = super().__iter__()
+        while True:
+            outer = torch.get_rng_state()
+            torch.set_rng_state(state)
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            finally:
+                state = torch.get_rng_state()
+                torch.set_rng_state(outer)
+            yield batch
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    epoch: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader (``num_workers=0``) whose order and augmentations are fixed by ``(seed, epoch)``, so a job
+    resumed at epoch ``k`` sees exactly the batches it would have seen, and each epoch gets a fresh order."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise MonomodError(f"batch_size must be a positive integer, got {batch_size!r}", "pass e.g. batch_size=64")
+    return SeededLoader(dataset, seed=seed, epoch=epoch, batch_size=batch_size, shuffle=shuffle,
+                        drop_last=drop_last, num_workers=0)

@@ -1,0 +1,99 @@
+"""The user-facing entry points of a run: compile options into a plan, and read a finished run back."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monomod.errors import MonomodError
+from monomod.plan import Plan
+from monomod.runtime.jobs import RunContext, is_done
+
+def compile_options(options: Any) -> Plan:
+    """Resolve what the options leave open (image size, data facts, student patch size) and compile the plan."""
+    from monomod.data import load_data
+    from monomod.frontend import load_model
+    from monomod.passes.plan import PRESET_BUDGETS, DataInfo, compile_plan, validate_options
+
+    validate_options(options)
+    probe = load_model(options.teacher, device="meta", img_size=options.img_size or PRESET_BUDGETS[options.preset]["img_size"],
+                       in_chans=options.in_chans)
+    cfg = getattr(probe, "pretrained_cfg", None) or {}
+    img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
+    in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
+    bundle = load_data(options.data, img_size=img_size, in_chans=in_chans, ood=options.ood)
+    overrides = dict(options.student_overrides)
+    patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
+    if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
+        overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
+    options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
+    return compile_plan(options, DataInfo(num_classes=bundle.num_classes, in_chans=in_chans, train_size=len(bundle.train)))
+
+
+def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool = False, **options: Any) -> "Run":
+    """Compile and execute a whole m2mKD conversion, like ``monomod convert``; returns the finished Run.
+
+    ``options`` are the fields of ``monomod.passes.plan.ConvertOptions`` (data, preset, meta, alpha, ...).
+    """
+    from monomod.passes.plan import ConvertOptions
+    from monomod.runtime.execute import execute, prepare_run_dir
+
+    plan = compile_options(ConvertOptions(teacher=teacher, student=to, modules=modules, **options))
+    run_dir = prepare_run_dir(plan, out, force=force)
+    execute(plan, run_dir)
+    return load_run(run_dir)
+
+
+class DeployedStudent(nn.Module):
+    """A trained student that takes raw images in [0, 1], shaped ``(B, *input_size)``, and normalises them itself."""
+
+    def __init__(self, student: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], input_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.student = student
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student((images - self.mean) / self.std)
+
+
+@dataclass
+class Run:
+    """A RUN_DIR: its plan, which jobs are finished, and the report once there is one."""
+
+    path: Path
+    plan: Plan
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        path = self.path / "report.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def status(self) -> dict[str, bool]:
+        return {job.name: is_done(self.path, job) for job in self.plan.jobs}
+
+    def student(self, which: str = "finetune") -> DeployedStudent:
+        """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
+        if not is_done(self.path, self.plan.job(which)):
+            raise MonomodError(f"job {which!r} of {str(self.path)!r} has not finished", f"run it first: monomod run {self.path}")
+        ctx = RunContext(run_dir=self.path, plan=self.plan)
+        model = ctx.new_student(self.plan.settings["seed"]) if which == "baseline" else ctx.assembled_student()
+        model.load_state_dict(ctx.product(which))
+        s = self.plan.settings
+        data = ctx.data
+        return DeployedStudent(model, data.mean, data.std, (s["in_chans"], s["img_size"], s["img_size"])).eval()
+
+
+def load_run(run_dir: str | Path) -> Run:
+    path = Path(run_dir)
+    return Run(path=path, plan=Plan.load(path))
+
+
+def load_student(run_dir: str | Path) -> DeployedStudent:
+    """The run's fine-tuned student, ready for raw [0, 1] images of shape ``(B, *student.input_size)``."""
+    return load_run(run_dir).student()

@@ -1,0 +1,301 @@
+"""Crash-safe checkpoints: a directory of ``tensors.safetensors`` + ``state.json``, replaced atomically.
+
+Layout of a checkpoint ``path/``::
+
+    path/tensors.safetensors   every tensor (model, optimizer moments, RNG states), no pickle anywhere
+    path/state.json            everything else (step, config, optimizer hyper-parameters, python RNG state, ...)
+
+Writing protocol (``save_checkpoint``):
+
+1. write both files into a fresh temporary sibling ``.{name}.tmp-{pid}-{rand}/`` and fsync them and the directory;
+2. if ``path`` exists, rename it aside to ``.{name}.old-{pid}-{rand}/``;
+3. ``os.replace`` the temporary directory onto ``path`` and fsync the parent directory;
+4. delete the aside copy.
+
+A reader therefore sees either the old checkpoint or the new one, never a mix, and a writer killed at any point
+leaves at most a stray hidden sibling. ``checkpoint_exists`` / ``load_checkpoint`` ignore temporary siblings; if the
+writer died between steps 2 and 3 (``path`` missing, the previous checkpoint still aside), they fall back to the aside
+copy, so the last complete checkpoint is never lost. The next ``save_checkpoint`` cleans stray siblings up.
+One writer per checkpoint path is assumed (each training job owns its ``job_dir``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+TENSORS_FILE = "tensors.safetensors"
+STATE_FILE = "state.json"
+
+
+# ---------------------------------------------------------------------------------------------------------- fsync
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    """fsync a directory so renames inside it are durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unique(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# ---------------------------------------------------------------------------------------------- small text files
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync, then ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _unique(path, "tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path | str, obj: Any) -> None:
+    """``atomic_write_text`` of ``obj`` as indented JSON (with a trailing newline)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+
+
+def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, CPU, contiguous tensors that own their storage (safetensors refuses shared or partial storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"checkpoint tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")  # a fresh copy: owns its storage
+        else:
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            owns_all = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.nbytes
+            if not owns_all or (ptr in seen and t.nbytes > 0):
+                t = t.contiguous().clone()
+            else:
+                seen.add(ptr)
+        out[name] = t
+    return out
+
+
+def _complete(path: Path) -> bool:
+    return path.is_dir() and (path / TENSORS_FILE).is_file() and (path / STATE_FILE).is_file()
+
+
+def _siblings(path: Path, kind: str) -> list[Path]:
+    parent = path.parent
+    if not parent.is_dir():
+        return []
+    return [p for p in parent.glob(f".{path.name}.{kind}-*") if p.is_dir()]
+
+
+def _resolve(path: Path) -> Path | None:
+    """The directory holding the last complete checkpoint for ``path``: itself, else an aside copy left by a writer
+    that died between moving the previous checkpoint aside and moving the new one into place."""
+    if _complete(path):
+        return path
+    if path.exists():
+        return None  # something incomplete that is not ours to guess about
+    aside = [p for p in _siblings(path, "old") if _complete(p)]
+    if not aside:
+        return None
+    return max(aside, key=lambda p: (p / STATE_FILE).stat().st_mtime)
+
+
+def save_checkpoint(path: Path | str, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Atomically write (or replace) the checkpoint directory ``path``; see the module docstring for the protocol."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prepared = _prepare_tensors(tensors)
+    state_text = json.dumps(state, indent=2, sort_keys=True, allow_nan=True) + "\n"
+
+    # A previous writer killed between the two renames left ``path`` missing and the good copy aside: put it back
+    # first so that the sequence below always has a complete checkpoint somewhere.
+    if not path.exists():
+        fallback = _resolve(path)
+        if fallback is not None and fallback != path:
+            os.replace(fallback, path)
+    for stray in _siblings(path, "tmp") + _siblings(path, "old"):
+        shutil.rmtree(stray, ignore_errors=True)
+
+    tmp = _unique(path, "tmp")
+    tmp.mkdir()
+    try:
+        save_file(prepared, str(tmp / TENSORS_FILE))
+        _fsync_file(tmp / TENSORS_FILE)
+        with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
+            f.write(state_text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    aside = None
+    if path.exists():
+        aside = _unique(path, "old")
+        os.replace(path, aside)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if aside is not None and not path.exists():
+            os.replace(aside, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def checkpoint_exists(path: Path | str) -> bool:
+    """True when a complete checkpoint can be loaded from ``path`` (temporary siblings of killed writers ignored)."""
+    return _resolve(Path(path)) is not None
+
+
+def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, state)`` of the checkpoint at ``path``; safetensors + JSON only, nothing is unpickled."""
+    path = Path(path)
+    where = _resolve(path)
+    if where is None:
+        raise FileNotFoundError(f"no complete checkpoint at {path}")
+    tensors = load_file(str(where / TENSORS_FILE))
+    state = json.loads((where / STATE_FILE).read_text(encoding="utf-8"))
+    return tensors, state
+
+
+# --------------------------------------------------------------------------------------------- optimizer state
+
+
+def _encode(value: Any) -> Any:
+    """JSON form of a param-group value; tuples are tagged so they come back as tuples (AdamW's ``betas``)."""
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _encode(v) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError("optimizer param groups may only hold scalar tensors")
+        return {"__scalar_tensor__": value.item(), "dtype": str(value.dtype).removeprefix("torch.")}
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "__tuple__" in value:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        if "__scalar_tensor__" in value:
+            return torch.tensor(value["__scalar_tensor__"], dtype=getattr(torch, value["dtype"]))
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def optimizer_state_to_tensors(state_dict: dict, prefix: str = "optim.") -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (``{prefix}{param_id}.{key}``: AdamW's step, exp_avg, exp_avg_sq)
+    and a JSON-able description (param groups, non-tensor per-param values)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, per_param in state_dict["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}{pid}.{key}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[key] = _encode(value)
+    meta = {
+        "param_groups": _encode(state_dict["param_groups"]),
+        "params": sorted(str(pid) for pid in state_dict["state"]),
+        "scalars": scalars,
+    }
+    return tensors, meta
+
+
+def optimizer_state_from_tensors(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "optim.") -> dict:
+    """Inverse of ``optimizer_state_to_tensors``: a dict for ``optimizer.load_state_dict``."""
+    state: dict[int, dict[str, Any]] = {int(pid): {} for pid in meta["params"]}
+    for name, value in tensors.items():
+        if not name.startswith(prefix):
+            continue
+        pid, key = name[len(prefix):].split(".", 1)
+        state.setdefault(int(pid), {})[key] = value
+    for pid, values in meta["scalars"].items():
+        for key, value in values.items():
+            state.setdefault(int(pid), {})[key] = _decode(value)
+    return {"state": state, "param_groups": _decode(meta["param_groups"])}
+
+
+# ---------------------------------------------------------------------------------------------------- RNG state
+
+
+def capture_rng_state(prefix: str = "rng.") -> tuple[dict[str, torch.Tensor], dict]:
+    """Every global RNG: torch CPU (uint8 tensor), CUDA devices when initialised, python ``random``, numpy."""
+    tensors = {f"{prefix}torch": torch.get_rng_state()}
+    meta: dict[str, Any] = {"python": _encode(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states = torch.cuda.get_rng_state_all()
+        for i, s in enumerate(states):
+            tensors[f"{prefix}cuda.{i}"] = s
+        meta["cuda_devices"] = len(states)
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch wheels
+        pass
+    else:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        meta["numpy"] = [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)]
+    return tensors, meta
+
+
+def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str = "rng.") -> None:
+    """Inverse of ``capture_rng_state`` (CUDA states are restored when the same number of devices is present)."""
+    torch.set_rng_state(tensors[f"{prefix}torch"])
+    random.setstate(_decode(meta["python"]))
+    n_cuda = meta.get("cuda_devices", 0)
+    if n_cuda and torch.cuda.is_available() and torch.cuda.device_count() == n_cuda:
+        torch.cuda.set_rng_state_all([tensors[f"{prefix}cuda.{i}"] for i in range(n_cuda)])
+    if "numpy" in meta:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover
+            return
+        kind, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))

@@ -1,0 +1,40 @@
+"""The m2mKD loss (METHOD.md, step 4)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def m2mkd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    alpha: float = 0.5,
+    tau: float = 1.0,
+    kd: str = "soft",
+    kl_norm: str = "batchmean",
+) -> torch.Tensor:
+    """``(1 - alpha) * CE(z_S, y) + alpha * tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))``.
+
+    ``kd="hard"`` replaces the KL term by cross-entropy against the teacher's argmax (no tau). ``kl_norm`` is how the
+    summed KL is averaged: ``"batchmean"`` divides by the batch size (the KL per sample, as the formula reads);
+    ``"reference"`` divides by batch x classes, as the m2mKD and DeiT reference code does, which weakens the KL
+    term by a factor of the number of classes.
+    """
+    ce = F.cross_entropy(student_logits, targets)
+    teacher_logits = teacher_logits.detach()
+    if kd == "hard":
+        distill = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))
+    elif kd == "soft":
+        kl = F.kl_div(
+            F.log_softmax(student_logits / tau, dim=-1),
+            F.log_softmax(teacher_logits / tau, dim=-1),
+            reduction="sum",
+            log_target=True,
+        )
+        norm = student_logits.shape[0] if kl_norm == "batchmean" else student_logits.numel()
+        distill = tau**2 * kl / norm
+    else:
+        raise ValueError(f"kd must be 'soft' or 'hard', got {kd!r}")
+    return (1 - alpha) * ce + alpha * distill

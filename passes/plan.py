@@ -1,0 +1,163 @@
+"""Plan pass: conversion options -> the Plan (a DAG of jobs) that carries out m2mKD end to end.
+
+```
+teacher ─▶ meta ─▶ m2mkd:0 ┐
+        │       ─▶ m2mkd:1 ├─▶ assemble ─▶ finetune ─┐
+        │       ─▶  ...    ┘                         ├─▶ evaluate
+        └──────────────────────── baseline ──────────┘
+```
+``meta`` is absent with ``meta="teacher"`` (the teacher's own modules are the context). The m2mKD jobs do not
+depend on each other, so executors may run them side by side.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from monomod import __version__
+from monomod.errors import MonomodError
+from monomod.plan import Job, Plan
+
+STUDENT_KINDS = ("nac", "moe", "vit")
+META_KINDS = ("trained", "teacher")
+PRESETS = ("demo", "paper")
+# Stitch layers as the references use them: NAC plain Linear, V-MoE LayerNorm + Linear.
+DEFAULT_STITCH = {"nac": "linear", "moe": "ln_linear", "vit": "linear"}
+
+
+@dataclass
+class ConvertOptions:
+    """Everything `monomod convert` is asked for; `compile_plan` turns it into jobs."""
+
+    teacher: str
+    student: str
+    modules: int
+    data: str = "digits"
+    ood: str | None = "auto"
+    preset: str = "demo"
+    meta: str = "trained"
+    img_size: int | None = None
+    in_chans: int | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    teacher_trained: bool = False  # the teacher already knows this data: skip its adaptation
+    student_preset: str | None = None
+    student_overrides: dict[str, Any] = field(default_factory=dict)
+    stitch: str | None = None
+    keep_stitches: bool = False
+    upcycle: bool = False
+    alpha: float = 0.5
+    tau: float = 1.0
+    kd: str = "soft"
+    kl_norm: str = "batchmean"
+    feature_loss: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """What the plan needs to know of the data set (its size turns epochs into steps)."""
+
+    num_classes: int
+    in_chans: int
+    train_size: int
+
+
+# Training budgets. demo: sized so the whole plan fits in minutes on 2 CPU cores. paper: METHOD.md's reference
+# hyper-parameters (epochs; lr 5e-4 x batch/512, AdamW wd 0.05, cosine, label smoothing 0.1, mixup 0.8).
+PRESET_BUDGETS: dict[str, dict[str, Any]] = {
+    "demo": {
+        "img_size": 32, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.0, "mixup": 0.0,
+        "steps": {"teacher": 800, "meta": 600, "m2mkd": 400, "finetune": 1200},
+        "warmup_fraction": 0.1,
+    },
+    "paper": {
+        "img_size": None, "batch_size": 512, "lr": 5e-4, "weight_decay": 0.05, "label_smoothing": 0.1, "mixup": 0.8,
+        "epochs": {"teacher": 30, "meta": 300, "m2mkd": 100, "finetune": 100},
+        "warmup_epochs": 20,
+    },
+}
+
+
+def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
+    """Check the options and lay out the jobs. Pure: the same options and data give the same plan."""
+    validate_options(options)
+    budget = PRESET_BUDGETS[options.preset]
+    img_size = options.img_size or budget["img_size"]
+    settings = {
+        "teacher": options.teacher, "weights": options.weights, "pretrained": options.pretrained,
+        "student": options.student, "modules": options.modules, "student_preset": options.student_preset,
+        "student_overrides": dict(options.student_overrides), "data": options.data, "ood": options.ood,
+        "img_size": img_size, "in_chans": options.in_chans or data.in_chans, "num_classes": data.num_classes,
+        "meta": options.meta, "preset": options.preset, "seed": options.seed,
+        "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
+    }
+
+    def train(kind: str, seed_offset: int) -> dict[str, Any]:
+        if "steps" in budget:
+            steps = budget["steps"][kind]
+            warmup = int(budget["warmup_fraction"] * steps)
+        else:
+            per_epoch = max(1, math.ceil(data.train_size / budget["batch_size"]))
+            steps = budget["epochs"][kind] * per_epoch
+            warmup = min(budget["warmup_epochs"] * per_epoch, steps // 5)
+        return {
+            "steps": steps, "batch_size": budget["batch_size"], "lr": budget["lr"],
+            "weight_decay": budget["weight_decay"], "warmup_steps": warmup,
+            "label_smoothing": budget["label_smoothing"] if kind != "m2mkd" else 0.0,
+            "mixup": budget["mixup"] if kind != "m2mkd" else 0.0,
+            "seed": options.seed + seed_offset,
+        }
+
+    jobs = [Job("teacher", "teacher", [], ["jobs/teacher/model.safetensors"], {
+        "train": train("teacher", 1), "skip_training": options.teacher_trained,
+    })]
+    context = ["teacher"]
+    if options.meta == "trained":
+        jobs.append(Job("meta", "meta", ["teacher"], ["jobs/meta/model.safetensors"], {"train": train("meta", 2), "width": None}))
+        context.append("meta")
+    loss = {"alpha": options.alpha, "tau": options.tau, "kd": options.kd, "kl_norm": options.kl_norm,
+            "feature_loss": options.feature_loss}
+    stitch = options.stitch or DEFAULT_STITCH[options.student]
+    for i in range(options.modules):
+        jobs.append(Job(f"m2mkd:{i}", "m2mkd", list(context), [f"jobs/m2mkd-{i}/model.safetensors"], {
+            "module": i, "train": train("m2mkd", 10 + i), "loss": loss, "stitch": stitch, "upcycle": options.upcycle,
+        }))
+    distilled = [f"m2mkd:{i}" for i in range(options.modules)]
+    jobs += [
+        Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"keep_stitches": options.keep_stitches}),
+        Job("finetune", "finetune", ["assemble"], ["jobs/finetune/model.safetensors"], {"train": train("finetune", 3)}),
+        Job("baseline", "baseline", [], ["jobs/baseline/model.safetensors"], {"train": train("finetune", 3), "upcycle": options.upcycle}),
+        Job("evaluate", "evaluate", ["teacher", "assemble", "finetune", "baseline"],
+            ["report.json", "report.md", "curves.png"], {"batch_size": 256}),
+    ]
+    return Plan(settings=settings, jobs=jobs)
+
+
+def validate_options(o: ConvertOptions) -> None:
+    if o.student not in STUDENT_KINDS:
+        raise MonomodError(f"unknown student --to {o.student!r}", f"use one of {', '.join(STUDENT_KINDS)}")
+    if not isinstance(o.modules, int) or o.modules < 1:
+        raise MonomodError(f"--modules must be a positive integer, got {o.modules!r}", "pass K >= 2")
+    minimum = 3 if o.student == "nac" else 2
+    if o.modules < minimum:
+        detail = "tokenizer+read-in, >=1 propagator, read-out" if o.student == "nac" else "a first and a last stage"
+        raise MonomodError(f"a {o.student} student needs at least {minimum} modules ({detail}); got K={o.modules}",
+                           f"pass --modules {minimum} or more")
+    if o.meta not in META_KINDS:
+        raise MonomodError(f"unknown --meta {o.meta!r}", f"use one of {', '.join(META_KINDS)}")
+    if o.preset not in PRESETS:
+        raise MonomodError(f"unknown --preset {o.preset!r}", f"use one of {', '.join(PRESETS)}")
+    if o.kd not in ("soft", "hard"):
+        raise MonomodError(f"unknown distillation target {o.kd!r}", "use soft or hard")
+    if o.kl_norm not in ("batchmean", "reference"):
+        raise MonomodError(f"unknown KL normalisation {o.kl_norm!r}", "use batchmean or reference")
+    if not 0.0 <= o.alpha <= 1.0 or o.tau <= 0:
+        raise MonomodError(f"alpha={o.alpha}, tau={o.tau} are out of range", "use 0 <= alpha <= 1 and tau > 0")
+    if o.stitch not in (None, "linear", "ln_linear"):
+        raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
+
+
+def options_to_dict(options: ConvertOptions) -> dict[str, Any]:
+    return asdict(options)

@@ -1,0 +1,180 @@
+"""End to end: tiny plans on synthetic data, resume after SIGKILL, and bad input."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import monomod
+from monomod.cli import cli
+from monomod.passes.plan import ConvertOptions
+from monomod.plan import Plan
+from monomod.runtime.api import compile_options, load_run, load_student
+from monomod.runtime.execute import execute, prepare_run_dir
+from monomod.runtime.jobs import RunContext
+
+
+def tiny_plan(student: str = "vit", modules: int = 2, meta: str = "trained", steps: int = 3, **kwargs) -> Plan:
+    options = ConvertOptions(teacher="vit_tiny", student=student, modules=modules, data="synthetic", img_size=32,
+                             meta=meta, **kwargs)
+    plan = compile_options(options)
+    for job in plan.jobs:  # a plan is data: shrink every budget to a few steps
+        if "train" in job.config:
+            job.config["train"].update(steps=steps, batch_size=16, warmup_steps=1)
+    plan.rehash()
+    return plan
+
+
+def run_tiny(tmp_path: Path, **kwargs) -> Path:
+    plan = tiny_plan(**kwargs)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir)
+    return run_dir
+
+
+@pytest.mark.parametrize("student, modules, meta", [("vit", 2, "trained"), ("nac", 3, "teacher"), ("moe", 2, "trained")])
+def test_tiny_plan_end_to_end(tmp_path, student, modules, meta):
+    run_dir = run_tiny(tmp_path, student=student, modules=modules, meta=meta)
+    report = json.loads((run_dir / "report.json").read_text())
+    for model in ("teacher", "student", "baseline"):
+        assert 0.0 <= report[model]["iid_acc"] <= 1.0 and 0.0 <= report[model]["ood_acc"] <= 1.0
+    assert set(report["jobs"]) >= {"teacher", "m2mkd:0", "assemble", "finetune", "baseline"}
+    assert all(info["seconds"] >= 0 for info in report["jobs"].values())
+    assert "| m2mKD student (assembled + fine-tuned) |" in (run_dir / "report.md").read_text()
+    assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert Plan.load(run_dir).to_yaml() == (run_dir / "plan.yaml").read_text()
+    # The loaded student takes raw [0, 1] images and normalises them itself.
+    deployed = load_student(run_dir)
+    assert deployed.input_size == (3, 32, 32)
+    images = torch.rand(5, *deployed.input_size)
+    run = load_run(run_dir)
+    ctx = RunContext(run_dir=run_dir, plan=run.plan)
+    mean, std = torch.tensor(ctx.data.mean).view(1, -1, 1, 1), torch.tensor(ctx.data.std).view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(deployed(images), deployed.student((images - mean) / std))
+    assert all(run.status().values())
+
+
+def test_m2mkd_job_changes_only_the_student_stage_and_its_stitches(tmp_path):
+    plan = tiny_plan(student="nac", modules=3, steps=4)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir, only=["teacher", "meta"])
+    teacher_before = load_file(str(run_dir / "jobs/teacher/model.safetensors"))
+    meta_before = load_file(str(run_dir / "jobs/meta/model.safetensors"))
+    ctx = RunContext(run_dir=run_dir, plan=plan)
+    fresh = ctx.stitched(ctx.new_student(plan.settings["seed"]), 1, "linear").state_dict()
+    fresh = {k: v.clone() for k, v in fresh.items()}
+    execute(plan, run_dir, only=["m2mkd:1"])
+    ctx = RunContext(run_dir=run_dir, plan=plan)  # reload everything from disk
+    for name, tensor in ctx.product("teacher").items():
+        assert torch.equal(tensor, teacher_before[name]), name
+    for name, tensor in ctx.product("meta").items():
+        assert torch.equal(tensor, meta_before[name]), name
+    distilled = ctx.product("m2mkd:1")
+    assert set(distilled) == set(fresh)  # S_1 with its pre/post stitches, nothing else
+    assert any(k.startswith("pre.") for k in distilled) and any(k.startswith("post.") for k in distilled)
+    changed = {k for k in distilled if not torch.equal(distilled[k], fresh[k])}
+    assert any(k.startswith("pre.") for k in changed) and any(k.startswith("stage.") for k in changed)
+
+
+def test_rerun_skips_finished_jobs_and_edits_rerun_only_dependents(tmp_path):
+    plan = tiny_plan()
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir)
+    assert {s.state for s in execute(plan, run_dir)} == {"cached"}
+    edited = Plan.load(run_dir)
+    edited.job("m2mkd:1").config["train"]["steps"] = 2
+    edited.rehash()
+    ran = {s.name for s in execute(edited, run_dir) if s.state == "done"}
+    assert ran == {"m2mkd:1", "assemble", "finetune", "evaluate"}
+
+
+def test_a_different_plan_is_refused_unless_forced(tmp_path):
+    plan = tiny_plan()
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    other = tiny_plan(alpha=0.9)
+    with pytest.raises(monomod.MonomodError, match="holds a different plan.*m2mkd:0"):
+        prepare_run_dir(other, run_dir)
+    prepare_run_dir(other, run_dir, force=True)
+    assert Plan.load(run_dir).job("m2mkd:0").config["loss"]["alpha"] == 0.9
+    prepare_run_dir(other, run_dir)  # the same plan again is a resume, not a conflict
+
+
+def test_nan_loss_stops_the_job_and_keeps_finished_ones(tmp_path):
+    plan = tiny_plan()
+    plan.job("meta").config["train"]["lr"] = 1e30
+    plan.job("meta").config["train"]["grad_clip"] = None
+    plan.rehash()
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    with pytest.raises(monomod.MonomodError, match="job 'meta' failed.*(nan|inf|finite)"):
+        execute(plan, run_dir)
+    assert (run_dir / "jobs/teacher/done.json").is_file()
+    assert [s.state for s in execute(plan, run_dir, only=["teacher"])] == ["cached"]
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.time() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_result(tmp_path):
+    plan = tiny_plan(steps=40)
+    for job in plan.jobs:
+        if "train" in job.config:
+            job.config["train"]["checkpoint_every"] = 5
+    plan.rehash()
+    reference = prepare_run_dir(plan, tmp_path / "reference")
+    execute(plan, reference)
+    killed = prepare_run_dir(plan, tmp_path / "killed")
+    # Same thread count as this process: float reductions, and so the weights, depend on it.
+    proc = subprocess.Popen([sys.executable, "-m", "monomod.cli", "run", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for(killed / "jobs/m2mkd-0/checkpoint", proc)  # mid-way through the first m2mKD job
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "report.json").exists()
+    result = CliRunner().invoke(cli, ["run", str(killed)])
+    assert result.exit_code == 0, result.output
+    for job in ("m2mkd:0", "m2mkd:1", "finetune", "baseline"):
+        ours = load_file(str(killed / "jobs" / job.replace(":", "-") / "model.safetensors"))
+        theirs = load_file(str(reference / "jobs" / job.replace(":", "-") / "model.safetensors"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), job
+    ours, theirs = (json.loads((d / "report.json").read_text()) for d in (killed, reference))
+    assert {k: ours[k] for k in ("teacher", "student", "baseline")} == {k: theirs[k] for k in ("teacher", "student", "baseline")}
+
+
+def test_convert_cli_dry_run_and_bad_input(tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["convert", "vit_tiny", "--to", "nac", "-k", "4", "--dry-run", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [j["name"] for j in json.loads(result.output)["jobs"]][:3] == ["teacher", "meta", "m2mkd:0"]
+    cases = [
+        (["vit_tiny", "--to", "nac", "-k", "2"], "needs at least 3 modules"),
+        (["vit_tiny", "--to", "cnn", "-k", "4"], "unknown student --to 'cnn'"),
+        (["vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{tmp_path}/missing"], "does not exist"),
+    ]
+    empty = tmp_path / "empty"
+    (empty / "train" / "cat").mkdir(parents=True)
+    (empty / "val" / "cat").mkdir(parents=True)
+    cases.append((["vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{empty}"], "no images"))
+    for args, message in cases:
+        result = runner.invoke(cli, ["convert", *args, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    plan_dir = tmp_path / "planned"
+    prepare_run_dir(tiny_plan(), plan_dir)
+    result = runner.invoke(cli, ["convert", "vit_tiny", "--to", "vit", "-k", "3", "--data", "synthetic", "--out", str(plan_dir)])
+    assert result.exit_code == 2 and "holds a different plan" in result.output
+    shown = runner.invoke(cli, ["plan", "show", str(plan_dir)])
+    assert shown.exit_code == 0 and "m2mkd:1" in shown.output and "pending" in shown.output
+    assert runner.invoke(cli, ["run", str(tmp_path / "nowhere")]).exit_code == 2
