@@ -17,14 +17,15 @@ err = Console(stderr=True)
 
 
 class _Cli(click.Group):
-    """Turns MonomodError into one line on stderr and exit code 2, never a traceback."""
+    """Turns MonomodError into one line on stderr, never a traceback. Exit codes: 2 for bad input (nothing ran),
+    1 for a job that ran and failed (``JobFailed``; finished jobs are kept), 0 for success."""
 
     def invoke(self, ctx: click.Context) -> object:
         try:
             return super().invoke(ctx)
         except MonomodError as e:
             click.echo(f"error: {e}", err=True)
-            ctx.exit(2)
+            ctx.exit(e.exit_code)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -36,6 +37,30 @@ def cli() -> None:
     monomod inspect vit_base --modules 8      # how the teacher splits into modules
     monomod student nac --modules 4           # a student's stages, interfaces and costs
     """
+
+
+def _executor_options(command):
+    """--executor, --workers, --ray-address and --max-retries, handed to the command as one ``run_options`` dict."""
+    import functools
+
+    @functools.wraps(command)
+    def wrapper(*args, executor: str, workers: int | None, ray_address: str | None, max_retries: int, **kwargs):
+        options = {"executor": executor, "workers": workers, "ray_address": ray_address, "max_retries": max_retries}
+        return command(*args, run_options=options, **kwargs)
+
+    options = [
+        click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
+                     help="Where jobs run: this process one by one, a process pool on this machine, or a Ray cluster."),
+        click.option("--workers", type=click.IntRange(min=1), default=None,
+                     help="Jobs in flight at once (process: default 2, each with cores/N threads; ray: default the "
+                          "plan's widest level, capped at the cluster's CPUs)."),
+        click.option("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)."),
+        click.option("--max-retries", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="Retry a failed job (exception or killed worker) up to N times."),
+    ]
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
 
 
 @cli.command()
@@ -148,9 +173,9 @@ def _dash(value: int | None) -> str:
 
 
 @cli.command()
-@click.argument("model")
-@click.option("--to", "student", required=True, help="Student family: nac, moe or vit.")
-@click.option("-k", "--modules", "k", type=int, required=True, help="Number of modules (stages) to distil.")
+@click.argument("model", required=False)
+@click.option("--to", "student", help="Student family: nac, moe or vit (required without --recipe).")
+@click.option("-k", "--modules", "k", type=int, help="Number of modules (stages) to distil (required without --recipe).")
 @click.option("--data", default="digits", show_default=True, help="digits | synthetic | imagefolder:PATH (train/ and val/).")
 @click.option("--ood", default="auto", show_default=True, help="OOD split: auto, none, or imagefolder:PATH.")
 @click.option("--preset", type=click.Choice(["demo", "paper"]), default="demo", show_default=True, help="Training budgets.")
@@ -173,13 +198,20 @@ def _dash(value: int | None) -> str:
               help="KL averaging: per sample, or per sample and class as the reference code does.")
 @click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
+              "command line override it.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key (repeatable; YAML values, dotted keys: budgets.m2mkd.epochs=1).")
 @click.option("--dry-run", is_flag=True, help="Compile and print the plan, then stop.")
 @click.option("--force", is_flag=True, help="Replace a different plan in RUN_DIR (unchanged finished jobs are kept).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_executor_options
 def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
             img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
             student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
-            kd: str, kl_norm: str, feature_loss: float, seed: int, dry_run: bool, force: bool, fmt: str) -> None:
+            kd: str, kl_norm: str, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
+            dry_run: bool, force: bool, fmt: str,
+            run_options: dict | None = None) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
     \b
@@ -187,20 +219,26 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
       monomod convert vit_tiny --to nac --modules 4 --preset demo
       monomod convert vit_tiny --to moe --modules 4 --meta teacher --out runs/moe
       monomod convert vit_huge --to nac --modules 10 --data imagefolder:tiny-imagenet --preset paper --dry-run
+      monomod convert --recipe demo-moe-digits --set alpha=0.7 --set budgets.m2mkd.steps=200
+
+    With --recipe, precedence is: the recipe, then options given explicitly on the command line, then --set.
     """
-    from monomod.passes.plan import ConvertOptions
     from monomod.runtime.api import compile_options
     from monomod.runtime.execute import prepare_run_dir
 
-    options = ConvertOptions(
-        teacher=model, student=student, modules=k, data=data, ood=None if ood == "none" else ood, preset=preset,
-        meta=meta, img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
-        teacher_trained=teacher_trained, student_preset=student_preset, stitch=stitch, keep_stitches=keep_stitches,
-        upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm, feature_loss=feature_loss, seed=seed,
-    )
+    given = dict(teacher=model, student=student, modules=k, data=data, ood=ood, preset=preset, meta=meta,
+                 img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
+                 teacher_trained=teacher_trained, student_preset=student_preset, stitch=stitch,
+                 keep_stitches=keep_stitches, upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm,
+                 feature_loss=feature_loss, seed=seed)
+    options, data_info = _convert_options(click.get_current_context(), given, recipe, sets)
+    notes: list[str] = []
     with err.status("compiling the plan ...", spinner="dots"):
-        plan = compile_options(options)
-    run_dir = Path(out_dir or f"runs/{model.replace(':', '_').replace('/', '_')}-{student}-k{k}")
+        plan = compile_options(options, dry_run=dry_run, data_info=data_info, notes=notes)
+    for note in notes:
+        err.print(f"[yellow]note:[/yellow] {note}")
+    name = options.teacher.replace(":", "_").replace("/", "_")
+    run_dir = Path(out_dir or f"runs/{name}-{options.student}-k{options.modules}")
     if dry_run:
         if fmt == "json":
             click.echo(json.dumps(plan.to_dict(), indent=2))
@@ -209,27 +247,34 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
     prepare_run_dir(plan, run_dir, force=force)
-    _execute_and_report(plan, run_dir, fmt)
+    _execute_and_report(plan, run_dir, fmt, **(run_options or {}))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--job", "jobs", multiple=True, help="Run only this job (repeatable), e.g. --job m2mkd:2.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def run(run_dir: str, jobs: tuple[str, ...], fmt: str) -> None:
+@_executor_options
+def run(run_dir: str, jobs: tuple[str, ...], fmt: str, run_options: dict | None = None) -> None:
     """Execute RUN_DIR's plan, or resume it: finished jobs (same hash) are skipped.
+
+    Exit code 1 when a job fails (its name and log.txt are printed; finished jobs are kept, so running the same
+    command again retries only what is left), 2 for bad input.
 
     \b
     Examples:
       monomod run runs/vit_tiny-nac-k4
+      monomod run runs/vit_tiny-nac-k4 --executor process --workers 2
+      monomod run runs/vit_tiny-nac-k4 --executor ray --ray-address auto --max-retries 2
       monomod run runs/vit_tiny-nac-k4 --job m2mkd:2
+      torchrun --nproc_per_node 2 -m monomod.cli run runs/vit_tiny-nac-k4 --job m2mkd:2   # data parallel
     """
     from monomod.plan import Plan
 
     plan = Plan.load(run_dir)
     for name in jobs:
         plan.job(name)  # unknown names fail here, before any work
-    _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None)
+    _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None, **(run_options or {}))
 
 
 @cli.group()
@@ -279,15 +324,24 @@ def plan_table(plan, run_dir: Path):
     return table
 
 
-def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None) -> None:
+def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
+                        workers: int | None = None, ray_address: str | None = None, max_retries: int = 0) -> None:
     from monomod import report
     from monomod.runtime.execute import execute
 
-    if fmt != "json":
+    if executor == "ray":
+        from monomod.runtime.executors import import_ray
+
+        import_ray()  # a missing Ray is one line before anything else is printed
+    talk = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
+    if fmt != "json" and talk:
         out.print(plan_table(plan, run_dir))
     started = time.perf_counter()
-    statuses = execute(plan, run_dir, only=only, console=err)
+    statuses = execute(plan, run_dir, only=only, console=err, executor=executor, workers=workers,
+                       ray_address=ray_address, max_retries=max_retries)
     elapsed = time.perf_counter() - started
+    if not talk:
+        return
     summary = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else None
     if fmt == "json":
         click.echo(json.dumps({"run_dir": str(run_dir), "seconds": round(elapsed, 3), "report": summary,
@@ -298,6 +352,176 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
               f"report: {run_dir / 'report.md'}[/dim]")
+
+
+@cli.command("export")
+@click.argument("target")
+@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False), help="Directory for the .onnx files.")
+@click.option("--what", default="stages,student", show_default=True,
+              help="RUN_DIR: comma list of stages, student, teacher, or all. MODEL: teacher (its modules).")
+@click.option("--source", type=click.Choice(["finetune", "assemble"]), default="finetune", show_default=True,
+              help="RUN_DIR: the fine-tuned student, or the distilled stages as assembled (before fine-tuning).")
+@click.option("-k", "--modules", "k", type=int, help="MODEL: number of teacher modules.")
+@click.option("--cuts", help="MODEL: manual cut points, comma-separated (e.g. blocks.3,blocks.6).")
+@click.option("--cost", type=click.Choice(["flops", "params"]), default="flops", show_default=True, help="MODEL: balance by.")
+@click.option("--img-size", type=int, help="MODEL: input resolution (default: the model's own).")
+@click.option("--in-chans", type=int, help="MODEL: input channels (default: the model's own).")
+@click.option("--num-classes", type=int, help="MODEL: classifier size (default: the model's own).")
+@click.option("--weights", type=click.Path(dir_okay=False), help="MODEL: local .safetensors or .pth state dict.")
+@click.option("--opset", type=int, help="ONNX opset (default: the exporter's).")
+@click.option("--bench", "bench_batches", default="", metavar="B1,B2",
+              help="Also time onnxruntime against torch eager at these batch sizes (median of --repeats).")
+@click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per latency measurement.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None, cuts: str | None, cost: str,
+               img_size: int | None, in_chans: int | None, num_classes: int | None, weights: str | None,
+               opset: int | None, bench_batches: str, repeats: int, fmt: str) -> None:
+    """Export TARGET to ONNX, check every file with onnxruntime against torch, exit 1 if a diff exceeds 1e-4.
+
+    TARGET is a RUN_DIR (a directory holding plan.yaml: exports the student's stages, the student and, with
+    --what teacher, the teacher's modules) or a MODEL spec (exports its K teacher modules, for serving pipeline
+    stages). Every file has a dynamic batch axis, its parameters inside and metadata naming its boundary.
+
+    \b
+    Examples:
+      monomod export runs/demo-nac --onnx onnx/demo-nac --what all --bench 1,64
+      monomod export vit_base --modules 4 --onnx onnx/vit_base-k4
+    """
+    from monomod.passes import export as ex
+    from monomod.plan import PLAN_FILE
+
+    path = Path(target)
+    is_run = path.is_dir() and (path / PLAN_FILE).is_file()
+    if path.is_dir() and not is_run:
+        raise MonomodError(f"{target!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
+    try:
+        batches = [int(b) for b in bench_batches.split(",") if b.strip()]
+    except ValueError:
+        raise MonomodError(f"--bench {bench_batches!r} is not a comma list of batch sizes", "write e.g. --bench 1,64") from None
+    if any(b < 1 for b in batches) or repeats < 1:
+        raise MonomodError("--bench batch sizes and --repeats must be positive", "write e.g. --bench 1,64 --repeats 20")
+    with err.status("loading ...", spinner="dots"):
+        if is_run:
+            model_only = {"--modules": k, "--cuts": cuts, "--img-size": img_size, "--in-chans": in_chans,
+                          "--num-classes": num_classes, "--weights": weights}
+            given = [flag for flag, value in model_only.items() if value is not None]
+            if given:
+                raise MonomodError(f"{', '.join(given)} apply to a MODEL, not to a RUN_DIR (the run fixes them)",
+                                   "drop them, or export a model")
+            items = ex.run_exportables(path, ex.parse_what(what), source=source)
+            title = f"ONNX export of {path} ({source})"
+        else:
+            if ex.parse_what(what) != ["teacher"] and what != "stages,student":
+                raise MonomodError(f"--what {what} needs a RUN_DIR; a MODEL exports its teacher modules",
+                                   "drop --what, or pass a RUN_DIR")
+            items = _model_exportables(target, k, cuts, cost, img_size, in_chans, num_classes, weights)
+            title = f"ONNX export of {target} ({len(items)} modules)"
+    results = []
+    with err.status("exporting ...", spinner="dots") as status:
+        results = ex.export_all(items, onnx_dir, opset=opset, bench_batches=batches, repeats=repeats,
+                                on_result=lambda r: status.update(f"exported {r.path.name} ..."))
+    if fmt == "json":
+        click.echo(json.dumps({"out": onnx_dir, "tolerance": ex.TOLERANCE, "files": [r.to_json() for r in results]}, indent=2))
+    else:
+        out.print(ex.results_table(results, title))
+    failed = [r.path.name for r in results if not r.ok]
+    if failed:
+        err.print(f"[red]{len(failed)} file(s) differ from torch by more than {ex.TOLERANCE:g}: {', '.join(failed)}[/red]")
+        sys.exit(1)
+
+
+def _model_exportables(model: str, k: int | None, cuts: str | None, cost: str, img_size: int | None,
+                       in_chans: int | None, num_classes: int | None, weights: str | None):
+    from monomod.frontend import load_model
+    from monomod.passes.export import teacher_exportables
+    from monomod.passes.partition import partition
+    from monomod.passes.trace import trace
+
+    if k is None and not cuts:
+        raise MonomodError("exporting a MODEL needs --modules K (or --cuts)", "pass e.g. --modules 4")
+    if k is not None and k < 1:
+        raise MonomodError(f"--modules must be at least 1, got {k}", "pass --modules 1 or more")
+    net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
+    traced = trace(net, _example_input(net, img_size, in_chans), name=model)
+    part = partition(traced, None if cuts else k, cost=cost, cuts=_split(cuts))
+    return teacher_exportables(part, {"source": model, "teacher": model})
+
+
+@cli.group()
+def recipes() -> None:
+    """Named conversion setups shipped with monomod (the paper's and quick demos)."""
+
+
+@recipes.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def recipes_list(fmt: str) -> None:
+    """List the shipped recipes.
+
+    \b
+    Example:
+      monomod recipes list
+    """
+    from rich.table import Table
+
+    from monomod.recipes import list_recipes
+
+    found = list_recipes()
+    if fmt == "json":
+        click.echo(json.dumps([{"name": r.name, "description": r.description, **r.values} for r in found], indent=2))
+        return
+    table = Table(title="recipes (monomod convert --recipe NAME)", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("description")
+    for r in found:
+        table.add_row(r.name, r.description)
+    out.print(table)
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name: str) -> None:
+    """Print recipe NAME (its YAML file, comments included).
+
+    \b
+    Example:
+      monomod recipes show paper-nac-tinyimagenet
+    """
+    from monomod.recipes import load_recipe
+
+    click.echo(load_recipe(name).path.read_text(), nl=False)
+
+
+# convert's parameter names -> ConvertOptions fields, where they differ
+_CONVERT_PARAMS = {"teacher": "model", "student": "student", "modules": "k"}
+
+
+def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: tuple[str, ...]):
+    """ConvertOptions from the command line, or from a recipe overridden by explicit options and then ``--set``.
+
+    Returns ``(options, data_info)``; ``data_info`` (a recipe's declared data facts) lets a dry run plan without
+    the data folder.
+    """
+    from monomod.passes.plan import ConvertOptions
+
+    if recipe is None:
+        if sets:
+            raise MonomodError("--set overrides recipe keys", "use it with --recipe NAME (or pass the options directly)")
+        missing = [flag for flag, key in (("MODEL", "teacher"), ("--to", "student"), ("--modules", "modules"))
+                   if given[key] is None]
+        if missing:
+            raise MonomodError(f"convert needs {', '.join(missing)}", "pass them, or start from a --recipe")
+        given = dict(given, ood=None if given["ood"] == "none" else given["ood"])
+        return ConvertOptions(**given), None
+    from monomod.recipes import check, load_recipe, parse_sets
+
+    loaded = load_recipe(recipe)
+    explicit = {key: value for key, value in given.items()
+                if ctx.get_parameter_source(_CONVERT_PARAMS.get(key, key)) == click.core.ParameterSource.COMMANDLINE}
+    values = check(dict(loaded.values, **explicit), "command line", partial=True)
+    values = check(parse_sets(sets, values), "--set", partial=True)
+    values.setdefault("description", loaded.description)
+    check(values, f"{loaded.path.name} with overrides")
+    return loaded.convert_options({k: v for k, v in values.items() if k != "data_info"}), values.get("data_info")
 
 
 def _example_input(net, img_size: int | None, in_chans: int | None):

@@ -47,7 +47,8 @@ def load_model(
     if isinstance(spec, nn.Module):
         model = spec
     elif ":" in spec:
-        model = _from_factory(spec, timm_kwargs)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = _from_factory(spec, timm_kwargs)
     else:
         model = _from_timm(resolve_name(spec), pretrained=pretrained, device=device, timm_kwargs=timm_kwargs)
     if weights is not None:

@@ -256,8 +256,12 @@ def _plot_curves(run_dir: Path, plan: Any) -> str | None:
     acc_ax.set(title="train accuracy (end-to-end phase)", xlabel="step", ylim=(0, 1))
     acc_ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = run_dir / ".curves.png.tmp"
-    fig.savefig(tmp, format="png", dpi=110)
+    import io
+
+    from monomod.runtime.checkpoint import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    tmp.replace(run_dir / "curves.png")
+    atomic_write_bytes(run_dir / "curves.png", buffer.getvalue())
     return "curves.png"

@@ -53,6 +53,8 @@ class ConvertOptions:
     kl_norm: str = "batchmean"
     feature_loss: float = 0.0
     seed: int = 0
+    meta_width: int | None = None  # width of the trained meta model (default: the teacher's boundary width)
+    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job kind, over the preset's (BUDGET_KEYS)
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,14 @@ PRESET_BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
+# What ``ConvertOptions.budgets`` may override, per job kind. The baseline trains with the fine-tune budget, so
+# that the comparison with m2mKD stays fair. ``steps`` and ``epochs`` exclude each other, as do ``warmup_steps``
+# and ``warmup_epochs``; epochs are turned into steps with the data set's size and the (overridden) batch size.
+BUDGET_KINDS = ("teacher", "meta", "m2mkd", "finetune")
+BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_size", "weight_decay",
+               "label_smoothing", "mixup", "min_lr", "grad_clip")
+
+
 def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
     """Check the options and lay out the jobs. Pure: the same options and data give the same plan."""
     validate_options(options)
@@ -95,27 +105,38 @@ def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
     }
 
     def train(kind: str, seed_offset: int) -> dict[str, Any]:
-        if "steps" in budget:
+        override = dict(options.budgets.get(kind, {}))
+        batch_size = override.pop("batch_size", budget["batch_size"])
+        per_epoch = max(1, math.ceil(data.train_size / batch_size))
+        if "steps" in override or "epochs" in override:
+            steps = override.pop("steps") if "steps" in override else override.pop("epochs") * per_epoch
+        elif "steps" in budget:
             steps = budget["steps"][kind]
+        else:
+            steps = budget["epochs"][kind] * per_epoch
+        if "warmup_steps" in override or "warmup_epochs" in override:
+            warmup = override.pop("warmup_steps") if "warmup_steps" in override else override.pop("warmup_epochs") * per_epoch
+            warmup = min(warmup, steps)
+        elif "warmup_fraction" in budget:
             warmup = int(budget["warmup_fraction"] * steps)
         else:
-            per_epoch = max(1, math.ceil(data.train_size / budget["batch_size"]))
-            steps = budget["epochs"][kind] * per_epoch
             warmup = min(budget["warmup_epochs"] * per_epoch, steps // 5)
-        return {
-            "steps": steps, "batch_size": budget["batch_size"], "lr": budget["lr"],
+        config = {
+            "steps": steps, "batch_size": batch_size, "lr": budget["lr"],
             "weight_decay": budget["weight_decay"], "warmup_steps": warmup,
             "label_smoothing": budget["label_smoothing"] if kind != "m2mkd" else 0.0,
             "mixup": budget["mixup"] if kind != "m2mkd" else 0.0,
             "seed": options.seed + seed_offset,
         }
+        config.update(override)  # lr, weight_decay, label_smoothing, mixup, min_lr, grad_clip as given
+        return config
 
     jobs = [Job("teacher", "teacher", [], ["jobs/teacher/model.safetensors"], {
         "train": train("teacher", 1), "skip_training": options.teacher_trained,
     })]
     context = ["teacher"]
     if options.meta == "trained":
-        jobs.append(Job("meta", "meta", ["teacher"], ["jobs/meta/model.safetensors"], {"train": train("meta", 2), "width": None}))
+        jobs.append(Job("meta", "meta", ["teacher"], ["jobs/meta/model.safetensors"], {"train": train("meta", 2), "width": options.meta_width}))
         context.append("meta")
     loss = {"alpha": options.alpha, "tau": options.tau, "kd": options.kd, "kl_norm": options.kl_norm,
             "feature_loss": options.feature_loss}
@@ -157,6 +178,27 @@ def validate_options(o: ConvertOptions) -> None:
         raise MonomodError(f"alpha={o.alpha}, tau={o.tau} are out of range", "use 0 <= alpha <= 1 and tau > 0")
     if o.stitch not in (None, "linear", "ln_linear"):
         raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
+    if o.meta_width is not None and (not isinstance(o.meta_width, int) or o.meta_width < 1 or o.meta == "teacher"):
+        raise MonomodError(f"meta_width={o.meta_width!r} is invalid here", "give a positive integer, with meta=trained")
+    for kind, override in (o.budgets or {}).items():
+        if kind not in BUDGET_KINDS:
+            raise MonomodError(f"budgets has an unknown job kind {kind!r}", f"use {', '.join(BUDGET_KINDS)}")
+        unknown = sorted(set(override) - set(BUDGET_KEYS)) if isinstance(override, dict) else ["(not a mapping)"]
+        if unknown:
+            raise MonomodError(f"budgets.{kind} has unknown key(s) {', '.join(unknown)}", f"use {', '.join(BUDGET_KEYS)}")
+        for pair in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
+            if all(key in override for key in pair):
+                raise MonomodError(f"budgets.{kind} gives both {pair[0]} and {pair[1]}", "keep one of them")
+        for key, value in override.items():
+            if key in ("steps", "epochs", "warmup_steps", "warmup_epochs", "batch_size"):
+                good = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if "warmup" in key else 1)
+            elif key == "grad_clip":
+                good = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+            else:
+                good = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+            if not good:
+                raise MonomodError(f"budgets.{kind}.{key}={value!r} is invalid",
+                                   "give a non-negative number (an integer >= 1 for steps, epochs and batch_size)")
 
 
 def options_to_dict(options: ConvertOptions) -> dict[str, Any]:

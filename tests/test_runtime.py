@@ -178,3 +178,20 @@ def test_convert_cli_dry_run_and_bad_input(tmp_path):
     shown = runner.invoke(cli, ["plan", "show", str(plan_dir)])
     assert shown.exit_code == 0 and "m2mkd:1" in shown.output and "pending" in shown.output
     assert runner.invoke(cli, ["run", str(tmp_path / "nowhere")]).exit_code == 2
+
+
+def test_teacher_module_loads_only_its_own_weights(tmp_path):
+    plan = tiny_plan(modules=3)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir, only=["teacher"])
+    ctx = RunContext(run_dir=run_dir, plan=plan)
+    full = monomod.extract(ctx.partition("cpu"))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for i in range(3):
+            lean = ctx.teacher_module(i)
+            assert sum(p.numel() for p in lean.parameters()) == sum(p.numel() for p in full[i].parameters())
+            assert not any(p.requires_grad for p in lean.parameters())
+            y, x = lean(x), full[i](x)
+            torch.testing.assert_close(y, x, rtol=0, atol=0)
+    assert ctx.partition("meta").to_json() == ctx.partition("cpu").to_json()

@@ -13,9 +13,13 @@ from monomod.errors import MonomodError
 from monomod.plan import Plan
 from monomod.runtime.jobs import RunContext, is_done
 
-def compile_options(options: Any) -> Plan:
-    """Resolve what the options leave open (image size, data facts, student patch size) and compile the plan."""
-    from monomod.data import load_data
+def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str, int] | None = None,
+                    notes: list[str] | None = None) -> Plan:
+    """Resolve what the options leave open (image size, data facts, student patch size) and compile the plan.
+
+    ``dry_run=True`` tolerates missing ``imagefolder:`` folders: the data facts (``num_classes``, ``train_size``)
+    then come from ``data_info`` (recipes declare them) and a line saying so is appended to ``notes``.
+    """
     from monomod.frontend import load_model
     from monomod.passes.plan import PRESET_BUDGETS, DataInfo, compile_plan, validate_options
 
@@ -25,13 +29,38 @@ def compile_options(options: Any) -> Plan:
     cfg = getattr(probe, "pretrained_cfg", None) or {}
     img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
     in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
-    bundle = load_data(options.data, img_size=img_size, in_chans=in_chans, ood=options.ood)
+    facts = _data_facts(options, img_size, in_chans, dry_run, data_info, notes if notes is not None else [])
     overrides = dict(options.student_overrides)
     patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
-    return compile_plan(options, DataInfo(num_classes=bundle.num_classes, in_chans=in_chans, train_size=len(bundle.train)))
+    return compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1]))
+
+
+def _data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_info: dict[str, int] | None,
+                notes: list[str]) -> tuple[int, int]:
+    """(num_classes, train_size) of the data set, read from the data unless a dry run lacks the folders."""
+    from monomod.data import load_data
+
+    def missing(spec: str | None) -> str | None:
+        if isinstance(spec, str) and spec.startswith("imagefolder:") and not Path(spec.split(":", 1)[1]).exists():
+            return spec.split(":", 1)[1]
+        return None
+
+    ood = options.ood
+    if dry_run and missing(options.data):
+        if not data_info or not {"num_classes", "train_size"} <= set(data_info):
+            raise MonomodError(f"data directory {missing(options.data)} does not exist",
+                               "create it, or give data_info (num_classes, train_size) to dry-run without it")
+        notes.append(f"data folder {missing(options.data)} is missing: data loading skipped; the plan uses the "
+                     f"declared {data_info['num_classes']} classes and {data_info['train_size']} training images")
+        return int(data_info["num_classes"]), int(data_info["train_size"])
+    if dry_run and missing(ood):
+        notes.append(f"OOD folder {missing(ood)} is missing: skipped for this dry run (the real run needs it)")
+        ood = None
+    bundle = load_data(options.data, img_size=img_size, in_chans=in_chans, ood=ood)
+    return bundle.num_classes, len(bundle.train)
 
 
 def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool = False, **options: Any) -> "Run":

@@ -26,7 +26,7 @@ import random
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -67,21 +67,37 @@ def _unique(path: Path, kind: str) -> Path:
 # ---------------------------------------------------------------------------------------------- small text files
 
 
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync, then ``os.replace``."""
+def _atomic_replace(path: Path | str, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a uniquely named temporary sibling of ``path``, fsync it, then ``os.replace`` it into
+    place: readers (on this machine or another node of a shared file system) see the old file or the new one,
+    never a torn one, and two writers never share a temporary file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _unique(path, "tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see ``_atomic_replace``)."""
+    _atomic_replace(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a safetensors file atomically."""
+    prepared = _prepare_tensors(tensors)
+    _atomic_replace(path, lambda tmp: save_file(prepared, str(tmp)))
 
 
 def atomic_write_json(path: Path | str, obj: Any) -> None:

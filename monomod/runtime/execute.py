@@ -1,15 +1,19 @@
-"""Compile-and-run orchestration: prepare a RUN_DIR for a plan, then execute its jobs in dependency order."""
+"""Compile-and-run orchestration: prepare a RUN_DIR for a plan, then execute its jobs in dependency order on an
+executor (local, process pool, Ray; see executors.py), with one live view of the jobs in flight."""
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from rich.console import Console
+from rich.markup import escape
 
-from monomod.errors import MonomodError
-from monomod.plan import PLAN_FILE, Plan
-from monomod.runtime.jobs import RunContext, is_done, run_job
+from monomod.errors import JobFailed, MonomodError
+from monomod.plan import PLAN_FILE, Job, Plan
+from monomod.runtime.jobs import is_done
 
 
 @dataclass
@@ -57,34 +61,231 @@ def execute(
     only: list[str] | None = None,
     console: Console | None = None,
     on_job: Callable[[JobStatus], None] | None = None,
+    executor: str = "local",
+    workers: int | None = None,
+    ray_address: str | None = None,
+    max_retries: int = 0,
 ) -> list[JobStatus]:
-    """Run every job that is not finished with its current hash, in plan (topological) order, in this process.
+    """Run every job that is not finished with its current hash, respecting the DAG, on ``executor``.
 
-    A failing job raises (a MonomodError names it); every job finished before it stays finished, so running the
-    plan again retries only what is left.
+    ``local`` runs jobs in this process one by one (plan order); ``process`` runs up to ``workers`` jobs at once in
+    fresh processes on this machine; ``ray`` runs them as tasks on a Ray cluster (``ray_address``). A job whose
+    inputs are finished starts as soon as the executor has room. A failed attempt is retried up to
+    ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
+    job and its ``log.txt``. Finished jobs stay finished, so running the plan again retries only what is left.
+
+    Under torchrun (``WORLD_SIZE`` > 1) the local executor runs the jobs data-parallel on every rank (see
+    ``monomod.runtime.distributed``).
     """
+    from monomod.runtime import distributed
+    from monomod.runtime.executors import make_executor
+
     run_dir = Path(run_dir)
     console = console or Console(stderr=True)
-    ctx = RunContext(run_dir=run_dir, plan=plan)
-    statuses: list[JobStatus] = []
+    if max_retries < 0:
+        raise MonomodError(f"--max-retries must be 0 or more, got {max_retries}", "pass --max-retries 0 (no retry) or more")
+    if distributed.env_world_size() > 1 and executor != "local":
+        raise MonomodError(f"--executor {executor} cannot run under torchrun", "under torchrun use the local executor (the default)")
+    if executor != "local":
+        _check_saved_plan(plan, run_dir)
     selected = set(only) if only else None
+    order = {job.name: i for i, job in enumerate(plan.jobs)}
+    statuses: list[JobStatus] = []
+    done: set[str] = set()
+    pending = []
     for job in plan.jobs:
-        if selected is not None and job.name not in selected:
-            continue
         if is_done(run_dir, job):
-            status = JobStatus(job.name, "cached")
-        else:
-            missing = [name for name in job.inputs if not is_done(run_dir, plan.job(name))]
-            if missing:
-                raise MonomodError(f"job {job.name!r} needs {', '.join(missing)} first", f"run the whole plan: monomod run {run_dir}")
-            console.print(f"[bold]▶ {job.name}[/bold]")
-            try:
-                record = run_job(ctx, job)
-            except MonomodError as e:
-                raise MonomodError(f"job {job.name!r} failed: {e.problem}", e.fix) from None
-            status = JobStatus(job.name, "done", record["seconds"])
-            console.print(f"[green]✓ {job.name}[/green] in {record['seconds']:.1f} s")
-        statuses.append(status)
-        if on_job:
-            on_job(status)
+            done.add(job.name)
+            if selected is None or job.name in selected:
+                statuses.append(JobStatus(job.name, "cached"))
+        elif selected is None or job.name in selected:
+            pending.append(job)
+    will_run = {job.name for job in pending}
+    for job in pending:
+        missing = [name for name in job.inputs if name not in done and name not in will_run]
+        if missing:
+            raise MonomodError(f"job {job.name!r} needs {', '.join(missing)} first", f"run the whole plan: monomod run {run_dir}")
+    if not pending:
+        return statuses
+
+    with distributed.session():
+        runner = make_executor(executor, run_dir.resolve(), plan, workers=workers, ray_address=ray_address)
+        board = JobBoard(plan, run_dir, console, live=runner.live_view and console.is_terminal and distributed.is_writer(),
+                         quiet=not distributed.is_writer())
+        failed: dict[str, str] = {}
+        blocked: list[str] = []
+        attempts: dict[str, int] = {}
+        running: set[str] = set()
+        try:
+            with board:
+                while pending or running:
+                    for job in list(pending):
+                        if len(running) >= runner.capacity:
+                            break
+                        if any(name in failed or name in blocked for name in job.inputs):
+                            pending.remove(job)
+                            blocked.append(job.name)
+                        elif all(name in done for name in job.inputs):
+                            pending.remove(job)
+                            attempts[job.name] = attempts.get(job.name, 0) + 1
+                            runner.start(job)
+                            running.add(job.name)
+                            board.started(job, attempts[job.name], runner.workers().get(job.name, ""))
+                    if not running:
+                        break
+                    outcomes = runner.wait(timeout=0.5)
+                    for outcome in outcomes:
+                        running.discard(outcome.name)
+                        job = plan.job(outcome.name)
+                        if outcome.ok and not is_done(run_dir, job):
+                            outcome.ok, outcome.error = False, "the job ended without its done marker or outputs"
+                        if outcome.ok:
+                            done.add(job.name)
+                            status = JobStatus(job.name, "done", outcome.seconds)
+                            board.finished(job, outcome)
+                        elif attempts[job.name] <= max_retries:
+                            board.failed(job, outcome, retry=f"{attempts[job.name]}/{max_retries}")
+                            pending.append(job)
+                            pending.sort(key=lambda j: order[j.name])
+                            continue
+                        else:
+                            failed[job.name] = outcome.error or "unknown error"
+                            status = JobStatus(job.name, "failed", outcome.seconds)
+                            board.failed(job, outcome)
+                        statuses.append(status)
+                        if on_job:
+                            on_job(status)
+                    board.refresh(runner.workers())
+        finally:
+            runner.close()
+    statuses.sort(key=lambda s: order[s.name])
+    if failed:
+        raise JobFailed(_failure_message(plan, run_dir, failed, attempts, blocked))
     return statuses
+
+
+def _check_saved_plan(plan: Plan, run_dir: Path) -> None:
+    """Workers read the plan from RUN_DIR: it must be the plan being executed."""
+    try:
+        saved = Plan.load(run_dir)
+    except MonomodError:
+        saved = None
+    # a job's hash covers its kind, config, the run's settings and its inputs' hashes
+    same = saved is not None and [(j.name, j.hash) for j in saved.jobs] == [(j.name, j.hash) for j in plan.jobs]
+    if not same:
+        raise MonomodError(f"{run_dir / PLAN_FILE} is not the plan being executed, and workers read it from there",
+                           "save the plan to RUN_DIR first (prepare_run_dir or Plan.save)")
+
+
+def _failure_message(plan: Plan, run_dir: Path, failed: dict[str, str], attempts: dict[str, int],
+                     blocked: list[str]) -> str:
+    from monomod.runtime.executors import log_path
+
+    parts = []
+    for name, error in failed.items():
+        tries = f" after {attempts[name]} attempts" if attempts.get(name, 1) > 1 else ""
+        parts.append(f"job {name!r} failed{tries}: {error} (log: {log_path(run_dir, plan.job(name).dir)})")
+    text = "; ".join(parts)
+    if len(failed) > 1:
+        text = f"{len(failed)} jobs failed: {text}"
+    if blocked:
+        text += f"; not run: {', '.join(blocked)}"
+    return f"{text}; finished jobs are kept: fix the cause, then `monomod run {run_dir}` retries only what is left"
+
+
+class JobBoard:
+    """What the user sees while jobs run.
+
+    A live view (a TTY and a parallel executor): one row per running job with its progress (step / steps from the
+    job's ``metrics.jsonl``), its latest loss and the worker it runs on, plus a line per start and finish above it.
+    Otherwise (the local executor, whose job draws its own bar, or output to a file or pipe): a calm line per job
+    start, finish and failure.
+    """
+
+    def __init__(self, plan: Plan, run_dir: Path, console: Console, *, live: bool, quiet: bool = False) -> None:
+        self.plan, self.run_dir, self.console, self.live, self.quiet = plan, run_dir, console, live, quiet
+        self.tasks: dict[str, int] = {}
+        self.started_at: dict[str, float] = {}
+        self.progress = None
+        if live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("[dim]{task.fields[worker]}"), TimeElapsedColumn(),
+                console=console, transient=True, refresh_per_second=4,
+            )
+
+    def __enter__(self) -> "JobBoard":
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            self.console.print(text, highlight=False)
+
+    def started(self, job: Job, attempt: int, worker: str) -> None:
+        self.started_at[job.name] = time.perf_counter()
+        again = f" (attempt {attempt})" if attempt > 1 else ""
+        where = f" on {worker}" if worker and worker != "this process" else ""
+        self._print(f"[bold]▶ {job.name}[/bold]{again}{where}")
+        if self.progress is not None:
+            steps = job.config.get("train", {}).get("steps") if isinstance(job.config.get("train"), dict) else None
+            self.tasks[job.name] = self.progress.add_task(job.name, total=steps, loss="-", worker=worker or "")
+
+    def _stop(self, job: Job) -> None:
+        task = self.tasks.pop(job.name, None)
+        if task is not None and self.progress is not None:
+            self.progress.remove_task(task)
+
+    def finished(self, job: Job, outcome) -> None:
+        self._stop(job)
+        seconds = outcome.seconds if outcome.seconds is not None else time.perf_counter() - self.started_at[job.name]
+        where = f" on {outcome.worker}" if outcome.worker and outcome.worker != "this process" else ""
+        self._print(f"[green]✓ {job.name}[/green] in {seconds:.1f} s{where}")
+
+    def failed(self, job: Job, outcome, retry: str | None = None) -> None:
+        from monomod.runtime.executors import log_path
+
+        self._stop(job)
+        then = f", retrying ({retry})" if retry else ""
+        self._print(f"[red]✗ {job.name} failed[/red]: {escape(outcome.error or '')} "
+                    f"(log: {log_path(self.run_dir, job.dir)}){then}")
+
+    def refresh(self, workers: dict[str, str]) -> None:
+        if self.progress is None:
+            return
+        for name, task in self.tasks.items():
+            step, loss = _latest_metrics(self.run_dir / "jobs" / self.plan.job(name).dir / "metrics.jsonl")
+            fields: dict = {"worker": workers.get(name, "")}
+            if step is not None:
+                fields["completed"] = step
+            if loss is not None:
+                fields["loss"] = f"{loss:.4f}"
+            self.progress.update(task, **fields)
+
+
+def _latest_metrics(path: Path) -> tuple[int | None, float | None]:
+    """Step and loss of the last complete line of a job's metrics.jsonl (a torn last line is skipped)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None, None
+    for line in reversed(tail.splitlines()):
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            loss = record.get("loss")
+            return record["step"], float(loss) if isinstance(loss, (int, float)) else None
+    return None, None

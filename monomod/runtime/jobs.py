@@ -15,15 +15,16 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from monomod.errors import MonomodError
 from monomod.ir import Partition
 from monomod.plan import Job, Plan
-from monomod.runtime.checkpoint import atomic_write_json
+from monomod.runtime.checkpoint import atomic_save_tensors, atomic_write_json
+from monomod.runtime.distributed import barrier, is_writer, world_size
 from monomod.runtime.losses import m2mkd_loss
-from monomod.runtime.train import TrainConfig, evaluate, seed_everything, soft_cross_entropy, train
+from monomod.runtime.train import TrainConfig, evaluate, resolve_device, seed_everything, soft_cross_entropy, train
 from monomod.students.base import StagedModel
 
 MODEL_FILE = "model.safetensors"
@@ -80,16 +81,39 @@ class RunContext:
             self._cache["teacher"] = _frozen(model)
         return self._cache["teacher"]
 
-    def partition(self) -> Partition:
-        if "partition" not in self._cache:
+    def partition(self, device: str = "meta") -> Partition:
+        """The teacher's partition. Traced on the meta device by default: shapes and costs need no weights."""
+        key = f"partition-{device}"
+        if key not in self._cache:
+            from monomod.frontend import load_model
             from monomod.passes.partition import partition
             from monomod.passes.trace import trace
 
             s = self.settings
-            example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"])
-            traced = trace(self.teacher(), example, name=s["teacher"])
-            self._cache["partition"] = partition(traced, s["modules"])
-        return self._cache["partition"]
+            if device == "meta":
+                model = load_model(s["teacher"], device="meta", img_size=s["img_size"], in_chans=s["in_chans"],
+                                   num_classes=s["num_classes"], **s.get("teacher_kwargs", {}))
+            else:
+                model = self.teacher()
+            example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"], device=device)
+            self._cache[key] = partition(trace(model, example, name=s["teacher"]), s["modules"])
+        return self._cache[key]
+
+    def teacher_module(self, i: int) -> nn.Module:
+        """Teacher module i with only its own weights read from the teacher's file: an m2mKD job never holds the
+        whole teacher (the reference code builds the full model to use one stage). Models with non-persistent
+        buffers (computed at init, absent from the file) are built in full instead."""
+        from safetensors import safe_open
+
+        from monomod.passes.extract import extract
+
+        meta_part = self.partition("meta")
+        if any(True for m in meta_part.traced.model.modules() for name in m._non_persistent_buffers_set):
+            return _frozen(extract(self.partition("cpu"))[i])
+        module = extract(meta_part)[i].to_empty(device="cpu")
+        with safe_open(str(self.job_dir("teacher") / MODEL_FILE), framework="pt") as f:
+            module.load_state_dict({key: f.get_tensor(key) for key in module.state_dict()})
+        return _frozen(module)
 
     def new_meta(self) -> StagedModel:
         from monomod.students.meta import build_meta
@@ -103,7 +127,7 @@ class RunContext:
             from monomod.students.meta import build_meta
 
             if self.settings["meta"] == "teacher":
-                meta = build_meta(self.partition(), kind="teacher")
+                meta = build_meta(self.partition("cpu"), kind="teacher")
             else:
                 meta = self.new_meta()
                 meta.load_state_dict(self.product("meta"))
@@ -147,11 +171,9 @@ class RunContext:
         return load_file(str(path))
 
     def save_product(self, name: str, module: nn.Module) -> None:
-        path = self.job_dir(name) / MODEL_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{MODEL_FILE}.tmp")
-        save_file({k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}, str(tmp))
-        tmp.replace(path)
+        if not is_writer():
+            return  # under torchrun only rank 0 writes products
+        atomic_save_tensors(self.job_dir(name) / MODEL_FILE, dict(module.state_dict()))
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -218,12 +240,11 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     """Distil student stage i: the teacher pair ``meta[:i] -> T_i -> meta[i+1:]`` against the student pair
     ``meta[:i] -> pre -> S_i -> post -> meta[i+1:]``. Only S_i and its stitches receive updates; the meta prefix
     and the teacher run without autograd; gradients flow back through the frozen meta suffix."""
-    from monomod.passes.extract import extract
-
     i, loss_cfg = job.config["module"], job.config["loss"]
     cfg = _train_config(ctx, job)
-    meta = ctx.meta()
-    teacher_module = _frozen(extract(ctx.partition())[i])
+    device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
+    meta = ctx.meta().to(device)
+    teacher_module = ctx.teacher_module(i).to(device)
     student = ctx.new_student(ctx.settings["seed"])
     if job.config.get("upcycle") and ctx.settings["student"] == "moe":
         from monomod.students.moe import upcycle_experts
@@ -318,15 +339,18 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
     models["baseline"] = baseline
     if ctx.settings["meta"] == "trained":
         models["meta"] = ctx.meta()
+    device = resolve_device("auto")
     results: dict[str, dict[str, float | None]] = {}
     for name, model in models.items():
-        iid = evaluate(model, ctx.loader("val", batch, shuffle=False)(0))
-        ood = evaluate(model, ctx.loader("ood", batch, shuffle=False)(0)) if ctx.data.ood is not None else None
+        model.to(device)
+        iid = evaluate(model, ctx.loader("val", batch, shuffle=False)(0), device)
+        ood = evaluate(model, ctx.loader("ood", batch, shuffle=False)(0), device) if ctx.data.ood is not None else None
         results[name] = {"iid_acc": iid, "ood_acc": ood}
     write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
     return {name: r for name, r in results.items()}
 
 
+TRAINING_KINDS = frozenset({"teacher", "meta", "m2mkd", "finetune", "baseline"})  # jobs that call train()
 RUNNERS: dict[str, Callable[[RunContext, Job], dict[str, Any]]] = {
     "teacher": run_teacher, "meta": run_meta, "m2mkd": run_m2mkd, "assemble": run_assemble,
     "finetune": run_finetune, "baseline": run_baseline, "evaluate": run_evaluate,
@@ -346,12 +370,20 @@ def is_done(run_dir: Path, job: Job) -> bool:
 
 
 def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
-    """Run one job and record it as done (hash, wall time, result) with an atomic marker."""
+    """Run one job and record it as done (hash, wall time, result) with an atomic marker.
+
+    Under torchrun every rank trains (data parallel); jobs that do not train run on rank 0 alone; only rank 0
+    writes, and all ranks meet at a barrier before the next job, so no rank reads a product before it exists."""
     started = time.perf_counter()
-    result = RUNNERS[job.kind](ctx, job)
+    if world_size() > 1 and job.kind not in TRAINING_KINDS and not is_writer():
+        result: dict[str, Any] = {}
+    else:
+        result = RUNNERS[job.kind](ctx, job)
     seconds = time.perf_counter() - started
     record = {"name": job.name, "hash": job.hash, "seconds": round(seconds, 3), "result": result}
-    marker = ctx.job_dir(job.name) / DONE_FILE
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, record)
+    if world_size() > 1:
+        record["world_size"] = world_size()
+    if is_writer():
+        atomic_write_json(ctx.job_dir(job.name) / DONE_FILE, record)
+    barrier()
     return record

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from monomod.errors import MonomodError
+from monomod.runtime import distributed
 from monomod.runtime.checkpoint import (
     atomic_write_json,
     atomic_write_text,
@@ -271,7 +272,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
 # ----------------------------------------------------------------------------------------------- progress bar
 
 
-def _progress(label: str, steps: int, completed: int):
+def _progress(label: str, steps: int, completed: int, *, disable: bool = False):
     from rich.console import Console
     from rich.progress import (
         BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
@@ -288,6 +289,7 @@ def _progress(label: str, steps: int, completed: int):
         TimeRemainingColumn(),
         console=Console(stderr=True),
         transient=False,
+        disable=disable,
     )
     task = progress.add_task(label, total=steps, completed=completed, loss="-", acc="-", speed="-")
     return progress, task
@@ -343,12 +345,19 @@ def train(
     config (``log_every``, ``checkpoint_every`` and ``device`` may differ) the job resumes from it; a finished job
     returns at once with its weights loaded. A non-finite loss raises ``MonomodError`` before the optimizer step,
     leaving earlier checkpoints intact. An interrupted job (Ctrl-C, SIGKILL) writes no checkpoint of its own.
+
+    Under torchrun (a process group with several ranks, see ``monomod.runtime.distributed``) the trainable runs
+    inside DistributedDataParallel, each rank trains on its slice of every batch, logged loss and accuracy are
+    those of the whole batch, and only rank 0 writes files.
     """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = job_dir / "checkpoint"
     metrics_path = job_dir / "metrics.jsonl"
     device = resolve_device(config.device)
+    if config.device == "auto" and distributed.device() is not None:
+        device = distributed.device()  # cuda:LOCAL_RANK under torchrun with CUDA
+    writer = distributed.is_writer()
     use_amp = _amp_enabled(config.amp, device)
 
     seed_everything(config.seed)
@@ -391,17 +400,20 @@ def train(
             epoch_rng = (tensors, state["epoch_rng"])
             resume_rng = (tensors, state["rng"])
             resumed_from = step
-            _truncate_metrics(metrics_path, step)
+            if writer:
+                _truncate_metrics(metrics_path, step)
         else:
             from rich.console import Console
 
             Console(stderr=True).print(
                 f"[yellow]{label}: the checkpoint in {ckpt_dir} was made with a different config; starting afresh"
             )
-    if resumed_from == 0 and metrics_path.exists():
+    if writer and resumed_from == 0 and metrics_path.exists():
         atomic_write_text(metrics_path, "")
 
     def save() -> None:
+        if not writer:
+            return
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in trainable.state_dict().items()}
         if extra_state is not None:
             tensors.update({f"extra.{k}": v for k, v in extra_state().items()})
@@ -435,8 +447,8 @@ def train(
     window_start = start
     batches: Iterator | None = None
 
-    progress, task = _progress(label, config.steps, step)
-    with progress, open(metrics_path, "a", encoding="utf-8") as metrics:
+    progress, task = _progress(label, config.steps, step, disable=not writer)
+    with progress, _open_metrics(metrics_path, writer) as metrics, distributed.data_parallel(trainable, device):
         while step < config.steps:
             if batches is None:
                 if resume_rng is not None:
@@ -471,6 +483,10 @@ def train(
             hard = _hard_labels(y)
             if config.mixup > 0:
                 x, y = mixup_batch(x, y, config.mixup, config.num_classes)
+            n = x.shape[0]  # the global batch
+            mine, scale = distributed.shard(n)  # under torchrun: this rank's slice (else everything, scale 1)
+            if mine.stop - mine.start != n:
+                x, y, hard = x[mine], y[mine], hard[mine]
             lr = learning_rate(step, config)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -478,6 +494,8 @@ def train(
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
                 loss, logits = loss_fn(x, y)
             loss_value = float(loss.detach())
+            if distributed.active():  # the global batch's mean loss, identical on every rank
+                loss_value = distributed.all_sum([loss_value * x.shape[0]], device)[0] / n
             if not math.isfinite(loss_value):
                 raise MonomodError(
                     f"training job '{label}' hit a non-finite loss ({loss_value}) at step {step + 1} of "
@@ -486,13 +504,12 @@ def train(
                     f"the last checkpoint in {ckpt_dir} was left intact",
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             if config.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             step += 1
 
-            n = x.shape[0]
             samples_run += n
             window_samples += n
             window_loss += loss_value
@@ -502,6 +519,10 @@ def train(
                 window_labelled += hard.shape[0]
 
             if step % config.log_every == 0 or step == config.steps:
+                if distributed.active():  # accuracy over the whole global batches
+                    correct, labelled = distributed.all_sum([float(window_correct), float(window_labelled)], device)
+                    window_correct.fill_(int(correct))
+                    window_labelled = int(labelled)
                 now = time.perf_counter()
                 last_loss = window_loss / window_steps
                 last_acc = float(window_correct) / window_labelled if window_labelled else None
@@ -514,8 +535,9 @@ def train(
                     "samples_per_second": speed,
                     "seconds": elapsed_before + (now - start),
                 }
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                if metrics is not None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
                 progress.update(
                     task, completed=step, loss=f"{last_loss:.4f}",
                     acc="-" if last_acc is None else f"{last_acc:.3f}", speed=f"{speed:.0f}",
@@ -540,5 +562,13 @@ def train(
         samples_per_second=samples_run / seconds if seconds > 0 else 0.0,
         resumed_from=resumed_from,
     )
-    atomic_write_json(job_dir / "result.json", {"label": label, **dataclasses.asdict(result)})
+    if writer:
+        atomic_write_json(job_dir / "result.json", {"label": label, **dataclasses.asdict(result)})
     return result
+
+
+def _open_metrics(path: Path, writer: bool):
+    """The metrics log opened for appending (a null context on ranks that do not write)."""
+    from contextlib import nullcontext
+
+    return open(path, "a", encoding="utf-8") if writer else nullcontext(None)

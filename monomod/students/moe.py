@@ -5,7 +5,10 @@ Routing (per MoE layer, over the N = B*T tokens of the batch, flattened batch-ma
 * router: ``p = softmax(x @ W_r)`` (linear without bias, computed in float32), then top-k; the gate of a chosen
   expert is its softmax probability (no re-normalisation over the k choices, as in V-MoE).
 * capacity: each expert processes at most ``C = min(N, ceil(capacity_factor * k * N / E))`` tokens
-  (``capacity_factor=None``: ``C = N``, nothing is ever dropped). Buffer positions are handed out in priority
+  (``capacity_factor=None``: ``C = N``, nothing is ever dropped). C is computed in exact integer arithmetic
+  (``capacity_factor`` read as the fraction p/q with q <= 1000, e.g. 1.25 = 5/4) with ``torch.sym_min``, so it
+  stays a symbolic function of the batch under ``torch.export`` / the ONNX exporter (int64 Mul/Div/Min on the
+  input's shape, no float rounding that could differ between torch and the exported graph). Buffer positions are handed out in priority
   order: every token's 1st choice, in token order, then every token's 2nd choice, in token order, and so on. A
   (token, expert) assignment that finds the expert full is dropped: it contributes 0 and the block's residual
   connection carries the token. Token order favours earlier images of a batch when experts overflow (V-MoE's
@@ -30,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -128,10 +132,16 @@ class MoELayer(nn.Module):
         nn.init.zeros_(self.b2)
 
     def capacity(self, num_tokens: int) -> int:
-        """Buffer size per expert; never more than N, since a token picks an expert at most once."""
+        """Buffer size per expert; never more than N, since a token picks an expert at most once.
+
+        Integer-only, so a symbolic ``num_tokens`` (a SymInt while exporting) gives a symbolic capacity rather
+        than a constant baked from the example batch.
+        """
         if self.capacity_factor is None:
             return num_tokens
-        return min(num_tokens, math.ceil(self.capacity_factor * self.top_k * num_tokens / self.num_experts))
+        ratio = Fraction(self.capacity_factor).limit_denominator(1000)
+        numerator, denominator = ratio.numerator * self.top_k, ratio.denominator * self.num_experts
+        return torch.sym_min(num_tokens, (numerator * num_tokens + denominator - 1) // denominator)  # ceil
 
     def route(self, probs: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Top-k choice with capacity. Returns ``gates [N, k]``, ``experts [N, k]`` and ``slots [N, k]``: the
@@ -178,8 +188,9 @@ class MoELayer(nn.Module):
         out_padded = torch.cat([expert_out, expert_out.new_zeros(1, dim)])
         y = (gates.unsqueeze(-1).to(x.dtype) * out_padded[slots]).sum(1)
 
-        self.last_aux_loss = self.balancing_loss(probs, experts[:, 0]) if self.aux_loss_weight > 0 else None
-        self.last_drop_fraction = (slots == num_experts * capacity).float().mean().detach()
+        if not torch.compiler.is_exporting():  # training statistics, not part of an exported inference graph
+            self.last_aux_loss = self.balancing_loss(probs, experts[:, 0]) if self.aux_loss_weight > 0 else None
+            self.last_drop_fraction = (slots == num_experts * capacity).float().mean().detach()
         return y.view(shape)
 
 

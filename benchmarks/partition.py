@@ -1,0 +1,138 @@
+"""Partition quality and speed: monomod's min-cut against the splits pipeline libraries and the reference use.
+
+For each model and K: the wall time of trace + partition + extract against one forward pass at batch 2 (medians
+of repeats), and for three partitioners the FLOPs balance (max/mean) and the bytes per sample that cross the cuts:
+
+* ``mincut``: monomod.partition (networkx minimum cuts with balance windows);
+* ``greedy-params``: walk the graph in order and cut when a module's parameters reach total/K (as pipeline
+  libraries split by parameter count);
+* ``uniform-blocks``: split the model's repeated blocks into K equal runs by count (as the m2mKD reference scripts
+  do with hand-written depth lists).
+
+Also how partition time grows with graph size, vit_tiny -> vit_huge (traced on the meta device, no weights).
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+
+import monomod
+from monomod.passes.partition import _is_compute, _unit
+
+# (name, timm kwargs, image size): ViT, DeiT, Swin, ConvNeXt, ResNet and friends, small enough for 2 CPU cores.
+MODELS: list[tuple[str, dict[str, Any], int]] = [
+    ("vit_small_patch16_224", {}, 224),
+    ("deit_small_patch16_224", {}, 224),
+    ("vit_base_patch16_224", {}, 224),
+    ("swin_tiny_patch4_window7_224", {}, 224),
+    ("convnext_tiny", {}, 224),
+    ("resnet50", {}, 224),
+    ("efficientnet_b0", {}, 224),
+    ("mobilenetv3_large_100", {}, 224),
+    ("regnety_016", {}, 224),
+]
+QUICK_MODELS = MODELS[:2] + [MODELS[5]]
+SCALING = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"]
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def greedy_params_cuts(traced: monomod.TracedModel, k: int) -> list[str]:
+    """Cut before the node at which the running parameter count passes each multiple of total/K."""
+    total, running, cuts = traced.params, 0, []
+    for name, info in traced.nodes.items():
+        if len(cuts) == k - 1:
+            break
+        if _is_compute(info) and running >= total * (len(cuts) + 1) / k:
+            cuts.append(name)
+        running += info.params
+    return cuts
+
+
+def uniform_block_cuts(traced: monomod.TracedModel, k: int) -> list[str] | None:
+    """K equal runs of the model's repeated units (blocks.i, layers.i.blocks.j, stages.i ...), by count."""
+    units: list[str] = []
+    for info in traced.nodes.values():
+        if info.module and _is_compute(info):
+            unit = _unit(traced.model, info.module)
+            if unit[-1:].isdigit() and unit not in units:
+                units.append(unit)
+    if len(units) < k:
+        return None
+    return [units[round(i * len(units) / k)] for i in range(1, k)]
+
+
+def _describe(part: monomod.Partition) -> dict[str, Any]:
+    return {"balance": round(part.balance, 4), "bytes_cut": part.bytes_cut, "tensors_cut": sum(len(c) for c in part.cuts)}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    torch.set_grad_enabled(False)
+    repeats = 1 if quick else 3
+    rows = []
+    for name, kwargs, size in QUICK_MODELS if quick else MODELS:
+        model = monomod.load_model(name, **kwargs)
+        x1, x2 = torch.randn(1, 3, size, size), torch.randn(2, 3, size, size)
+        forward_s = _median_time(lambda: model(x2), repeats)
+        for k in (4, 8):
+            timings = {}
+
+            def compile_once():
+                start = time.perf_counter()
+                traced = monomod.trace(model, x1, name=name)
+                timings["trace"] = time.perf_counter() - start
+                part = monomod.partition(traced, k)
+                timings["partition"] = time.perf_counter() - start - timings["trace"]
+                monomod.extract(part)
+                return traced, part
+
+            compile_s = _median_time(compile_once, repeats)
+            traced, part = compile_once()
+            row = {
+                "model": name, "k": k, "nodes": len(traced.nodes), "forward_b2_s": round(forward_s, 4),
+                "compile_s": round(compile_s, 4), "trace_s": round(timings["trace"], 4),
+                "partition_s": round(timings["partition"], 4), "compile_over_forward": round(compile_s / forward_s, 2),
+                "mincut": _describe(part),
+                "greedy-params": _describe(monomod.partition(traced, cuts=greedy_params_cuts(traced, k))),
+            }
+            uniform = uniform_block_cuts(traced, k)
+            row["uniform-blocks"] = _describe(monomod.partition(traced, cuts=uniform)) if uniform else None
+            rows.append(row)
+            print(f"  {name} K={k}: balance {row['mincut']['balance']} vs greedy {row['greedy-params']['balance']}"
+                  f" vs uniform {row['uniform-blocks'] and row['uniform-blocks']['balance']}", flush=True)
+    scaling = []
+    for name in SCALING[:2] if quick else SCALING:
+        model = monomod.load_model(name, device="meta")
+        size = model.pretrained_cfg["input_size"][-1]
+        x = torch.randn(1, 3, size, size, device="meta")
+        traced = monomod.trace(model, x, name=name)
+        partition_s = _median_time(lambda: monomod.partition(traced, 8), repeats)
+        scaling.append({"model": name, "nodes": len(traced.nodes), "params": traced.params, "partition_k8_s": round(partition_s, 4)})
+    return {"rows": rows, "scaling": scaling}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        "| model | K | nodes | trace+partition+extract (s) | forward b=2 (s) | ratio | balance min-cut | greedy-params | uniform-blocks | bytes cut min-cut | greedy-params | uniform-blocks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        u = r["uniform-blocks"] or {"balance": "-", "bytes_cut": "-"}
+        lines.append(
+            f"| {r['model']} | {r['k']} | {r['nodes']} | {r['compile_s']} | {r['forward_b2_s']} | {r['compile_over_forward']} "
+            f"| {r['mincut']['balance']} | {r['greedy-params']['balance']} | {u['balance']} "
+            f"| {r['mincut']['bytes_cut']} | {r['greedy-params']['bytes_cut']} | {u['bytes_cut']} |"
+        )
+    lines += ["", "| model | fx nodes | params | partition K=8 (s) |", "|---|---:|---:|---:|"]
+    lines += [f"| {s['model']} | {s['nodes']} | {s['params']} | {s['partition_k8_s']} |" for s in result["scaling"]]
+    return "\n".join(lines) + "\n"

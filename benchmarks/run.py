@@ -1,0 +1,75 @@
+"""Run monomod's benchmarks: ``python -m benchmarks.run [--quick] [--only partition,memory]``.
+
+Each benchmark writes ``benchmarks/results/<name>.json`` and ``.md``; ``benchmarks/RESULTS.md`` collects the
+Markdown tables with the machine they ran on and the command that produced them. ``--quick`` is a fast sanity pass
+(fewer models, fewer repeats) whose numbers go to ``benchmarks/results/quick/`` and never into RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+BENCHMARKS = {
+    "partition": "Partition quality and speed against greedy-by-parameters and uniform-by-blocks splits",
+    "memory": "Peak memory: one m2mKD job against whole-model KD",
+}
+
+
+def machine() -> str:
+    import torch
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, Python {platform.python_version()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a fast sanity pass of every benchmark")
+    parser.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    out = HERE / "results" / ("quick" if args.quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        module = importlib.import_module(f"benchmarks.{name}")
+        print(f"== {name}: {BENCHMARKS[name]}", flush=True)
+        started = time.perf_counter()
+        result = module.run(quick=args.quick)
+        command = f"python -m benchmarks.run --only {name}" + (" --quick" if args.quick else "")
+        result["meta"] = {"machine": machine(), "seconds": round(time.perf_counter() - started, 1), "command": command,
+                          "date": time.strftime("%Y-%m-%d")}
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / f"{name}.md").write_text(module.markdown(result))
+        print(module.markdown(result), flush=True)
+    if not args.quick:
+        collect()
+    return 0
+
+
+def collect() -> None:
+    """Rebuild RESULTS.md from the full (non-quick) results on disk."""
+    sections = ["# Benchmark results", "",
+                "Numbers from shared 2-core machines are noisy: timings are medians of repeats, and comparisons are "
+                "ratios measured side by side in one run. Regenerate a table with the command under it.", ""]
+    for name, title in BENCHMARKS.items():
+        path = HERE / "results" / f"{name}.json"
+        if not path.is_file():
+            continue
+        meta = json.loads(path.read_text())["meta"]
+        sections += [f"## {title}", "", f"Machine: {meta['machine']}; {meta['date']}; took {meta['seconds']} s.",
+                     f"Command: `{meta['command']}`", "", (HERE / "results" / f"{name}.md").read_text()]
+    (HERE / "RESULTS.md").write_text("\n".join(sections))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

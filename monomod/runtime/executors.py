@@ -1,0 +1,432 @@
+"""Executors: where the jobs of a plan run. ``execute()`` (execute.py) owns the DAG and asks an executor to start
+jobs whose inputs are finished, up to the executor's capacity, then waits for outcomes.
+
+* ``local``: in this process, one job at a time (the default; the job's own progress bar on the console).
+* ``process``: a pool of ``workers`` slots on this machine; every job runs in a fresh process (spawn context) with
+  ``max(1, cores // workers)`` torch threads and matching OMP/MKL variables, so workers do not oversubscribe.
+* ``ray``: every job is a Ray task on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or none for a local Ray
+  with ``num_cpus`` = this machine's cores).
+
+Whatever the executor, a job is run by ``run_one``: load RUN_DIR's plan, check the job's hash, run it exactly as
+``monomod run RUN_DIR --job NAME`` does and write its products, ``done.json`` and ``log.txt`` under
+``RUN_DIR/jobs/<dir>``. RUN_DIR is therefore the only channel between the scheduler and its workers: on a cluster it
+must live on storage every node can reach, at the same path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from monomod.errors import MonomodError
+
+EXECUTORS = ("local", "process", "ray")
+LOG_FILE = "log.txt"
+WORKER_FILE = "worker.json"
+DEFAULT_PROCESS_WORKERS = 2
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS")
+
+
+@dataclass
+class Outcome:
+    """How one attempt of a job ended."""
+
+    name: str
+    ok: bool
+    seconds: float | None = None
+    error: str | None = None  # one line
+    worker: str = ""
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {name: str(threads) for name in THREAD_VARIABLES}
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one line: a MonomodError's own message, else ``Type: first line``."""
+    if isinstance(error, MonomodError):
+        text = str(error)
+    else:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        text = f"{type(error).__name__}: {first}" if first else type(error).__name__
+    return " ".join(text.split())
+
+
+def log_path(run_dir: str | Path, job_dir: str) -> Path:
+    return Path(run_dir) / "jobs" / job_dir / LOG_FILE
+
+
+def _append(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+@contextmanager
+def _output_to(path: Path) -> Iterator[None]:
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C++ and child output too) to ``path``
+    for the block, appending; restore them afterwards (Ray reuses its worker processes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "ab", buffering=0) as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: int | None = None,
+            worker: str | None = None) -> dict[str, Any]:
+    """Run job ``name`` of RUN_DIR's plan in this process, as ``monomod run RUN_DIR --job NAME`` does, with the
+    job's output appended to ``RUN_DIR/jobs/<dir>/log.txt``. Never raises for a failing job: returns
+    ``{"ok": bool, "seconds": float | None, "error": one line | None, "worker": label}``."""
+    from monomod.plan import Plan
+    from monomod.runtime.checkpoint import atomic_write_json
+
+    worker = worker or f"{socket.gethostname()} pid {os.getpid()}"
+    started = time.perf_counter()
+    try:
+        plan = Plan.load(run_dir)
+        job = plan.job(name)
+    except MonomodError as e:
+        return {"ok": False, "seconds": None, "error": one_line(e), "worker": worker}
+    job_dir = Path(run_dir) / "jobs" / job.dir
+    job_dir.mkdir(parents=True, exist_ok=True)
+    if expected_hash is not None and job.hash != expected_hash:
+        error = (f"{Path(run_dir) / 'plan.yaml'} changed while the run was going (job {name!r} has hash {job.hash}, "
+                 f"expected {expected_hash}); run `monomod run {run_dir}` again")
+        return {"ok": False, "seconds": None, "error": error, "worker": worker}
+    atomic_write_json(job_dir / WORKER_FILE, {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
+                                              "threads": threads, "started": time.time()})
+    with _output_to(job_dir / LOG_FILE):
+        print(f"[{_stamp()}] {name}: started on {worker}" + (f" with {threads} thread(s)" if threads else ""),
+              flush=True)
+        try:
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            from monomod.runtime.jobs import RunContext, run_job
+
+            record = run_job(RunContext(run_dir=Path(run_dir), plan=plan), job)
+        except Exception as e:  # reported to the scheduler; the traceback stays in the log
+            traceback.print_exc()
+            print(f"[{_stamp()}] {name}: failed", flush=True)
+            return {"ok": False, "seconds": time.perf_counter() - started, "error": one_line(e), "worker": worker}
+        print(f"[{_stamp()}] {name}: finished in {record['seconds']:.1f} s", flush=True)
+    return {"ok": True, "seconds": record["seconds"], "error": None, "worker": worker}
+
+
+# ------------------------------------------------------------------------------------------------------ local
+
+
+class LocalExecutor:
+    """In this process, one job at a time, sharing one RunContext (data and frozen models are built once)."""
+
+    kind = "local"
+    capacity = 1
+    live_view = False  # the job's own progress bar is on the console
+
+    def __init__(self, run_dir: Path, plan: Any) -> None:
+        from monomod.runtime.jobs import RunContext
+
+        self.run_dir = run_dir
+        self.ctx = RunContext(run_dir=run_dir, plan=plan)
+        self.queue: list[Any] = []
+
+    def start(self, job: Any) -> None:
+        self.queue.append(job)
+
+    def workers(self) -> dict[str, str]:
+        return {job.name: "this process" for job in self.queue}
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        from monomod.runtime.distributed import is_writer
+        from monomod.runtime.jobs import run_job
+
+        if not self.queue:
+            return []
+        job = self.queue.pop(0)
+        log = log_path(self.run_dir, job.dir)
+        if is_writer():
+            _append(log, f"[{_stamp()}] {job.name}: started in pid {os.getpid()} (local executor)\n")
+        try:
+            record = run_job(self.ctx, job)
+        except Exception as e:
+            if is_writer():
+                _append(log, traceback.format_exc() + f"[{_stamp()}] {job.name}: failed\n")
+            return [Outcome(job.name, False, error=one_line(e), worker="this process")]
+        if is_writer():
+            _append(log, f"[{_stamp()}] {job.name}: finished in {record['seconds']:.1f} s\n")
+        return [Outcome(job.name, True, seconds=record["seconds"], worker="this process")]
+
+    def close(self) -> None:
+        self.queue.clear()
+
+
+# ----------------------------------------------------------------------------------------------- process pool
+
+
+def _process_main(run_dir: str, name: str, expected_hash: str, threads: int, conn: Any) -> None:
+    """Entry point of a pool worker (a fresh, spawned interpreter): run one job, report, exit.
+
+    Ctrl-C is the scheduler's to handle (it stops its workers with SIGTERM); a worker ignores SIGINT so a terminal
+    interrupt does not print a traceback per worker."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    result = run_one(run_dir, name, expected_hash, threads)
+    try:
+        conn.send(result)
+        conn.close()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    sys.exit(0 if result["ok"] else 1)
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class ProcessExecutor:
+    """``workers`` slots on this machine; each job in a fresh spawned process with ``cores // workers`` threads."""
+
+    kind = "process"
+    live_view = True
+
+    def __init__(self, run_dir: Path, workers: int | None = None) -> None:
+        import multiprocessing
+
+        self.run_dir = run_dir
+        self.capacity = workers or DEFAULT_PROCESS_WORKERS
+        self.threads = max(1, cpu_count() // self.capacity)
+        self.mp = multiprocessing.get_context("spawn")
+        self.running: dict[str, tuple[Any, Any]] = {}  # name -> (process, receiving end of its pipe)
+
+    def start(self, job: Any) -> None:
+        receive, send = self.mp.Pipe(duplex=False)
+        proc = self.mp.Process(target=_process_main, name=f"monomod {job.name}", daemon=True,
+                               args=(str(self.run_dir), job.name, job.hash, self.threads, send))
+        # The child reads the thread variables when torch loads, before any code of ours runs: set them for it.
+        with _environ(thread_env(self.threads)):
+            proc.start()
+        send.close()
+        self.running[job.name] = (proc, receive)
+
+    def workers(self) -> dict[str, str]:
+        return {name: f"pid {proc.pid}" for name, (proc, _) in self.running.items()}
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        from multiprocessing.connection import wait
+
+        if not self.running:
+            return []
+        by_sentinel = {proc.sentinel: name for name, (proc, _) in self.running.items()}
+        outcomes = []
+        for sentinel in wait(list(by_sentinel), timeout):
+            name = by_sentinel[sentinel]
+            proc, receive = self.running.pop(name)
+            proc.join()
+            result = None
+            try:
+                if receive.poll():
+                    result = receive.recv()
+            except (EOFError, OSError):
+                pass
+            receive.close()
+            worker = f"pid {proc.pid}"
+            if proc.exitcode == 0 and result and result["ok"]:
+                outcomes.append(Outcome(name, True, seconds=result["seconds"], worker=worker))
+            elif result and result.get("error"):
+                outcomes.append(Outcome(name, False, error=result["error"], worker=worker))
+            elif proc.exitcode is not None and proc.exitcode < 0:
+                try:
+                    how = signal.Signals(-proc.exitcode).name
+                except ValueError:
+                    how = f"signal {-proc.exitcode}"
+                outcomes.append(Outcome(name, False, error=f"worker {worker} was killed by {how}", worker=worker))
+            else:
+                outcomes.append(Outcome(name, False, error=f"worker {worker} exited with code {proc.exitcode}",
+                                        worker=worker))
+        return outcomes
+
+    def close(self) -> None:
+        """Stop workers still running (Ctrl-C, or a failure elsewhere): SIGTERM, then SIGKILL."""
+        for proc, receive in self.running.values():
+            if proc.is_alive():
+                proc.terminate()
+        deadline = time.time() + 5
+        for proc, receive in self.running.values():
+            proc.join(max(0.0, deadline - time.time()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            receive.close()
+        self.running.clear()
+
+
+# -------------------------------------------------------------------------------------------------------- ray
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise MonomodError("--executor ray needs Ray, which is not installed", "pip install 'monomod[ray]'") from None
+    return ray
+
+
+def _ray_task(run_dir: str, name: str, expected_hash: str, threads: int) -> dict[str, Any]:
+    """The body of a Ray task: one job from RUN_DIR (shared storage), labelled with the node it ran on."""
+    import ray
+
+    try:
+        node = ray.util.get_node_ip_address()
+    except Exception:  # pragma: no cover - outside a Ray worker
+        node = socket.gethostname()
+    return run_one(run_dir, name, expected_hash, threads, worker=f"{node} pid {os.getpid()}")
+
+
+class RayExecutor:
+    """Each job a Ray task with ``num_cpus`` = cluster CPUs / workers (capped at the largest node) and one GPU per
+    task when this machine has CUDA. Ray's own task retries are off: ``--max-retries`` decides."""
+
+    kind = "ray"
+    live_view = True
+
+    def __init__(self, run_dir: Path, workers: int | None = None, address: str | None = None,
+                 widest: int = 1) -> None:
+        ray = import_ray()
+        import torch
+
+        self.ray = ray
+        self.run_dir = run_dir
+        self.owns_ray = not ray.is_initialized()
+        if self.owns_ray:
+            options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
+            try:
+                if address:
+                    ray.init(address=address, **options)
+                else:
+                    ray.init(num_cpus=cpu_count(), **options)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = address or "a local Ray"
+                raise MonomodError(f"could not start or reach {where} ({one_line(e)})",
+                                   "check --ray-address (auto, or HOST:PORT of the head node) and `ray status`") from None
+        total = int(ray.cluster_resources().get("CPU", 1))
+        largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
+        self.capacity = workers or max(1, min(widest, total))
+        self.threads = max(1, min(largest, total // self.capacity))
+        gpus = 1 if torch.cuda.is_available() else 0
+        self.remote = ray.remote(num_cpus=self.threads, num_gpus=gpus, max_retries=0)(_ray_task)
+        self.running: dict[str, Any] = {}  # name -> ObjectRef
+
+    def start(self, job: Any) -> None:
+        self.running[job.name] = self.remote.remote(str(self.run_dir), job.name, job.hash, self.threads)
+
+    def workers(self) -> dict[str, str]:
+        labels = {}
+        for name in self.running:
+            info = _read_json(self.run_dir / "jobs" / name.replace(":", "-") / WORKER_FILE)
+            labels[name] = info.get("worker", "") if info else ""  # known once the task has started
+        return labels
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        if not self.running:
+            return []
+        names = {ref: name for name, ref in self.running.items()}
+        ready, _ = self.ray.wait(list(names), num_returns=1, timeout=timeout)
+        outcomes = []
+        for ref in ready:
+            name = names[ref]
+            label = self.workers().get(name) or "a ray worker"
+            del self.running[name]
+            try:
+                result = self.ray.get(ref)
+            except self.ray.exceptions.RayError as e:
+                outcomes.append(Outcome(name, False, error=f"ray task on {label} died ({one_line(e)[:300]})",
+                                        worker=label))
+                continue
+            outcomes.append(Outcome(name, result["ok"], seconds=result["seconds"], error=result["error"],
+                                    worker=result["worker"]))
+        return outcomes
+
+    def close(self) -> None:
+        for ref in self.running.values():
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # pragma: no cover - already finished
+                pass
+        self.running.clear()
+        if self.owns_ray:
+            self.ray.shutdown()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = None, ray_address: str | None = None):
+    if kind not in EXECUTORS:
+        raise MonomodError(f"unknown executor {kind!r}", f"use one of {', '.join(EXECUTORS)}")
+    if workers is not None and workers < 1:
+        raise MonomodError(f"--workers must be at least 1, got {workers}", "pass --workers 1 or more")
+    if kind == "local":
+        if workers not in (None, 1):
+            raise MonomodError(f"--workers {workers} needs a parallel executor", "add --executor process (or ray)")
+        return LocalExecutor(run_dir, plan)
+    if kind == "process":
+        return ProcessExecutor(run_dir, workers)
+    return RayExecutor(run_dir, workers, ray_address, widest=_widest_level(plan))
+
+
+def _widest_level(plan: Any) -> int:
+    """The most jobs of the plan that can ever run side by side (jobs at the same dependency depth)."""
+    depth: dict[str, int] = {}
+    for job in plan.jobs:
+        depth[job.name] = 1 + max((depth[name] for name in job.inputs), default=-1)
+    counts: dict[int, int] = {}
+    for d in depth.values():
+        counts[d] = counts.get(d, 0) + 1
+    return max(counts.values(), default=1)
