@@ -18,7 +18,8 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHMARKS = {
     "partition": "Partition quality and speed against greedy-by-parameters and uniform-by-blocks splits",
-    "memory": "Peak memory: one m2mKD job against whole-model KD",
+    "memory": "Peak memory and step time: one m2mKD job against whole-model KD",
+    "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
 }
 
 

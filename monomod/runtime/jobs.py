@@ -229,6 +229,7 @@ def run_teacher(ctx: RunContext, job: Job) -> dict[str, Any]:
 
 def run_meta(ctx: RunContext, job: Job) -> dict[str, Any]:
     cfg = _train_config(ctx, job)
+    ctx.partition()  # first, so that how the partition is found never shifts the meta model's random init
     seed_everything(cfg.seed)
     meta = ctx.new_meta()
     info = _fit(ctx, job, meta, _classification(meta, cfg.label_smoothing), cfg)
