@@ -77,7 +77,11 @@ def _describe(part: monomod.Partition) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    torch.set_grad_enabled(False)
+    with torch.no_grad():  # scoped: the harness runs other benchmarks, which train, in this process
+        return _run(quick)
+
+
+def _run(quick: bool) -> dict[str, Any]:
     repeats = 1 if quick else 3
     rows = []
     for name, kwargs, size in QUICK_MODELS if quick else MODELS:
