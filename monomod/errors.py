@@ -7,6 +7,13 @@ sentence. Exit codes: 2 when the input is wrong and nothing ran (``MonomodError`
 from __future__ import annotations
 
 
+def first_line(e: BaseException, *, with_type: bool = False, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line error reports."""
+    lines = str(e).strip().splitlines()
+    text = lines[0][:limit] if lines else type(e).__name__
+    return f"{type(e).__name__}: {text}" if with_type and lines else text
+
+
 class MonomodError(Exception):
     """A problem with the user's input; ``str()`` is the one-line message the CLI prints (exit code 2)."""
 

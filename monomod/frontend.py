@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, first_line
 
 # Short names a user types -> the timm model they mean.
 ALIASES: dict[str, str] = {
@@ -90,7 +90,7 @@ def _from_timm(name: str, *, pretrained: bool, device: str | torch.device | None
     except (AssertionError, ValueError, RuntimeError) as e:
         if pretrained and ("connect" in str(e).lower() or "resolve" in str(e).lower() or "offline" in str(e).lower()):
             raise MonomodError(f"cannot download pretrained weights for {name!r} ({e})", "go online, or pass a local file with --weights") from None
-        raise MonomodError(f"cannot build {name!r} with {kwargs}: {_first_line(e)}", "check --img-size, --patch-size and --in-chans") from None
+        raise MonomodError(f"cannot build {name!r} with {kwargs}: {first_line(e)}", "check --img-size, --patch-size and --in-chans") from None
 
 
 def _suggest(name: str) -> str:
@@ -116,7 +116,7 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt, truncated or unsafe files all end here
-        raise MonomodError(f"cannot read weights file {str(path)!r} ({_first_line(e)})", "re-export it as .safetensors or a plain state-dict .pth") from None
+        raise MonomodError(f"cannot read weights file {str(path)!r} ({first_line(e)})", "re-export it as .safetensors or a plain state-dict .pth") from None
     for key in ("state_dict", "model", "module"):  # common training-checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -166,9 +166,4 @@ def _resample_pos_embed(model: nn.Module, value: torch.Tensor, target: torch.Ten
     if grid is None:
         return value
     return resample_abs_pos_embed(value, new_size=list(grid), num_prefix_tokens=prefix)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 

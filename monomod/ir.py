@@ -84,6 +84,12 @@ class BoundaryValue:
     dtype: str | None
     bytes: int  # per sample
 
+    @property
+    def token_width(self) -> int | None:
+        """D for a ``[B, T, D]`` token tensor; None for any other layout (a stitch there would need a conv)."""
+        shape = self.shape
+        return int(shape[2]) if shape is not None and len(shape) == 3 and shape[0] == "B" else None
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "shape": self.shape, "dtype": self.dtype, "bytes": self.bytes}
 

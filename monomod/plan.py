@@ -100,7 +100,7 @@ class Plan:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict) or data.get("version") != PLAN_VERSION or "jobs" not in data:
-            raise MonomodError("not a monomod plan (missing version or jobs)", f"compile one with `monomod convert ... --dry-run`")
+            raise MonomodError("not a monomod plan (missing version or jobs)", "compile one with `monomod convert ... --dry-run`")
         jobs = [Job(name=j["name"], kind=j["kind"], inputs=list(j.get("inputs", [])), outputs=list(j.get("outputs", [])),
                     config=dict(j.get("config") or {})) for j in data["jobs"]]
         return cls(settings=dict(data.get("settings") or {}), jobs=jobs, version=data["version"])

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from monomod import __version__
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, first_line
 
 EXPORT_WHATS: tuple[str, ...] = ("stages", "student", "teacher")
 TOLERANCE = 1e-4  # max abs difference onnxruntime vs torch that counts as a pass
@@ -259,7 +259,7 @@ def export_one(item: Exportable, out_dir: Path, *, opset: int | None = None) -> 
         program.save(str(path), external_data=large)
         return path, "dynamo", note
     except Exception as e:  # noqa: BLE001 - any exporter failure falls back, with the reason shown
-        note = f"dynamo exporter failed ({_first_line(e)}); used TorchScript"
+        note = f"dynamo exporter failed ({first_line(e, with_type=True, limit=160)}); used TorchScript"
     import onnx
 
     try:
@@ -269,7 +269,7 @@ def export_one(item: Exportable, out_dir: Path, *, opset: int | None = None) -> 
                               dynamic_axes={s.name: {a: "B" for a in s.batch_axes} for s in (*item.inputs, *item.outputs)})
     except Exception as e:  # noqa: BLE001
         raise MonomodError(f"cannot export {item.name} to ONNX: {note}; TorchScript exporter failed too "
-                           f"({_first_line(e)})", "report this with the model name") from None
+                           f"({first_line(e, with_type=True, limit=160)})", "report this with the model name") from None
     model = onnx.load(str(path))
     onnx.helper.set_model_props(model, _metadata(item))
     onnx.save(model, str(path), save_as_external_data=large)
@@ -383,7 +383,7 @@ def export_all(items: Sequence[Exportable], out_dir: str | Path, *, opset: int |
         try:
             diff = compare(item, session, check_batches)
         except Exception as e:  # noqa: BLE001 - onnxruntime refusing an input is a failed check, not a crash
-            diff, note = math.inf, (note + "; " if note else "") + f"onnxruntime failed: {_first_line(e)}"
+            diff, note = math.inf, (note + "; " if note else "") + f"onnxruntime failed: {first_line(e, with_type=True, limit=160)}"
         size = path.stat().st_size + sum(f.stat().st_size for f in out.glob(f"{item.name}.onnx.data"))
         result = ExportResult(item.name, path, size, exporter, diff, note)
         for batch in bench_batches:
@@ -422,11 +422,6 @@ def results_table(results: Sequence[ExportResult], title: str = "ONNX export"):
         cells.append(status + (f" [dim]{r.note}[/dim]" if r.note else ""))
         table.add_row(*cells)
     return table
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:160]}" if text else type(e).__name__
 
 
 __all__ = ["CHECK_BATCHES", "EXPORT_WHATS", "ExportResult", "Exportable", "TOLERANCE", "TensorSpec", "bench",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, first_line
 from monomod.ir import NodeInfo, TracedModel
 
 # Ops that only move or relabel data.
@@ -80,7 +80,7 @@ def symbolic_trace(model: nn.Module, leaf_modules: Iterable[type[nn.Module]] = (
         graph = tracer.trace(model, concrete_args=concrete or None)
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError ... depending on the construct
         raise MonomodError(
-            f"cannot trace {type(model).__name__} with torch.fx: {_first_line(e)} ({_where(e)})",
+            f"cannot trace {type(model).__name__} with torch.fx: {first_line(e)} ({_where(e)})",
             "mark the enclosing module as a leaf (trace(..., leaf_modules=[Cls])) or simplify that code path",
         ) from None
     _drop_specialised_placeholders(graph, keep=len(params) - len(concrete))
@@ -130,7 +130,7 @@ def trace(
             raise
         except Exception as e:
             raise MonomodError(
-                f"{name or type(model).__name__} cannot take an input of shape {tuple(x1.shape)}: {_first_line(e)}",
+                f"{name or type(model).__name__} cannot take an input of shape {tuple(x1.shape)}: {first_line(e)}",
                 "pick an --img-size the model accepts (e.g. a multiple of its patch size)",
             ) from None
     nodes: dict[str, NodeInfo] = {}
@@ -313,11 +313,6 @@ def _module_path(n: fx.Node) -> str:
     if n.op in ("get_attr", "call_module") and isinstance(n.target, str):
         return (n.target.rpartition(".")[0] or n.target) if n.op == "get_attr" else n.target
     return ""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:300]
 
 
 def _where(e: BaseException) -> str:

@@ -22,7 +22,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from monomod.errors import MonomodError
 

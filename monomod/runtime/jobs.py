@@ -136,13 +136,20 @@ class RunContext:
 
     # ----------------------------------------------------------------------------------------- student side
 
-    def new_student(self, seed: int) -> StagedModel:
+    def new_student(self, seed: int, *, upcycle: bool = False) -> StagedModel:
+        """A freshly initialised student; ``upcycle`` copies the teacher's MLPs into MoE experts (beyond the paper)."""
         from monomod.students import build_student
 
         s = self.settings
         seed_everything(seed)
-        return build_student(s["student"], modules=s["modules"], num_classes=s["num_classes"], img_size=s["img_size"],
-                             in_chans=s["in_chans"], preset=s["student_preset"], **s["student_overrides"])
+        student = build_student(s["student"], modules=s["modules"], num_classes=s["num_classes"],
+                                img_size=s["img_size"], in_chans=s["in_chans"], preset=s["student_preset"],
+                                **s["student_overrides"])
+        if upcycle and s["student"] == "moe":
+            from monomod.students.moe import upcycle_experts
+
+            upcycle_experts(student, self.teacher())
+        return student
 
     def stitched(self, student: StagedModel, i: int, kind: str):
         """Student stage i between stitch layers to and from the teacher's boundary widths."""
@@ -183,9 +190,8 @@ def _frozen(module: nn.Module) -> nn.Module:
 
 
 def _token_width(values) -> int | None:
-    if len(values) != 1 or values[0].shape is None or len(values[0].shape) != 3:
-        return None
-    return int(values[0].shape[-1])
+    """The width of a boundary that is one ``[B, T, D]`` tensor, else None."""
+    return values[0].token_width if len(values) == 1 else None
 
 
 # ------------------------------------------------------------------------------------------------ the jobs
@@ -246,11 +252,7 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
     meta = ctx.meta().to(device)
     teacher_module = ctx.teacher_module(i).to(device)
-    student = ctx.new_student(ctx.settings["seed"])
-    if job.config.get("upcycle") and ctx.settings["student"] == "moe":
-        from monomod.students.moe import upcycle_experts
-
-        upcycle_experts(student, ctx.teacher())
+    student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False))
     seed_everything(cfg.seed)
     stitched = ctx.stitched(student, i, job.config["stitch"])
     prefix, suffix = list(meta.stages[:i]), list(meta.stages[i + 1:])
@@ -314,11 +316,7 @@ def run_finetune(ctx: RunContext, job: Job) -> dict[str, Any]:
 def run_baseline(ctx: RunContext, job: Job) -> dict[str, Any]:
     """The same student trained from scratch with the fine-tune budget: what m2mKD has to beat."""
     cfg = _train_config(ctx, job)
-    student = ctx.new_student(ctx.settings["seed"])
-    if job.config.get("upcycle") and ctx.settings["student"] == "moe":
-        from monomod.students.moe import upcycle_experts
-
-        upcycle_experts(student, ctx.teacher())
+    student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False))
     seed_everything(cfg.seed)
     info = _fit(ctx, job, student, _classification(student, cfg.label_smoothing), cfg)
     ctx.save_product(job.name, student)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError
-from monomod.ir import BoundaryValue, Partition
+from monomod.ir import Partition
 from monomod.students.base import Stage, StagedModel, StageInterface
 
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens; more than this is not a ViT layout we recognise
@@ -167,8 +167,8 @@ def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedM
     k = partition.k
     stages: list[Stage] = []
     for i, module in enumerate(extract(partition)):
-        width_in = None if i == 0 else _token_width(partition.modules[i - 1].outputs[0])
-        width_out = None if i == k - 1 else _token_width(partition.modules[i].outputs[0])
+        width_in = None if i == 0 else partition.modules[i - 1].outputs[0].token_width
+        width_out = None if i == k - 1 else partition.modules[i].outputs[0].token_width
         kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
         stages.append(TeacherStage(module, StageInterface(kind, width_in, width_out)))
     out = partition.modules[-1].outputs[0].shape
@@ -177,12 +177,6 @@ def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedM
     meta.meta_kind = "teacher"
     meta.meta_width = None
     return meta
-
-
-def _token_width(value: BoundaryValue) -> int | None:
-    """D for a ``[B, T, D]`` boundary; None for any other layout (a stitch there would need a conv adapter)."""
-    shape = value.shape
-    return int(shape[2]) if shape is not None and len(shape) == 3 and shape[0] == "B" else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
