@@ -20,6 +20,8 @@ BENCHMARKS = {
     "partition": "Partition quality and speed against greedy-by-parameters and uniform-by-blocks splits",
     "memory": "Peak memory and step time: one m2mKD job against whole-model KD",
     "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
+    "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
+    "evidence": "Evidence of the method: m2mKD + fine-tune against training from scratch (NAC and MoE, 3 seeds)",
 }
 
 

@@ -201,17 +201,19 @@ def _dash(value: int | None) -> str:
 @click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
               "command line override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
-              help="Override a recipe key (repeatable; YAML values, dotted keys: budgets.m2mkd.epochs=1).")
+              help="Set any option or recipe key (repeatable; YAML values, dotted keys: budgets.m2mkd.epochs=1, "
+              "student_overrides.embed_dim=192).")
 @click.option("--dry-run", is_flag=True, help="Compile and print the plan, then stop.")
 @click.option("--force", is_flag=True, help="Replace a different plan in RUN_DIR (unchanged finished jobs are kept).")
+@click.option("--reuse", "reuse", multiple=True, type=click.Path(file_okay=False, exists=True),
+              help="Copy jobs this earlier RUN_DIR finished with the same hash (e.g. its teacher) instead of training them (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_executor_options
 def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
             img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
             student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
             kd: str, kl_norm: str, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
-            dry_run: bool, force: bool, fmt: str,
-            run_options: dict | None = None) -> None:
+            dry_run: bool, force: bool, reuse: tuple[str, ...], fmt: str, run_options: dict | None = None) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
     \b
@@ -220,11 +222,12 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
       monomod convert vit_tiny --to moe --modules 4 --meta teacher --out runs/moe
       monomod convert vit_huge --to nac --modules 10 --data imagefolder:tiny-imagenet --preset paper --dry-run
       monomod convert --recipe demo-moe-digits --set alpha=0.7 --set budgets.m2mkd.steps=200
+      monomod convert vit_tiny --to moe --modules 4 --reuse runs/vit_tiny-nac-k4   # same teacher: not trained again
 
     With --recipe, precedence is: the recipe, then options given explicitly on the command line, then --set.
     """
     from monomod.runtime.api import compile_options
-    from monomod.runtime.execute import prepare_run_dir
+    from monomod.runtime.execute import check_reuse_sources, prepare_run_dir, reuse_finished
 
     given = dict(teacher=model, student=student, modules=k, data=data, ood=ood, preset=preset, meta=meta,
                  img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
@@ -246,7 +249,12 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
             out.print(plan_table(plan, run_dir))
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
+    check_reuse_sources(list(reuse))  # before RUN_DIR is touched
     prepare_run_dir(plan, run_dir, force=force)
+    if reuse:
+        reused = reuse_finished(plan, run_dir, list(reuse))
+        if fmt != "json":
+            err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
     _execute_and_report(plan, run_dir, fmt, **(run_options or {}))
 
 
@@ -503,16 +511,16 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
     """
     from monomod.passes.plan import ConvertOptions
 
+    from monomod.recipes import check, load_recipe, parse_sets, to_convert_options
+
     if recipe is None:
-        if sets:
-            raise MonomodError("--set overrides recipe keys", "use it with --recipe NAME (or pass the options directly)")
         missing = [flag for flag, key in (("MODEL", "teacher"), ("--to", "student"), ("--modules", "modules"))
                    if given[key] is None]
         if missing:
             raise MonomodError(f"convert needs {', '.join(missing)}", "pass them, or start from a --recipe")
-        given = dict(given, ood=None if given["ood"] == "none" else given["ood"])
-        return ConvertOptions(**given), None
-    from monomod.recipes import check, load_recipe, parse_sets
+        if not sets:
+            return ConvertOptions(**dict(given, ood=None if given["ood"] == "none" else given["ood"])), None
+        return to_convert_options(check(parse_sets(sets, given), "--set", partial=True)), None
 
     loaded = load_recipe(recipe)
     explicit = {key: value for key, value in given.items()

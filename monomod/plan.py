@@ -1,8 +1,9 @@
 """A distillation plan is data: a DAG of jobs, written to ``RUN_DIR/plan.yaml`` and read back unchanged.
 
-Every job has a content hash over its kind, its config, the run's settings and the hashes of the jobs it reads
-from. Executing a plan skips jobs whose recorded hash matches, so a killed run resumes where it stopped and an
-edited job invalidates itself and its dependents only.
+Every job has a content hash over its kind, its config, the run settings it reads (``SETTINGS_SCOPE``) and the
+hashes of the jobs it reads from. Executing a plan skips jobs whose recorded hash matches, so a killed run resumes
+where it stopped, an edited job invalidates itself and its dependents only, and a new student for the same teacher
+keeps the trained teacher.
 """
 from __future__ import annotations
 
@@ -19,6 +20,17 @@ from monomod.errors import MonomodError
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
 JOB_KINDS = ("teacher", "meta", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
+
+# The run settings each kind of job reads; a job's hash covers only these (None: all of them). Narrow scopes let a
+# changed student keep the trained teacher and meta model. tests/test_plan.py runs every kind of job and fails when
+# one reads a setting outside its scope, so a scope cannot silently go stale.
+_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", "data", "ood", "img_size", "in_chans",
+                     "num_classes", "monomod")
+SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
+    "teacher": _TEACHER_SETTINGS,
+    "meta": (*_TEACHER_SETTINGS, "modules"),
+    "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", *_TEACHER_SETTINGS),
+}
 
 
 @dataclass
@@ -70,14 +82,18 @@ class Plan:
 
     def rehash(self) -> None:
         """Recompute every hash from configs; a job's hash covers its inputs' hashes, so edits propagate."""
-        settings_digest = _digest(self.settings)
         hashes: dict[str, str] = {}
         for job in self.jobs:
             job.hash = _digest({
-                "kind": job.kind, "config": job.config, "settings": settings_digest,
+                "kind": job.kind, "config": job.config, "settings": _digest(self.settings_of(job.kind)),
                 "inputs": [hashes[name] for name in job.inputs],
             })
             hashes[job.name] = job.hash
+
+    def settings_of(self, kind: str) -> dict[str, Any]:
+        """The run settings a job of ``kind`` reads (see ``SETTINGS_SCOPE``)."""
+        scope = SETTINGS_SCOPE.get(kind)
+        return dict(self.settings) if scope is None else {k: self.settings[k] for k in scope if k in self.settings}
 
     def _check(self) -> None:
         seen: set[str] = set()

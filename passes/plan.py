@@ -149,7 +149,9 @@ def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
     jobs += [
         Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"keep_stitches": options.keep_stitches}),
         Job("finetune", "finetune", ["assemble"], ["jobs/finetune/model.safetensors"], {"train": train("finetune", 3)}),
-        Job("baseline", "baseline", [], ["jobs/baseline/model.safetensors"], {"train": train("finetune", 3), "upcycle": options.upcycle}),
+        # an upcycled baseline copies the teacher's MLPs, so it must wait for the teacher
+        Job("baseline", "baseline", ["teacher"] if options.upcycle else [], ["jobs/baseline/model.safetensors"],
+            {"train": train("finetune", 3), "upcycle": options.upcycle}),
         Job("evaluate", "evaluate", ["teacher", "assemble", "finetune", "baseline"],
             ["report.json", "report.md", "curves.png"], {"batch_size": 256}),
     ]
@@ -176,6 +178,11 @@ def validate_options(o: ConvertOptions) -> None:
         raise MonomodError(f"unknown KL normalisation {o.kl_norm!r}", "use batchmean or reference")
     if not 0.0 <= o.alpha <= 1.0 or o.tau <= 0:
         raise MonomodError(f"alpha={o.alpha}, tau={o.tau} are out of range", "use 0 <= alpha <= 1 and tau > 0")
+    if o.feature_loss and o.student == "nac":
+        raise MonomodError("--feature-loss needs the student's boundaries to carry the teacher's tokens; a NAC's carry "
+                           "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")
+    if o.feature_loss < 0:
+        raise MonomodError(f"--feature-loss must be 0 or more, got {o.feature_loss}", "pass a weight >= 0")
     if o.stitch not in (None, "linear", "ln_linear"):
         raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
     if o.meta_width is not None and (not isinstance(o.meta_width, int) or o.meta_width < 1 or o.meta == "teacher"):

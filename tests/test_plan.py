@@ -54,6 +54,23 @@ def test_changing_one_job_invalidates_it_and_its_dependents_only():
     assert all(j.hash != before[j.name] for j in settings_changed.jobs)
 
 
+def test_a_new_student_keeps_the_teacher_and_meta_jobs():
+    nac = {j.name: j.hash for j in plan_for().jobs}
+    moe = {j.name: j.hash for j in plan_for(student="moe", student_overrides={"patch_size": 16}).jobs}
+    assert moe["teacher"] == nac["teacher"] and moe["meta"] == nac["meta"]
+    assert all(moe[name] != nac[name] for name in ("m2mkd:0", "baseline", "finetune"))
+    teacher_as_meta = {j.name: j.hash for j in plan_for(meta="teacher").jobs}
+    assert teacher_as_meta["baseline"] == nac["baseline"]  # scratch training never sees the meta model
+    assert teacher_as_meta["m2mkd:0"] != nac["m2mkd:0"]
+    other_k = {j.name: j.hash for j in plan_for(modules=5).jobs}
+    assert other_k["teacher"] == nac["teacher"] and other_k["meta"] != nac["meta"]
+
+
+def test_an_upcycled_baseline_waits_for_the_teacher():
+    assert plan_for(student="moe").job("baseline").inputs == []
+    assert plan_for(student="moe", upcycle=True).job("baseline").inputs == ["teacher"]
+
+
 def test_bad_plans_and_options():
     with pytest.raises(monomod.MonomodError, match="unknown student --to 'cnn'"):
         plan_for(student="cnn")
@@ -61,6 +78,8 @@ def test_bad_plans_and_options():
         plan_for(modules=2)
     with pytest.raises(monomod.MonomodError, match="--modules must be a positive integer"):
         plan_for(student="moe", modules=0)
+    with pytest.raises(monomod.MonomodError, match="feature-loss needs the student's boundaries"):
+        plan_for(feature_loss=1.0)
     with pytest.raises(monomod.MonomodError, match="unknown --meta"):
         plan_for(meta="none")
     with pytest.raises(monomod.MonomodError, match="do not run before it"):

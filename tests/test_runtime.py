@@ -95,6 +95,60 @@ def test_rerun_skips_finished_jobs_and_edits_rerun_only_dependents(tmp_path):
     assert ran == {"m2mkd:1", "assemble", "finetune", "evaluate"}
 
 
+class _RecordingSettings(dict):
+    """Run settings that remember which keys a job read."""
+
+    def __init__(self, settings):
+        super().__init__(settings)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+@pytest.mark.parametrize("student, modules, upcycle", [("nac", 3, False), ("moe", 2, True)])
+def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, modules, upcycle):
+    """A job reading a setting outside SETTINGS_SCOPE would be reused after that setting changed: forbid it."""
+    from monomod.plan import SETTINGS_SCOPE
+    from monomod.runtime.jobs import run_job
+
+    width = {"embed_dim": 192, "num_heads": 3} if upcycle else {}  # upcycled experts need vit_tiny's shapes
+    plan = tiny_plan(student=student, modules=modules, upcycle=upcycle, steps=2, student_overrides=width)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    for job in plan.jobs:
+        settings = _RecordingSettings(plan.settings)
+        view = Plan(settings=settings, jobs=plan.jobs)
+        settings.read.clear()  # hashing the plan read every scope
+        run_job(RunContext(run_dir=run_dir, plan=view), job)  # a fresh context: nothing cached from other jobs
+        scope = SETTINGS_SCOPE.get(job.kind)
+        if scope is not None:
+            assert settings.read <= set(scope), (job.name, sorted(settings.read - set(scope)))
+
+
+def test_reuse_copies_finished_jobs_with_the_same_hash(tmp_path):
+    from monomod.runtime.execute import reuse_finished
+
+    first = prepare_run_dir(tiny_plan(student="nac", modules=3), tmp_path / "nac")
+    execute(Plan.load(first), first, only=["teacher", "meta"])
+    plan = tiny_plan(student="vit", modules=3)
+    run_dir = prepare_run_dir(plan, tmp_path / "vit")
+    (run_dir / "jobs" / "teacher").mkdir(parents=True)  # a stale unfinished attempt is replaced
+    (run_dir / "jobs" / "teacher" / "log.txt").write_text("killed")
+    assert reuse_finished(plan, run_dir, [first]) == ["teacher", "meta"]
+    assert (run_dir / "jobs/teacher/model.safetensors").read_bytes() == (first / "jobs/teacher/model.safetensors").read_bytes()
+    assert not (run_dir / "jobs/teacher/checkpoint").exists() and "killed" not in (run_dir / "jobs/teacher/log.txt").read_text()
+    statuses = {s.name: s.state for s in execute(plan, run_dir)}
+    assert statuses["teacher"] == statuses["meta"] == "cached" and statuses["m2mkd:0"] == "done"
+    assert reuse_finished(plan, run_dir, [first]) == []  # nothing left to reuse
+    with pytest.raises(monomod.MonomodError, match="is not a monomod run"):
+        reuse_finished(plan, run_dir, [tmp_path])
+
+
 def test_a_different_plan_is_refused_unless_forced(tmp_path):
     plan = tiny_plan()
     run_dir = prepare_run_dir(plan, tmp_path / "run")
@@ -167,10 +221,25 @@ def test_convert_cli_dry_run_and_bad_input(tmp_path):
     (empty / "train" / "cat").mkdir(parents=True)
     (empty / "val" / "cat").mkdir(parents=True)
     cases.append((["vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{empty}"], "no images"))
+    cases += [
+        (["vit_tiny", "--to", "moe", "-k", "2", "--upcycle"], "--upcycle found no teacher MLP with the experts' shapes"),
+        (["vit_tiny", "--to", "nac", "-k", "3", "--upcycle"], "a nac student has none"),
+        (["vit_tiny", "--to", "nac", "-k", "3", "--feature-loss", "1"], "--feature-loss needs the student's boundaries"),
+        (["vit_tiny", "--to", "moe", "-k", "2", "--set", "alpah=1"], "unknown key 'alpah'"),
+        (["vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--reuse", str(empty)], "is not a monomod run"),
+    ]
     for args, message in cases:
         result = runner.invoke(cli, ["convert", *args, "--out", str(tmp_path / "out")])
         assert result.exit_code == 2, (args, result.output)
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    # --set without a recipe sets any option: here the width that makes upcycling possible
+    upcycled = runner.invoke(cli, ["convert", "vit_tiny", "--to", "moe", "-k", "2", "--upcycle", "--dry-run",
+                                   "--format", "json", "--set", "student_overrides.embed_dim=192",
+                                   "--set", "student_overrides.num_heads=3", "--set", "alpha=0.7"])
+    assert upcycled.exit_code == 0, upcycled.output
+    planned = json.loads(upcycled.output)
+    assert planned["settings"]["student_overrides"] == {"embed_dim": 192, "num_heads": 3, "patch_size": 16}
+    assert planned["jobs"][2]["config"]["loss"]["alpha"] == 0.7 and planned["jobs"][2]["config"]["upcycle"] is True
     plan_dir = tmp_path / "planned"
     prepare_run_dir(tiny_plan(), plan_dir)
     result = runner.invoke(cli, ["convert", "vit_tiny", "--to", "vit", "-k", "3", "--data", "synthetic", "--out", str(plan_dir)])

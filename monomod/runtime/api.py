@@ -35,7 +35,30 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
+    if options.upcycle:
+        _check_upcycling(options, probe, facts[0])
     return compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1]))
+
+
+def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None:
+    """Fail before any training when --upcycle would copy nothing: experts must have the teacher MLPs' shapes."""
+    from monomod.students import build_student
+    from monomod.students.moe import upcycle_experts
+
+    if options.student != "moe":
+        raise MonomodError(f"--upcycle initialises MoE experts; a {options.student} student has none", "drop --upcycle or use --to moe")
+    with torch.device("meta"):
+        student = build_student("moe", modules=options.modules, num_classes=num_classes, img_size=options.img_size,
+                                in_chans=options.in_chans, preset=options.student_preset, **options.student_overrides)
+    try:
+        copied = upcycle_experts(student, teacher)
+    except ValueError as e:
+        raise MonomodError(f"--upcycle: {e}", "drop --upcycle for this teacher") from None
+    if not copied:
+        width = getattr(teacher, "embed_dim", "?")
+        raise MonomodError(f"--upcycle found no teacher MLP with the experts' shapes (student width "
+                           f"{student.stages[0].interface.width_out}, teacher width {width})",
+                           f"match the teacher: --set student_overrides.embed_dim={width} (and its mlp_ratio)")
 
 
 def _data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_info: dict[str, int] | None,
@@ -63,16 +86,20 @@ def _data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_
     return bundle.num_classes, len(bundle.train)
 
 
-def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool = False, **options: Any) -> "Run":
+def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool = False,
+            reuse: list[str | Path] | None = None, **options: Any) -> "Run":
     """Compile and execute a whole m2mKD conversion, like ``monomod convert``; returns the finished Run.
 
-    ``options`` are the fields of ``monomod.passes.plan.ConvertOptions`` (data, preset, meta, alpha, ...).
+    ``options`` are the fields of ``monomod.passes.plan.ConvertOptions`` (data, preset, meta, alpha, ...);
+    ``reuse`` lists earlier RUN_DIRs whose finished jobs with the same hash are copied instead of run again.
     """
     from monomod.passes.plan import ConvertOptions
-    from monomod.runtime.execute import execute, prepare_run_dir
+    from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
 
     plan = compile_options(ConvertOptions(teacher=teacher, student=to, modules=modules, **options))
     run_dir = prepare_run_dir(plan, out, force=force)
+    if reuse:
+        reuse_finished(plan, run_dir, list(reuse))
     execute(plan, run_dir)
     return load_run(run_dir)
 

@@ -3,6 +3,8 @@ executor (local, process pool, Ray; see executors.py), with one live view of the
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,41 @@ def prepare_run_dir(plan: Plan, run_dir: str | Path, *, force: bool = False) -> 
         raise MonomodError(f"{str(run_dir)!r} is not empty and holds no monomod plan", "choose an empty or new --out directory")
     plan.save(run_dir)
     return run_dir
+
+
+def reuse_finished(plan: Plan, run_dir: str | Path, sources: list[str | Path]) -> list[str]:
+    """Copy into RUN_DIR the jobs another run finished with the same hash, so they are not trained again.
+
+    A job's hash covers its config, the settings it reads and its inputs' hashes, so an equal hash means an
+    equal product: a new student for the same teacher reuses the teacher (and meta model) of an earlier run.
+    Products, logs and the done marker are copied, not the resume checkpoint; each job lands whole or not at all.
+    Returns the names of the reused jobs.
+    """
+    run_dir = Path(run_dir)
+    check_reuse_sources(sources)
+    reused = []
+    for job in plan.jobs:
+        if is_done(run_dir, job) or not all(out.startswith(f"jobs/{job.dir}/") for out in job.outputs):
+            continue
+        for source in map(Path, sources):
+            if source.resolve() == run_dir.resolve() or not is_done(source, job):
+                continue
+            target = run_dir / "jobs" / job.dir
+            staging = run_dir / "jobs" / f".{job.dir}.reuse"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(source / "jobs" / job.dir, staging, ignore=shutil.ignore_patterns("checkpoint"))
+            shutil.rmtree(target, ignore_errors=True)  # an unfinished attempt of this job
+            os.replace(staging, target)
+            reused.append(job.name)
+            break
+    return reused
+
+
+def check_reuse_sources(sources: list[str | Path]) -> None:
+    for source in map(Path, sources):
+        if not (source / PLAN_FILE).is_file():
+            raise MonomodError(f"--reuse {str(source)!r} is not a monomod run (no {PLAN_FILE})",
+                               "pass the RUN_DIR of an earlier `monomod convert`")
 
 
 def _differences(old: Plan, new: Plan) -> list[str]:

@@ -148,7 +148,9 @@ class RunContext:
         if upcycle and s["student"] == "moe":
             from monomod.students.moe import upcycle_experts
 
-            upcycle_experts(student, self.teacher())
+            if not upcycle_experts(student, self.teacher()):
+                raise MonomodError("upcycling found no teacher MLP with the experts' shapes",
+                                   "give the student the teacher's width (student_overrides.embed_dim), or drop upcycle")
         return student
 
     def stitched(self, student: StagedModel, i: int, kind: str):
@@ -275,6 +277,9 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
         loss = m2mkd_loss(student_logits, teacher_logits, labels, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
                           kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"])
         if feature_weight and not last:
+            if student_features.shape != teacher_features.shape:
+                raise MonomodError(f"the feature loss compares {tuple(student_features.shape)} student features with "
+                                   f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
             loss = loss + feature_weight * F.mse_loss(student_features, teacher_features)
         aux = stitched.aux_loss()
         return (loss + aux if aux is not None else loss), student_logits
