@@ -510,7 +510,6 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
     the data folder.
     """
     from monomod.passes.plan import ConvertOptions
-
     from monomod.recipes import check, load_recipe, parse_sets, to_convert_options
 
     if recipe is None:

@@ -22,7 +22,7 @@ PLAN_VERSION = 1
 JOB_KINDS = ("teacher", "meta", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
 
 # The run settings each kind of job reads; a job's hash covers only these (None: all of them). Narrow scopes let a
-# changed student keep the trained teacher and meta model. tests/test_plan.py runs every kind of job and fails when
+# changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
 # one reads a setting outside its scope, so a scope cannot silently go stale.
 _TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", "data", "ood", "img_size", "in_chans",
                      "num_classes", "monomod")
