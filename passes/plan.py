@@ -178,6 +178,8 @@ def validate_options(o: ConvertOptions) -> None:
         raise MonomodError(f"unknown KL normalisation {o.kl_norm!r}", "use batchmean or reference")
     if not 0.0 <= o.alpha <= 1.0 or o.tau <= 0:
         raise MonomodError(f"alpha={o.alpha}, tau={o.tau} are out of range", "use 0 <= alpha <= 1 and tau > 0")
+    if o.upcycle and o.student != "moe":
+        raise MonomodError(f"--upcycle initialises MoE experts; a {o.student} student has none", "drop --upcycle or use --to moe")
     if o.feature_loss and o.student == "nac":
         raise MonomodError("--feature-loss needs the student's boundaries to carry the teacher's tokens; a NAC's carry "
                            "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")

@@ -45,8 +45,6 @@ def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None
     from monomod.students import build_student
     from monomod.students.moe import upcycle_experts
 
-    if options.student != "moe":
-        raise MonomodError(f"--upcycle initialises MoE experts; a {options.student} student has none", "drop --upcycle or use --to moe")
     with torch.device("meta"):
         student = build_student("moe", modules=options.modules, num_classes=num_classes, img_size=options.img_size,
                                 in_chans=options.in_chans, preset=options.student_preset, **options.student_overrides)
