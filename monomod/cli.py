@@ -186,7 +186,14 @@ def _dash(value: int | None) -> str:
 @click.option("--in-chans", type=int, help="Input channels (default: the teacher's).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local teacher weights (.safetensors or .pth).")
 @click.option("--pretrained", is_flag=True, help="Download the teacher's pretrained weights through timm (needs network).")
-@click.option("--teacher-trained", is_flag=True, help="The teacher already knows this data: skip its adaptation.")
+@click.option("--teacher-trained", is_flag=True, help="The teacher already knows this data (same as --teacher-training none).")
+@click.option("--teacher-training", type=click.Choice(["incubate", "end-to-end", "none"]),
+              help="How the teacher is trained: Deep Incubation in the meta model (default with --meta trained), end "
+              "to end and apart (default with --meta teacher), or not at all (a given teacher).")
+@click.option("--distill-targets", type=click.Choice(["incubated", "finetuned"]), default="incubated", show_default=True,
+              help="Under incubation: distil the incubated modules, or the modules of the fine-tuned teacher.")
+@click.option("--distill-data", help="Data of the teacher, meta, incubate and m2mKD jobs (default: --data); "
+              "fine-tune, baseline and evaluation use --data.")
 @click.option("--student-preset", help="Student preset (see `monomod student KIND --help`).")
 @click.option("--stitch", type=click.Choice(["linear", "ln_linear"]), help="Stitch layers (default: the reference's per family).")
 @click.option("--keep-stitches", is_flag=True, help="Keep the stitch layers as adapters in the assembled student.")
@@ -194,8 +201,9 @@ def _dash(value: int | None) -> str:
 @click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation term.")
 @click.option("--tau", type=float, default=1.0, show_default=True, help="Distillation temperature.")
 @click.option("--kd", type=click.Choice(["soft", "hard"]), default="soft", show_default=True)
-@click.option("--kl-norm", type=click.Choice(["batchmean", "reference"]), default="batchmean", show_default=True,
-              help="KL averaging: per sample, or per sample and class as the reference code does.")
+@click.option("--kl-norm", type=click.Choice(["batchmean", "reference"]),
+              help="KL averaging: per sample (demo default), or per sample and class as the reference code does "
+              "(paper default).")
 @click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
@@ -211,8 +219,8 @@ def _dash(value: int | None) -> str:
 @_executor_options
 def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
             img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
-            student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
-            kd: str, kl_norm: str, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
+            teacher_training: str | None, distill_targets: str, distill_data: str | None, student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
+            kd: str, kl_norm: str | None, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
             dry_run: bool, force: bool, reuse: tuple[str, ...], fmt: str, run_options: dict | None = None) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
@@ -231,7 +239,8 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
 
     given = dict(teacher=model, student=student, modules=k, data=data, ood=ood, preset=preset, meta=meta,
                  img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
-                 teacher_trained=teacher_trained, student_preset=student_preset, stitch=stitch,
+                 teacher_trained=teacher_trained, teacher_training=teacher_training, distill_targets=distill_targets,
+                 distill_data=distill_data, student_preset=student_preset, stitch=stitch,
                  keep_stitches=keep_stitches, upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm,
                  feature_loss=feature_loss, seed=seed)
     options, data_info = _convert_options(click.get_current_context(), given, recipe, sets)
@@ -322,7 +331,8 @@ def plan_table(plan, run_dir: Path):
 
     s = plan.settings
     table = Table(title=f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
-                        f"({s['img_size']} px), meta {s['meta']}, preset {s['preset']}", title_justify="left")
+                        f"({s['img_size']} px), meta {s['meta']}, teacher training {s.get('teacher_training', 'end-to-end')}, "
+                        f"preset {s['preset']}", title_justify="left")
     for column in ("job", "kind", "needs", "steps", "hash", "state"):
         table.add_column(column)
     for job in plan.jobs:
@@ -357,6 +367,11 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
         return
     if summary:
         out.print(report.results_table(summary))
+        modules = report.modules_table(summary)
+        if modules is not None:
+            out.print(modules)
+        for warning in summary.get("warnings", []):
+            err.print(f"[yellow]warning:[/yellow] {warning}")
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
               f"report: {run_dir / 'report.md'}[/dim]")

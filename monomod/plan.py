@@ -19,17 +19,19 @@ from monomod.errors import MonomodError
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
-JOB_KINDS = ("teacher", "meta", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
+JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
 
 # The run settings each kind of job reads; a job's hash covers only these (None: all of them). Narrow scopes let a
 # changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
 # one reads a setting outside its scope, so a scope cannot silently go stale.
-_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", "data", "ood", "img_size", "in_chans",
-                     "num_classes", "monomod")
+_DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
+_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", *_DISTILL_DATA, "monomod")
 SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
     "teacher": _TEACHER_SETTINGS,
     "meta": (*_TEACHER_SETTINGS, "modules"),
-    "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", *_TEACHER_SETTINGS),
+    "incubate": (*_TEACHER_SETTINGS, "modules", "meta"),
+    "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", "data", "ood", "num_classes",
+                 *_TEACHER_SETTINGS),
 }
 
 

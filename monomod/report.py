@@ -174,14 +174,19 @@ def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, floa
     from monomod.runtime.checkpoint import atomic_write_json, atomic_write_text
 
     run_dir = Path(run_dir)
-    jobs: dict[str, float | None] = {}
+    records: dict[str, dict[str, Any]] = {}
     for job in plan.jobs:
         marker = run_dir / "jobs" / job.dir / "done.json"
         if marker.is_file():
-            jobs[job.name] = json.loads(marker.read_text()).get("seconds")
+            records[job.name] = json.loads(marker.read_text())
+    jobs = {name: record.get("seconds") for name, record in records.items()}
     jobs.update(running or {})
+    modules = module_results(records)
+    classes = plan.settings.get("distill_num_classes") or plan.settings["num_classes"]
     report = {
         **{name: results[name] for name, _ in RESULT_ROWS if name in results},
+        "modules": modules,
+        "warnings": module_warnings(modules, classes, plan.settings.get("teacher_training", "end-to-end")),
         "jobs": {name: {"seconds": seconds} for name, seconds in jobs.items()},
         "total_seconds": round(sum(s for s in jobs.values() if s), 3),
         "settings": plan.settings,
@@ -190,6 +195,60 @@ def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, floa
     curves = _plot_curves(run_dir, plan)
     atomic_write_text(run_dir / "report.md", run_report_markdown(report, curves))
     return report
+
+
+MODULE_KEYS = ("teacher_hybrid_acc", "student_hybrid_acc", "agreement")
+
+
+def module_results(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per module, what its m2mKD job measured on the val split at its end (see ``jobs.measure_hybrids``), and the
+    teacher hybrid of its incubation when the teacher was incubated."""
+    modules = []
+    for name in sorted((n for n in records if n.startswith("m2mkd:")), key=lambda n: int(n.split(":")[1])):
+        i = int(name.split(":")[1])
+        result = records[name].get("result") or {}
+        row: dict[str, Any] = {"module": i, **{key: result.get(key) for key in MODULE_KEYS}}
+        incubated = (records.get(f"incubate:{i}", {}).get("result") or {}).get("teacher_hybrid_acc")
+        if incubated is not None:
+            row["incubated_hybrid_acc"] = incubated
+        modules.append(row)
+    return modules
+
+
+def module_warnings(modules: list[dict[str, Any]], num_classes: int, teacher_training: str = "incubate",
+                    margin: float = 0.10) -> list[str]:
+    """One line per module whose teacher hybrid is within ``margin`` of chance: its distillation target is noise."""
+    chance = 1.0 / max(num_classes, 1)
+    if teacher_training == "end-to-end":
+        cause = ("teacher module {i} was trained apart from the meta model and writes a representation the meta model "
+                 "cannot read: train the teacher with --teacher-training incubate (the default with --meta trained) "
+                 "or use --meta teacher")
+    else:
+        cause = ("incubation did not fit teacher module {i} into the meta model: raise budgets.incubate (and "
+                 "budgets.meta if the meta model itself is weak)")
+    return [
+        f"module {m['module']}: its teacher hybrid reaches {_pct(m['teacher_hybrid_acc'])} on val, within "
+        f"{round(100 * margin)} points of chance ({_pct(chance)}), so m2mKD distilled it towards noise; likely cause: "
+        + cause.format(i=m["module"])
+        for m in modules
+        if m.get("teacher_hybrid_acc") is not None and m["teacher_hybrid_acc"] < chance + margin
+    ]
+
+
+def modules_markdown(modules: list[dict[str, Any]]) -> list[str]:
+    if not modules:
+        return []
+    incubated = any("incubated_hybrid_acc" in m for m in modules)
+    head = "| module | teacher hybrid top-1 |" + (" incubated hybrid top-1 |" if incubated else "")
+    lines = ["Per module (val split, measured at the end of each m2mKD job; a hybrid is `meta[:i] -> module i -> "
+             "meta[i+1:]`):", "", head + " student hybrid top-1 | agreement |",
+             "|---:|---:|" + ("---:|" if incubated else "") + "---:|---:|"]
+    for m in modules:
+        cells = [str(m["module"]), _pct(m.get("teacher_hybrid_acc"))]
+        cells += [_pct(m.get("incubated_hybrid_acc"))] if incubated else []
+        cells += [_pct(m.get("student_hybrid_acc")), _pct(m.get("agreement"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def _pct(value: float | None) -> str:
@@ -201,7 +260,10 @@ def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png
     lines = [
         f"# {s['teacher']} → {s['student']} ({s['modules']} modules)",
         "",
-        f"Data: `{s['data']}` at {s['img_size']} px, preset `{s['preset']}`, meta `{s['meta']}`, seed {s['seed']}.",
+        f"Data: `{s['data']}` at {s['img_size']} px, preset `{s['preset']}`, meta `{s['meta']}`, teacher training "
+        f"`{s.get('teacher_training', 'end-to-end')}`, seed {s['seed']}."
+        + (f" Distilled on `{s['distill_data']}` (teacher and meta rows measured there)."
+           if s.get("distill_data", s["data"]) != s["data"] else ""),
         "",
         "| model | IID top-1 | OOD top-1 |",
         "|---|---:|---:|",
@@ -209,12 +271,32 @@ def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png
     for name, label in RESULT_ROWS:
         if name in report:
             lines.append(f"| {label} | {_pct(report[name]['iid_acc'])} | {_pct(report[name]['ood_acc'])} |")
-    lines += ["", "| job | wall time (s) |", "|---|---:|"]
+    lines.append("")
+    lines += modules_markdown(report.get("modules", []))
+    lines += [f"> **warning:** {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
+    lines += ["| job | wall time (s) |", "|---|---:|"]
     lines += [f"| {name} | {info['seconds']:.1f} |" for name, info in report["jobs"].items() if info["seconds"] is not None]
     lines += [f"| **total** | **{report['total_seconds']:.1f}** |", ""]
     if curves:
         lines += [f"![training curves]({curves})", ""]
     return "\n".join(lines)
+
+
+def modules_table(report: dict[str, Any]) -> Table | None:
+    """The per-module hybrids of a run (None when it has none)."""
+    modules = report.get("modules") or []
+    if not modules:
+        return None
+    incubated = any("incubated_hybrid_acc" in m for m in modules)
+    table = Table(title="modules (val top-1 of each hybrid meta[:i] → module i → meta[i+1:])", title_justify="left")
+    columns = ["module", "teacher hybrid"] + (["incubated hybrid"] if incubated else []) + ["student hybrid", "agreement"]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for m in modules:
+        cells = [str(m["module"]), _pct(m.get("teacher_hybrid_acc"))]
+        cells += [_pct(m.get("incubated_hybrid_acc"))] if incubated else []
+        table.add_row(*cells, _pct(m.get("student_hybrid_acc")), _pct(m.get("agreement")))
+    return table
 
 
 def results_table(report: dict[str, Any]) -> Table:

@@ -12,7 +12,7 @@ together; a ``monomod/recipes.py`` module would be shadowed by this package). On
     preset: paper
     student_preset: tinyimagenet
     meta_width: 1280
-    budgets:                     # optional, per job kind (teacher, meta, m2mkd, finetune), over the preset's
+    budgets:                     # optional, per job kind (teacher, meta, incubate, m2mkd, finetune), over the preset's
       finetune: {epochs: 400}
     data_info: {num_classes: 200, train_size: 100000}   # optional: lets --dry-run plan without the data folder
 
@@ -104,6 +104,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "weights": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path to .safetensors/.pth, or null"),
     "pretrained": (lambda v: isinstance(v, bool), "true or false"),
     "teacher_trained": (lambda v: isinstance(v, bool), "true or false"),
+    "teacher_training": _choice(None, "incubate", "end-to-end", "none"),
+    "distill_targets": _choice("incubated", "finetuned"),
+    "distill_data": (lambda v: v is None or _data_spec(v), "null, digits, synthetic or imagefolder:PATH"),
     "student_preset": (lambda v: v is None or isinstance(v, str), "a preset of the student family, or null"),
     "student_overrides": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
                           "a mapping of student config fields"),
@@ -113,7 +116,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "alpha": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
     "tau": (lambda v: _is_num(v) and v > 0, "a number > 0"),
     "kd": _choice("soft", "hard"),
-    "kl_norm": _choice("batchmean", "reference"),
+    "kl_norm": _choice(None, "batchmean", "reference"),
     "feature_loss": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
     "seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
     "budgets": (lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),

@@ -13,7 +13,8 @@ DATA = DataInfo(num_classes=10, in_chans=3, train_size=1437)
 
 
 def plan_for(**kwargs) -> Plan:
-    options = dict(teacher="vit_tiny", student="nac", modules=4, img_size=32)
+    """A plan whose teacher is trained end to end (the plan mechanics these tests check do not depend on it)."""
+    options = dict(teacher="vit_tiny", student="nac", modules=4, img_size=32, teacher_training="end-to-end")
     options.update(kwargs)
     return compile_plan(ConvertOptions(**options), DATA)
 
@@ -23,6 +24,7 @@ def test_plan_jobs_and_dependencies():
     names = [j.name for j in plan.jobs]
     assert names == ["teacher", "meta", "m2mkd:0", "m2mkd:1", "m2mkd:2", "m2mkd:3", "assemble", "finetune", "baseline", "evaluate"]
     assert all(plan.job(f"m2mkd:{i}").inputs == ["teacher", "meta"] for i in range(4))  # independent of each other
+    assert plan.job("meta").inputs == [] and plan.job("teacher").inputs == []  # side by side
     assert plan.job("assemble").inputs == [f"m2mkd:{i}" for i in range(4)]
     assert plan.job("baseline").inputs == []
     with_teacher_meta = plan_for(meta="teacher")

@@ -95,7 +95,7 @@ def test_set_and_explicit_options_override_the_recipe():
 
 def test_plan_honours_budget_overrides():
     data = DataInfo(num_classes=10, in_chans=3, train_size=1000)
-    base = dict(teacher="vit_tiny", student="nac", modules=3, img_size=32)
+    base = dict(teacher="vit_tiny", student="nac", modules=3, img_size=32, teacher_training="end-to-end")
     plan = compile_plan(ConvertOptions(**base, budgets={"m2mkd": {"steps": 50, "lr": 2e-3}, "finetune": {"epochs": 2, "batch_size": 100}}), data)
     m2mkd, finetune = plan.job("m2mkd:1").config["train"], plan.job("finetune").config["train"]
     assert (m2mkd["steps"], m2mkd["lr"], m2mkd["warmup_steps"]) == (50, 2e-3, 5)  # demo warm-up: 10 % of the steps

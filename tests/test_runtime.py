@@ -21,6 +21,8 @@ from monomod.runtime.jobs import RunContext
 
 
 def tiny_plan(student: str = "vit", modules: int = 2, meta: str = "trained", steps: int = 3, **kwargs) -> Plan:
+    """A plan of a few steps per job; its teacher trains end to end unless ``teacher_training`` says otherwise."""
+    kwargs.setdefault("teacher_training", "end-to-end")
     options = ConvertOptions(teacher="vit_tiny", student=student, modules=modules, data="synthetic", img_size=32,
                              meta=meta, **kwargs)
     plan = compile_options(options)

@@ -29,7 +29,11 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     cfg = getattr(probe, "pretrained_cfg", None) or {}
     img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
     in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
-    facts = _data_facts(options, img_size, in_chans, dry_run, data_info, notes if notes is not None else [])
+    notes = notes if notes is not None else []
+    facts = _data_facts(options.data, options.ood, img_size, in_chans, dry_run, data_info, notes)
+    distill = None
+    if options.distill_data and options.distill_data != options.data:
+        distill = _data_facts(options.distill_data, None, img_size, in_chans, dry_run, None, notes)
     overrides = dict(options.student_overrides)
     patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
@@ -37,7 +41,9 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
-    return compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1]))
+    return compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
+                                          distill_num_classes=distill[0] if distill else None,
+                                          distill_train_size=distill[1] if distill else None))
 
 
 def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None:
@@ -59,8 +65,8 @@ def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None
                            f"match the teacher: --set student_overrides.embed_dim={width} (and its mlp_ratio)")
 
 
-def _data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_info: dict[str, int] | None,
-                notes: list[str]) -> tuple[int, int]:
+def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_run: bool,
+                data_info: dict[str, int] | None, notes: list[str]) -> tuple[int, int]:
     """(num_classes, train_size) of the data set, read from the data unless a dry run lacks the folders."""
     from monomod.data import load_data
 
@@ -69,18 +75,17 @@ def _data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_
             return spec.split(":", 1)[1]
         return None
 
-    ood = options.ood
-    if dry_run and missing(options.data):
+    if dry_run and missing(data):
         if not data_info or not {"num_classes", "train_size"} <= set(data_info):
-            raise MonomodError(f"data directory {missing(options.data)} does not exist",
+            raise MonomodError(f"data directory {missing(data)} does not exist",
                                "create it, or give data_info (num_classes, train_size) to dry-run without it")
-        notes.append(f"data folder {missing(options.data)} is missing: data loading skipped; the plan uses the "
+        notes.append(f"data folder {missing(data)} is missing: data loading skipped; the plan uses the "
                      f"declared {data_info['num_classes']} classes and {data_info['train_size']} training images")
         return int(data_info["num_classes"]), int(data_info["train_size"])
     if dry_run and missing(ood):
         notes.append(f"OOD folder {missing(ood)} is missing: skipped for this dry run (the real run needs it)")
         ood = None
-    bundle = load_data(options.data, img_size=img_size, in_chans=in_chans, ood=ood)
+    bundle = load_data(data, img_size=img_size, in_chans=in_chans, ood=ood)
     return bundle.num_classes, len(bundle.train)
 
 

@@ -48,17 +48,31 @@ class RunContext:
 
     @cached_property
     def data(self):
+        """The task's data (``--data``): fine-tune, baseline and evaluation."""
         from monomod.data import load_data
 
         s = self.settings
         return load_data(s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=s["ood"])
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> Callable[[int], Any]:
+    @cached_property
+    def distill_data(self):
+        """The data the teacher, meta, incubate and m2mKD jobs train on (``--distill-data``; no OOD split)."""
+        from monomod.data import load_data
+
+        s = self.settings
+        return load_data(s.get("distill_data") or s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=None)
+
+    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+               distill: bool = False) -> Callable[[int], Any]:
         from monomod.data import make_loader
 
-        dataset = getattr(self.data, split)
+        dataset = getattr(self.distill_data if distill else self.data, split)
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                          drop_last=shuffle and len(dataset) > batch_size)
+
+    @property
+    def distill_classes(self) -> int:
+        return self.settings.get("distill_num_classes") or self.settings["num_classes"]
 
     # ----------------------------------------------------------------------------------------- teacher side
 
@@ -68,7 +82,7 @@ class RunContext:
 
         s = self.settings
         model = load_model(s["teacher"], pretrained=s["pretrained"], img_size=s["img_size"], in_chans=s["in_chans"],
-                           num_classes=s["num_classes"], **s.get("teacher_kwargs", {}))
+                           num_classes=self.distill_classes, **s.get("teacher_kwargs", {}))
         if s.get("weights"):
             load_weights(model, s["weights"], allow_new_classifier=True)
         return model
@@ -92,28 +106,56 @@ class RunContext:
             s = self.settings
             if device == "meta":
                 model = load_model(s["teacher"], device="meta", img_size=s["img_size"], in_chans=s["in_chans"],
-                                   num_classes=s["num_classes"], **s.get("teacher_kwargs", {}))
+                                   num_classes=self.distill_classes, **s.get("teacher_kwargs", {}))
             else:
                 model = self.teacher()
             example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"], device=device)
             self._cache[key] = partition(trace(model, example, name=s["teacher"]), s["modules"])
         return self._cache[key]
 
-    def teacher_module(self, i: int) -> nn.Module:
-        """Teacher module i with only its own weights read from the teacher's file: an m2mKD job never holds the
-        whole teacher (the reference code builds the full model to use one stage). Models with non-persistent
-        buffers (computed at init, absent from the file) are built in full instead."""
+    def teacher_module(self, i: int, source: str = "teacher") -> nn.Module:
+        """Teacher module i, frozen, with only its own weights read from job ``source``'s product (the teacher, or
+        ``incubate:i``): an m2mKD job never holds the whole teacher (the reference code builds the full model to
+        use one stage). Models with non-persistent buffers (computed at init, absent from files) are built in full."""
         from safetensors import safe_open
 
         from monomod.passes.extract import extract
 
-        meta_part = self.partition("meta")
-        if any(True for m in meta_part.traced.model.modules() for name in m._non_persistent_buffers_set):
+        path = str(self.job_dir(source) / MODEL_FILE)
+        if source == "teacher" and self._has_computed_buffers():
             return _frozen(extract(self.partition("cpu"))[i])
-        module = extract(meta_part)[i].to_empty(device="cpu")
-        with safe_open(str(self.job_dir("teacher") / MODEL_FILE), framework="pt") as f:
+        if self._has_computed_buffers():
+            model = self.new_teacher()
+            model.load_state_dict(load_file(path), strict=False)
+            return _frozen(self._extract_from(model, i))
+        module = extract(self.partition("meta"))[i].to_empty(device="cpu")
+        with safe_open(path, framework="pt") as f:
             module.load_state_dict({key: f.get_tensor(key) for key in module.state_dict()})
         return _frozen(module)
+
+    def initial_teacher_module(self, i: int) -> nn.Module:
+        """Teacher module i as Deep Incubation starts it: the teacher's given weights (``--weights``,
+        ``--pretrained``) or timm's initialisation, trainable."""
+        return self._extract_from(self.new_teacher(), i)
+
+    def _extract_from(self, model: nn.Module, i: int) -> nn.Module:
+        """Module i of ``model``, cut where the plan's partition cuts, with ``model``'s weights."""
+        from monomod.passes.extract import extract
+
+        if self._has_computed_buffers():
+            from monomod.passes.partition import partition
+            from monomod.passes.trace import trace
+
+            s = self.settings
+            example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"])
+            return extract(partition(trace(model, example, name=s["teacher"]), s["modules"]))[i]
+        module = extract(self.partition("meta"))[i].to_empty(device="cpu")
+        weights = model.state_dict()
+        module.load_state_dict({key: weights[key] for key in module.state_dict()})
+        return module
+
+    def _has_computed_buffers(self) -> bool:
+        return any(True for m in self.partition("meta").traced.model.modules() for _ in m._non_persistent_buffers_set)
 
     def new_meta(self) -> StagedModel:
         from monomod.students.meta import build_meta
@@ -136,13 +178,14 @@ class RunContext:
 
     # ----------------------------------------------------------------------------------------- student side
 
-    def new_student(self, seed: int, *, upcycle: bool = False) -> StagedModel:
-        """A freshly initialised student; ``upcycle`` copies the teacher's MLPs into MoE experts (beyond the paper)."""
+    def new_student(self, seed: int, *, upcycle: bool = False, num_classes: int | None = None) -> StagedModel:
+        """A freshly initialised student; ``upcycle`` copies the teacher's MLPs into MoE experts (beyond the paper).
+        ``num_classes`` sizes its head (default: the task's; m2mKD jobs pass the distillation data's)."""
         from monomod.students import build_student
 
         s = self.settings
         seed_everything(seed)
-        student = build_student(s["student"], modules=s["modules"], num_classes=s["num_classes"],
+        student = build_student(s["student"], modules=s["modules"], num_classes=num_classes or s["num_classes"],
                                 img_size=s["img_size"], in_chans=s["in_chans"], preset=s["student_preset"],
                                 **s["student_overrides"])
         if upcycle and s["student"] == "moe":
@@ -217,22 +260,45 @@ def _classification(model: nn.Module, label_smoothing: float) -> Callable:
     return loss_fn
 
 
+DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
+
+
 def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
-    result = train(model, loss_fn, ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed), cfg,
-                   job_dir=ctx.job_dir(job.name), label=job.name)
+    loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS)
+    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}
 
 
 def run_teacher(ctx: RunContext, job: Job) -> dict[str, Any]:
+    """The teacher trained end to end, kept as given (``skip_training``), or, under Deep Incubation, its incubated
+    modules assembled into one network and fine-tuned end to end (the FT phase)."""
     cfg = _train_config(ctx, job)
     seed_everything(cfg.seed)
     model = ctx.new_teacher()
+    if job.config.get("from") == "incubate":
+        _load_incubated(ctx, model, job.inputs)
     info: dict[str, Any] = {}
     if not job.config.get("skip_training"):
         info = _fit(ctx, job, model, _classification(model, cfg.label_smoothing), cfg)
     ctx.save_product(job.name, model)
     return info
+
+
+def _load_incubated(ctx: RunContext, model: nn.Module, incubated: list[str]) -> None:
+    """Load every incubated module's weights into the full teacher; each parameter must come from one of them."""
+    covered: set[str] = set()
+    for name in incubated:
+        state = ctx.product(name)
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+        if unexpected:
+            raise MonomodError(f"{name}'s weights do not fit the teacher ({', '.join(unexpected[:3])})",
+                               "recompile the plan for this teacher (monomod convert ... --force)")
+        covered.update(state)
+    missing = [key for key, _ in model.named_parameters() if key not in covered]
+    if missing:
+        raise MonomodError(f"the incubated modules do not cover the teacher's {', '.join(missing[:3])}",
+                           "report this as a bug: every teacher parameter belongs to one module")
 
 
 def run_meta(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -245,38 +311,52 @@ def run_meta(ctx: RunContext, job: Job) -> dict[str, Any]:
     return info
 
 
+def run_incubate(ctx: RunContext, job: Job) -> dict[str, Any]:
+    """Deep Incubation's MT phase: teacher module i trained on the task inside the frozen meta model,
+    ``meta[:i] -> T_i -> meta[i+1:]``, so that T_i learns to read and write the meta model's boundaries. Only T_i
+    is updated."""
+    from monomod.students.hybrid import hybrid
+
+    i = job.config["module"]
+    cfg = _train_config(ctx, job)
+    meta = ctx.meta().to(resolve_device(cfg.device))
+    seed_everything(cfg.seed)
+    module = ctx.initial_teacher_module(i)
+    pair = hybrid(meta, i, module)
+    info = _fit(ctx, job, module, _classification(pair, cfg.label_smoothing), cfg)
+    ctx.save_product(job.name, module)
+    return {**info, **measure_hybrids(ctx, i, {"teacher_hybrid": module.eval()})}
+
+
 def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     """Distil student stage i: the teacher pair ``meta[:i] -> T_i -> meta[i+1:]`` against the student pair
     ``meta[:i] -> pre -> S_i -> post -> meta[i+1:]``. Only S_i and its stitches receive updates; the meta prefix
-    and the teacher run without autograd; gradients flow back through the frozen meta suffix."""
+    and the teacher run without autograd; gradients flow back through the frozen meta suffix. T_i is the teacher's
+    module i, or incubated module i (``target``)."""
+    from monomod.students.hybrid import hybrid
+
     i, loss_cfg = job.config["module"], job.config["loss"]
     cfg = _train_config(ctx, job)
     device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
     meta = ctx.meta().to(device)
-    teacher_module = ctx.teacher_module(i).to(device)
-    student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False))
+    teacher_module = ctx.teacher_module(i, job.config.get("target", "teacher")).to(device)
+    student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False),
+                              num_classes=ctx.distill_classes)
     seed_everything(cfg.seed)
     stitched = ctx.stitched(student, i, job.config["stitch"])
-    prefix, suffix = list(meta.stages[:i]), list(meta.stages[i + 1:])
-    last = i == len(meta.stages) - 1
-    feature_weight = loss_cfg.get("feature_loss", 0.0)
-
-    def run(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-        for m in modules:
-            x = m(x)
-        return x
+    teacher_pair, student_pair = hybrid(meta, i, teacher_module), hybrid(meta, i, stitched)
+    feature_weight = loss_cfg.get("feature_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
-            context = run(prefix, x)
+            context = teacher_pair.run_prefix(x)
             teacher_features = teacher_module(context)
-            teacher_logits = run(suffix, teacher_features)
+            teacher_logits = teacher_pair.run_suffix(teacher_features)
         student_features = stitched(context)
-        student_logits = run(suffix, student_features)
-        labels = y if y.dim() == 1 else y.argmax(dim=-1)
-        loss = m2mkd_loss(student_logits, teacher_logits, labels, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
-                          kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"])
-        if feature_weight and not last:
+        student_logits = student_pair.run_suffix(student_features)
+        loss = m2mkd_loss(student_logits, teacher_logits, y, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
+                          kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"], label_smoothing=cfg.label_smoothing)
+        if feature_weight:
             if student_features.shape != teacher_features.shape:
                 raise MonomodError(f"the feature loss compares {tuple(student_features.shape)} student features with "
                                    f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
@@ -286,26 +366,59 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
 
     info = _fit(ctx, job, stitched, loss_fn, cfg)
     ctx.save_product(job.name, stitched)
-    return info
+    scores = measure_hybrids(ctx, i, {"teacher_hybrid": teacher_module, "student_hybrid": stitched.eval()})
+    return {**info, **scores}
+
+
+@torch.inference_mode()
+def measure_hybrids(ctx: RunContext, i: int, stages: dict[str, nn.Module], batch_size: int = 256) -> dict[str, float]:
+    """Val top-1 of ``meta[:i] -> stage -> meta[i+1:]`` for each named stage (``<name>_acc``), and, for two stages,
+    the fraction of images on which their predictions agree (``agreement``): whether module i's pair worked."""
+    from monomod.students.hybrid import hybrid
+
+    meta = ctx.meta()
+    device = next(iter(meta.parameters()), torch.empty(0)).device
+    pairs = {name: hybrid(meta, i, stage.to(device)).eval() for name, stage in stages.items()}
+    correct = {name: 0 for name in pairs}
+    agree = seen = 0
+    for x, y in ctx.loader("val", batch_size, shuffle=False, distill=True)(0):
+        x, y = x.to(device), y.to(device)
+        predictions = {name: pair(x).argmax(dim=-1) for name, pair in pairs.items()}
+        for name, predicted in predictions.items():
+            correct[name] += int((predicted == y).sum())
+        if len(predictions) == 2:
+            first, second = predictions.values()
+            agree += int((first == second).sum())
+        seen += len(y)
+    scores = {f"{name}_acc": correct[name] / max(seen, 1) for name in pairs}
+    if len(pairs) == 2:
+        scores["agreement"] = agree / max(seen, 1)
+    return scores
 
 
 def run_assemble(ctx: RunContext, job: Job) -> dict[str, Any]:
-    """Load every distilled stage into the full student, check each tensor landed, drop or keep the stitches."""
+    """Load every distilled stage into the full student, check each tensor landed, drop or keep the stitches.
+
+    A head distilled for other classes (``--distill-data`` with another class count) is left freshly initialised."""
     student = ctx.new_student(ctx.settings["seed"])
     kind = ctx.plan.job("m2mkd:0").config["stitch"]
-    stages = []
+    stages, reset = [], []
     for i in range(len(student.stages)):
         stitched = ctx.stitched(student, i, kind)
+        own = stitched.state_dict()
         state = ctx.product(f"m2mkd:{i}")
-        stitched.load_state_dict(state)
+        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+        reset += [f"stage {i}: {k}" for k in state if k not in fits]
+        stitched.load_state_dict(fits, strict=False)
         landed = stitched.state_dict()
-        wrong = [k for k, v in state.items() if not torch.equal(landed[k], v)]
-        if wrong:
-            raise MonomodError(f"stage {i}'s distilled weights did not land ({', '.join(wrong[:3])})", "report this as a bug")
+        wrong = [k for k, v in fits.items() if not torch.equal(landed[k], v)]
+        if wrong or set(own) - set(state):
+            raise MonomodError(f"stage {i}'s distilled weights did not land ({', '.join((wrong or sorted(set(own) - set(state)))[:3])})",
+                               "report this as a bug")
         stages.append(stitched if job.config["keep_stitches"] else stitched.stage)
     student.stages = nn.ModuleList(stages)
     ctx.save_product(job.name, student)
-    return {"stages": len(stages), "kept_stitches": job.config["keep_stitches"]}
+    return {"stages": len(stages), "kept_stitches": job.config["keep_stitches"], "reinitialised": reset}
 
 
 def run_finetune(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -333,30 +446,38 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
 
     started = time.perf_counter()
     batch = job.config.get("batch_size", 256)
-    models: dict[str, nn.Module] = {"teacher": ctx.teacher()}
+    students: dict[str, nn.Module] = {}
     for name in ("assemble", "finetune"):
         student = ctx.assembled_student()
         student.load_state_dict(ctx.product(name))
-        models["assembled" if name == "assemble" else "student"] = student
+        students["assembled" if name == "assemble" else "student"] = student
     baseline = ctx.new_student(ctx.settings["seed"])
     baseline.load_state_dict(ctx.product("baseline"))
-    models["baseline"] = baseline
-    if ctx.settings["meta"] == "trained":
-        models["meta"] = ctx.meta()
-    device = resolve_device("auto")
-    results: dict[str, dict[str, float | None]] = {}
-    for name, model in models.items():
-        model.to(device)
-        iid = evaluate(model, ctx.loader("val", batch, shuffle=False)(0), device)
-        ood = evaluate(model, ctx.loader("ood", batch, shuffle=False)(0), device) if ctx.data.ood is not None else None
-        results[name] = {"iid_acc": iid, "ood_acc": ood}
+    students["baseline"] = baseline
+    context = {"teacher": ctx.teacher(), **({"meta": ctx.meta()} if ctx.settings["meta"] == "trained" else {})}
+    same_data = ctx.settings.get("distill_data", ctx.settings["data"]) == ctx.settings["data"]
+    results = _accuracies(ctx, students, batch, distill=False)
+    results.update(_accuracies(ctx, context, batch, distill=not same_data))  # teacher and meta know the distill classes
     write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
     return {name: r for name, r in results.items()}
 
 
-TRAINING_KINDS = frozenset({"teacher", "meta", "m2mkd", "finetune", "baseline"})  # jobs that call train()
+def _accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, distill: bool) -> dict[str, dict]:
+    """IID (val) and OOD top-1 of each model, on the task's data or the distillation data (which has no OOD)."""
+    device = resolve_device("auto")
+    bundle = ctx.distill_data if distill else ctx.data
+    results: dict[str, dict[str, float | None]] = {}
+    for name, model in models.items():
+        model.to(device)
+        iid = evaluate(model, ctx.loader("val", batch, shuffle=False, distill=distill)(0), device)
+        ood = evaluate(model, ctx.loader("ood", batch, shuffle=False)(0), device) if not distill and bundle.ood is not None else None
+        results[name] = {"iid_acc": iid, "ood_acc": ood}
+    return results
+
+
+TRAINING_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd", "finetune", "baseline"})  # jobs that call train()
 RUNNERS: dict[str, Callable[[RunContext, Job], dict[str, Any]]] = {
-    "teacher": run_teacher, "meta": run_meta, "m2mkd": run_m2mkd, "assemble": run_assemble,
+    "teacher": run_teacher, "meta": run_meta, "incubate": run_incubate, "m2mkd": run_m2mkd, "assemble": run_assemble,
     "finetune": run_finetune, "baseline": run_baseline, "evaluate": run_evaluate,
 }
 

@@ -14,15 +14,19 @@ def m2mkd_loss(
     tau: float = 1.0,
     kd: str = "soft",
     kl_norm: str = "batchmean",
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """``(1 - alpha) * CE(z_S, y) + alpha * tau^2 * KL(softmax(z_T / tau) || softmax(z_S / tau))``.
 
     ``kd="hard"`` replaces the KL term by cross-entropy against the teacher's argmax (no tau). ``kl_norm`` is how the
     summed KL is averaged: ``"batchmean"`` divides by the batch size (the KL per sample, as the formula reads);
     ``"reference"`` divides by batch x classes, as the m2mKD and DeiT reference code does, which weakens the KL
-    term by a factor of the number of classes.
+    term by a factor of the number of classes. ``targets`` are class indices, or class probabilities (mixup and
+    CutMix keep on during m2mKD as in the reference); ``label_smoothing`` applies to the task term only.
     """
-    ce = F.cross_entropy(student_logits, targets)
+    from monomod.runtime.train import soft_cross_entropy
+
+    ce = soft_cross_entropy(student_logits, targets, label_smoothing)
     teacher_logits = teacher_logits.detach()
     if kd == "hard":
         distill = F.cross_entropy(student_logits, teacher_logits.argmax(dim=-1))

@@ -45,14 +45,21 @@ class Hybrid(nn.Module):
         self.suffix.eval()
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def run_prefix(self, x: torch.Tensor) -> torch.Tensor:
+        """The meta model up to the stage, without autograd: the stage's input (shared by a pair's two hybrids)."""
         with torch.no_grad():
             for module in self.prefix:
                 x = module(x)
-        x = self.stage(x)
+        return x
+
+    def run_suffix(self, x: torch.Tensor) -> torch.Tensor:
+        """The meta model after the stage, with autograd, so a loss on the logits reaches the stage."""
         for module in self.suffix:
             x = module(x)
         return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run_suffix(self.stage(self.run_prefix(x)))
 
 
 def hybrid(meta_stages: Sequence[nn.Module] | nn.Module, i: int, stage: nn.Module) -> Hybrid:
