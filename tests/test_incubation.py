@@ -32,9 +32,9 @@ def test_incubate_plan_trains_the_teacher_in_the_meta_model():
     assert all(plan.job(f"incubate:{i}").inputs == ["meta"] for i in range(3))  # side by side
     assert plan.job("teacher").inputs == ["incubate:0", "incubate:1", "incubate:2"]
     assert plan.job("teacher").config["from"] == "incubate"
-    assert plan.job("m2mkd:1").inputs == ["incubate:1", "meta"] and plan.job("m2mkd:1").config["target"] == "incubate:1"
-    finetuned = plan_for(distill_targets="finetuned")
-    assert finetuned.job("m2mkd:1").inputs == ["teacher", "meta"] and finetuned.job("m2mkd:1").config["target"] == "teacher"
+    assert plan.job("m2mkd:1").inputs == ["teacher", "meta"] and plan.job("m2mkd:1").config["target"] == "teacher"
+    incubated = plan_for(distill_targets="incubated")
+    assert incubated.job("m2mkd:1").inputs == ["incubate:1", "meta"] and incubated.job("m2mkd:1").config["target"] == "incubate:1"
 
 
 def test_end_to_end_and_none_plans():
