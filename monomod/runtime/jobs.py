@@ -257,6 +257,7 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False))
     seed_everything(cfg.seed)
     stitched = ctx.stitched(student, i, job.config["stitch"])
+    stitched.distillation_mode(True)  # the family's m2mKD form (NAC: dense attention, fixed shared code)
     prefix, suffix = list(meta.stages[:i]), list(meta.stages[i + 1:])
     last = i == len(meta.stages) - 1
     feature_weight = loss_cfg.get("feature_loss", 0.0)
