@@ -438,7 +438,8 @@ class NACReadOut(_CellStage):
         self.n_cells = cfg.n_cells
         gen = torch.Generator().manual_seed(cfg.graph_seed + 3)
         self.latents = nn.Parameter(torch.randn(cfg.num_output_latents, cfg.dim, generator=gen))
-        self.signatures = nn.Parameter(F.normalize(torch.randn(cfg.num_output_latents, cfg.sig_dim, generator=gen), dim=-1))
+        out_signatures = torch.randn(cfg.num_output_latents, cfg.sig_dim, generator=gen)
+        self.signatures = nn.Parameter(F.normalize(out_signatures, dim=-1))
         self.cell_signatures = nn.Parameter(cell_signatures(cfg))
         self.sender_codes = nn.Parameter(torch.randn(cfg.n_cells, cfg.code_dim))
         self.kernel = SignatureKernel(cfg)
