@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
     return {
         "nac": _tiny_run(root, "nac", 3),
         # a capacity factor so the exported graph has to compute the expert capacity from the batch
-        "moe": _tiny_run(root, "moe", 2, student_overrides={"capacity_factor": 1.25}),
+        "moe": _tiny_run(root, "moe", 2, student_overrides={"gate": "vmoe", "capacity_factor": 1.25}),
     }
 
 

@@ -140,8 +140,9 @@ def test_stitch_inserts_layers_where_widths_differ(nac, kind):
             linear = layer[1]
         assert (linear.in_features, linear.out_features) == (w_in, w_out)
     assert (s1.interface.width_in, s1.interface.width_out) == (D, D)
-    with torch.no_grad():
-        assert s1(torch.randn(B, 5, D)).shape == (B, 5, D)
+    with torch.no_grad():  # a NAC stage takes the meta model's 5 tokens in distillation mode only
+        assert s1.distillation_mode(True)(torch.randn(B, 5, D)).shape == (B, 5, D)
+    s1.distillation_mode(False)
 
 
 def test_stitch_rejects_bad_input(nac):
@@ -160,7 +161,7 @@ def test_hybrid_trains_only_the_student_stage(request, part, images, family, i):
     student = request.getfixturevalue(family)
     meta = build_meta(part)
     iface = meta.interfaces[i]
-    stitched = stitch(student.stages[i], iface.width_in, iface.width_out, kind="ln_linear")
+    stitched = stitch(student.stages[i], iface.width_in, iface.width_out, kind="ln_linear").distillation_mode(True)
     net = hybrid(meta, i, stitched)
     net.train()
     context = [s for j, s in enumerate(meta.stages) if j != i]
@@ -173,12 +174,15 @@ def test_hybrid_trains_only_the_student_stage(request, part, images, family, i):
 
     assert all(p.grad is None for p in meta.parameters())
     assert not any(p.requires_grad for s in context for p in s.parameters())
-    # NAC propagators run dense attention with a shared code on a ViT's 5 tokens (METHOD.md: m2mKD distils
-    # simplified NAC modules), so their signatures are the one parameter m2mKD never trains.
-    unused = {"stage.signatures"} if family == "nac" and 0 < i < K - 1 else set()
+    # In distillation mode NAC stages run dense attention with one fixed shared code (METHOD.md: m2mKD distils
+    # simplified NAC modules), so the cells' codes, signatures and kernel bandwidth are never trained there.
+    cells = {"stage.codes", "stage.signatures", "stage.kernel.bandwidth", "stage.cell_signatures",
+             "stage.sender_codes"}
+    unused = {n for n, _ in stitched.named_parameters() if n in cells} if family == "nac" else set()
     got = {name for name, p in stitched.named_parameters() if p.grad is not None}
     assert got == {name for name, _ in stitched.named_parameters()} - unused
     assert {id(p) for p in net.trainable_parameters()} == {id(p) for p in stitched.parameters()}
+    stitched.distillation_mode(False)
     student.zero_grad(set_to_none=True)
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from monomod.students.moe import MoELayer, build_moe, moe_block_indices, student_blocks, upcycle_experts
+from monomod.students.moe import MoELayer, build_moe, is_moe, moe_block_indices, student_blocks, upcycle_experts
 
 
 def expert(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
@@ -25,7 +25,7 @@ def router_with_identity(layer: MoELayer) -> None:
 
 def test_forward_backward_and_stage_chain() -> None:
     torch.manual_seed(0)
-    model = build_moe(modules=3, num_classes=10, img_size=32, preset="small")
+    model = build_moe(modules=3, num_classes=10, img_size=32, preset="small", gate="vmoe")
     x = torch.randn(2, 3, 32, 32)
     logits = model(x)
     assert logits.shape == (2, 10)
@@ -66,7 +66,7 @@ def test_bad_stage_counts() -> None:
 
 def test_unlimited_capacity_matches_per_token_reference() -> None:
     torch.manual_seed(0)
-    layer = MoELayer(16, 32, num_experts=4, top_k=2, capacity_factor=None)
+    layer = MoELayer(16, 32, num_experts=4, top_k=2, gate="vmoe", capacity_factor=None)
     with torch.no_grad():
         layer.b1.normal_()
         layer.b2.normal_()
@@ -87,7 +87,7 @@ def test_unlimited_capacity_matches_per_token_reference() -> None:
 def test_capacity_drops_exactly_the_overflow() -> None:
     torch.manual_seed(0)
     # N=4 tokens, E=4, k=2, factor 0.5 -> C = ceil(0.5 * 2 * 4 / 4) = 1 slot per expert.
-    layer = MoELayer(8, 16, num_experts=4, top_k=2, capacity_factor=0.5)
+    layer = MoELayer(8, 16, num_experts=4, top_k=2, gate="vmoe", capacity_factor=0.5)
     assert layer.capacity(4) == 1
     router_with_identity(layer)
     x = torch.randn(1, 4, 8)
@@ -118,7 +118,7 @@ def test_capacity_drops_exactly_the_overflow() -> None:
 
 
 def test_capacity_formula() -> None:
-    layer = MoELayer(8, 16, num_experts=8, top_k=2, capacity_factor=1.25)
+    layer = MoELayer(8, 16, num_experts=8, top_k=2, gate="vmoe", capacity_factor=1.25)
     assert layer.capacity(197) == math.ceil(1.25 * 2 * 197 / 8) == 62
     layer.capacity_factor = 100.0
     assert layer.capacity(197) == 197  # never more than N
@@ -127,7 +127,7 @@ def test_capacity_formula() -> None:
 
 
 def test_aux_loss_matches_formula_on_hand_built_routing() -> None:
-    layer = MoELayer(4, 8, num_experts=2, top_k=1, aux_loss_weight=0.5)
+    layer = MoELayer(4, 8, num_experts=2, top_k=1, gate="vmoe", aux_loss_weight=0.5)
     router_with_identity(layer)
     probs = torch.tensor([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8]])
     x = torch.zeros(1, 3, 4)
@@ -157,7 +157,7 @@ def test_aux_loss_matches_formula_on_hand_built_routing() -> None:
 ])
 def test_moe_layer_placement(spec: str, expected: list[int]) -> None:
     model = build_moe(modules=2, num_classes=10, img_size=32, preset="tiny", depth=4, moe_layers=spec)
-    assert [i for i, b in enumerate(student_blocks(model)) if b.is_moe] == expected
+    assert [i for i, b in enumerate(student_blocks(model)) if is_moe(b)] == expected
     assert moe_block_indices("every_other", 12) == [1, 3, 5, 7, 9, 11]
 
 
@@ -176,7 +176,7 @@ def test_vmoe_base_parameter_count() -> None:
     mlp = d * h + h + h * d + d
     assert count == dense_vit_b16 + layers * ((e - 1) * mlp + d * e) == 483_325_672
     assert [len(s.blocks) for s in model.stages] == [3, 3, 3, 3]
-    assert all(b.is_moe and b.mlp.num_experts == 8 and b.mlp.top_k == 2 for b in student_blocks(model))
+    assert all(is_moe(b) and b.mlp.num_experts == 8 and b.mlp.top_k == 2 for b in student_blocks(model))
 
 
 def _teacher(width: int, depth: int) -> VisionTransformer:
@@ -195,12 +195,11 @@ def test_upcycling_copies_teacher_mlps() -> None:
             assert torch.equal(block.mlp.w1[e], fc1.weight.t()) and torch.equal(block.mlp.b1[e, 0], fc1.bias)
             assert torch.equal(block.mlp.w2[e], fc2.weight.t()) and torch.equal(block.mlp.b2[e, 0], fc2.bias)
 
-    # Identical experts: the layer is the teacher MLP scaled by the sum of the chosen gates.
+    # Identical experts behind the reference gate (k gates summing to 1): the layer is the teacher MLP.
     moe = student_blocks(student)[0].mlp
     x = torch.randn(2, 5, 64)
     with torch.no_grad():
-        gate_sum = torch.softmax(moe.router(x), -1).topk(2).values.sum(-1, keepdim=True)
-        torch.testing.assert_close(moe(x), gate_sum * teacher.blocks[0].mlp(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(moe(x), teacher.blocks[0].mlp(x), rtol=1e-5, atol=1e-5)
 
     sparse = build_moe(modules=2, num_classes=10, img_size=32, preset="small", moe_layers="every_other")
     assert upcycle_experts(sparse, teacher) == 2
@@ -213,3 +212,44 @@ def test_upcycling_skips_mismatched_shapes() -> None:
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
     with pytest.raises(ValueError, match="no .blocks"):
         upcycle_experts(student, torch.nn.Linear(2, 2))
+
+
+# --- gates -----------------------------------------------------------------------------------------------------------
+def test_reference_gate_renormalises_the_top_k_logits() -> None:
+    torch.manual_seed(0)
+    layer = MoELayer(8, 16, num_experts=4, top_k=2, gate="reference", capacity_factor=0.25)
+    assert layer.router.bias is not None
+    x = torch.randn(3, 5, 8)
+    gates, experts, probs = layer.scores(x.reshape(-1, 8))
+    assert probs is None and torch.allclose(gates.sum(-1), torch.ones(15))
+    logits = layer.router(x.reshape(-1, 8))
+    torch.testing.assert_close(gates, logits.topk(2).values.softmax(-1))
+    assert layer.capacity(15) == 15  # no capacity limit, whatever capacity_factor says
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.last_drop_fraction.item() == 0.0 and layer.last_aux_loss is None
+    # per-token check: the gated sum of the two chosen experts
+    for n, token in enumerate(x.reshape(-1, 8)):
+        want = sum(gates[n, j] * expert(layer, int(experts[n, j]), token) for j in range(2))
+        torch.testing.assert_close(y.reshape(-1, 8)[n], want, rtol=1e-5, atol=1e-5)
+
+
+def test_gate_setting_reaches_every_layer_and_keeps_the_vmoe_option() -> None:
+    ref = build_moe(modules=2, num_classes=10, img_size=32, preset="small")
+    assert ref.config.gate == "reference" and all(b.mlp.gate == "reference" for b in student_blocks(ref))
+    ref(torch.randn(2, 3, 32, 32))
+    assert ref.aux_loss() is None
+    vmoe = build_moe(modules=2, num_classes=10, img_size=32, preset="small", gate="vmoe", capacity_factor=0.5)
+    vmoe(torch.randn(2, 3, 32, 32))
+    layer = student_blocks(vmoe)[0].mlp
+    assert layer.router.bias is None and layer.capacity(100) == 25
+    assert vmoe.aux_loss() is not None and vmoe.aux_loss() > 0
+    with pytest.raises(ValueError, match="gate"):
+        build_moe(modules=2, num_classes=10, img_size=32, preset="small", gate="switch")
+
+
+def test_moe_and_vit_students_share_their_stages() -> None:
+    from monomod.students.vit import ViTBlocksStage, ViTStudent
+
+    model = build_moe(modules=3, num_classes=10, img_size=32, preset="small")
+    assert isinstance(model, ViTStudent) and isinstance(model.stages[1], ViTBlocksStage)

@@ -1,15 +1,22 @@
-"""Tests of the NAC student (monomod.students.nac): small preset at 32 px, 10 classes, CPU."""
+"""Tests of the ``simple`` NAC preset (monomod.students.nac_simple, the earlier network): 32 px, 10 classes, CPU.
+
+The faithful NAC (the default) is tested in test_nac_faithful.py."""
 from __future__ import annotations
 
 import networkx as nx
 import pytest
 import torch
 
-from monomod.students.nac import (
-    GRAPH_PRIORS, NACPropagator, NACReadIn, NACReadOut, build_nac, nac_config, prior_graph,
+from monomod.students.nac import build_nac as build_any_nac
+from monomod.students.nac_simple import (
+    GRAPH_PRIORS, NACPropagator, NACReadIn, NACReadOut, nac_config, prior_graph,
 )
 
 IMG, NC, B = 32, 10, 2
+
+
+def build_nac(**kwargs):
+    return build_any_nac(preset="simple", **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -73,8 +80,8 @@ def test_too_few_modules_and_bad_names():
     with pytest.raises(ValueError, match=r"NAC needs at least 3 modules \(tokenizer\+read-in, >=1 propagator, "
                                          r"read-out\); got K=2"):
         build_nac(modules=2, num_classes=NC, img_size=IMG)
-    with pytest.raises(ValueError, match="imagenet.*small.*tinyimagenet"):
-        build_nac(modules=3, num_classes=NC, img_size=IMG, preset="huge")
+    with pytest.raises(ValueError, match="imagenet.*simple.*small.*tinyimagenet"):
+        build_any_nac(modules=3, num_classes=NC, img_size=IMG, preset="huge")
     with pytest.raises(ValueError, match=r"not_a_field.*allowed.*graph_prior"):
         build_nac(modules=3, num_classes=NC, img_size=IMG, not_a_field=1)
     with pytest.raises(ValueError, match="scale_free"):
@@ -82,7 +89,7 @@ def test_too_few_modules_and_bad_names():
 
 
 def test_kernel_is_truncated_to_exact_zeros():
-    cfg = nac_config("small")
+    cfg = nac_config("simple")
     stage = NACPropagator(cfg)
     with torch.no_grad():  # random signatures give a spread of similarities on both sides of the threshold
         stage.signatures.copy_(torch.randn(cfg.n_cells, cfg.sig_dim, generator=torch.Generator().manual_seed(3)))
@@ -104,7 +111,7 @@ def test_kernel_is_truncated_to_exact_zeros():
 
 def test_truncated_links_carry_no_information():
     """With mutually orthogonal signatures only self-links survive, so a cell ignores every other cell."""
-    cfg = nac_config("small")
+    cfg = nac_config("simple")
     stage = NACPropagator(cfg).eval()
     with torch.no_grad():
         stage.signatures.copy_(torch.eye(cfg.n_cells, cfg.sig_dim))
@@ -172,19 +179,3 @@ def test_simplified_flag_forces_dense_mode(model):
         finally:
             prop.simplified = False
     assert dense.shape == cellwise.shape and not torch.allclose(dense, cellwise)
-
-
-@pytest.mark.parametrize("preset,img,nc", [("tinyimagenet", 64, 200), ("imagenet", 224, 1000)])
-def test_large_presets_build(preset, img, nc):
-    counts = {}
-    for k in (8, 10):
-        m = build_nac(modules=k, num_classes=nc, img_size=img, preset=preset)
-        assert len(m.stages) == k
-        counts[k] = sum(p.numel() for p in m.parameters())
-        print(f"NAC {preset} img={img} classes={nc} K={k}: {counts[k]:,} parameters")
-    per_prop = sum(p.numel() for p in m.stages[1].parameters())
-    assert counts[10] - counts[8] == 2 * per_prop
-    if preset == "tinyimagenet":  # one shape check at the real size (cheap at 64 px)
-        m.eval()
-        with torch.no_grad():
-            assert m(torch.randn(1, 3, img, img)).shape == (1, nc)

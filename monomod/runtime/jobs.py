@@ -344,6 +344,7 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
                               num_classes=ctx.distill_classes)
     seed_everything(cfg.seed)
     stitched = ctx.stitched(student, i, job.config["stitch"])
+    stitched.distillation_mode(True)  # the family's m2mKD form (NAC: dense attention, fixed shared code)
     teacher_pair, student_pair = hybrid(meta, i, teacher_module), hybrid(meta, i, stitched)
     feature_weight = loss_cfg.get("feature_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
 

@@ -31,6 +31,18 @@ class Stage(nn.Module):
     """Base class for one stage; subclasses set ``self.interface`` in ``__init__``."""
 
     interface: StageInterface
+    distilling: bool = False  # set through distillation_mode, never inferred from the input
+
+    def distillation_mode(self, on: bool = True) -> Stage:
+        """Switch this stage (and any stage it wraps) to the form it takes while distilled alone in m2mKD.
+
+        A family reads ``self.distilling`` where its reference simplifies the modules for m2mKD (NAC: dense
+        attention and one fixed shared code); families without such a form ignore it. Returns ``self``.
+        """
+        for module in self.modules():
+            if isinstance(module, Stage):
+                module.distilling = on
+        return self
 
     def aux_loss(self) -> torch.Tensor | None:
         """Auxiliary loss of the last forward (e.g. MoE load balancing); None when the stage has none."""

@@ -1,10 +1,17 @@
-"""V-MoE student: a pre-norm ViT whose MLPs are top-k Mixture-of-Experts layers, cut into K stages.
+"""V-MoE student: a timm ViT whose MLPs are top-k Mixture-of-Experts layers, cut into K stages.
 
-Routing (per MoE layer, over the N = B*T tokens of the batch, flattened batch-major):
+The student is timm's ``VisionTransformer`` built with ``Block(mlp_layer=MoELayer)`` where the placement puts an
+MoE layer, and cut by the same code as the ViT student (``vit.cut_vit``), so both families share their stages.
 
-* router: ``p = softmax(x @ W_r)`` (linear without bias, computed in float32), then top-k; the gate of a chosen
-  expert is its softmax probability (no re-normalisation over the k choices, as in V-MoE).
-* capacity: each expert processes at most ``C = min(N, ceil(capacity_factor * k * N / E))`` tokens
+Routing (per MoE layer, over the N = B*T tokens of the batch, flattened batch-major), by ``gate``:
+
+* ``"reference"`` (the m2mKD reference, FastMoE's ``NaiveGate``): router logits ``x @ W_r + b`` (linear with
+  bias, float32), top-k of the logits, then a softmax over those k, so the k gates sum to 1. No capacity limit
+  (``capacity_factor`` is not read) and no balancing loss (``last_aux_loss`` stays None).
+* ``"vmoe"`` (the V-MoE paper): ``p = softmax(x @ W_r)`` (no bias), top-k; the gate of a chosen expert is its
+  softmax probability (no re-normalisation over the k choices), with expert capacity and the balancing loss
+  below.
+* capacity (``vmoe`` gate): each expert processes at most ``C = min(N, ceil(capacity_factor * k * N / E))`` tokens
   (``capacity_factor=None``: ``C = N``, nothing is ever dropped). C is computed in exact integer arithmetic
   (``capacity_factor`` read as the fraction p/q with q <= 1000, e.g. 1.25 = 5/4) with ``torch.sym_min``, so it
   stays a symbolic function of the batch under ``torch.export`` / the ONNX exporter (int64 Mul/Div/Min on the
@@ -18,7 +25,7 @@ Routing (per MoE layer, over the N = B*T tokens of the batch, flattened batch-ma
   No Python loop over tokens or experts and no data-dependent control flow, so the layer can be traced/exported.
   Cost is ``E * C`` expert-token evaluations: with unlimited capacity that is E/k times the useful work.
 
-Auxiliary load-balancing loss, stored by each MoE layer as ``last_aux_loss`` after every forward::
+Auxiliary load-balancing loss (``vmoe`` gate), stored by each MoE layer as ``last_aux_loss`` after every forward::
 
     importance_e = sum_n p[n, e]
     f_e          = (1/N) * #{n : top-1 expert of n is e}
@@ -31,6 +38,7 @@ Under perfect balance the CV^2 term is 0 and the Switch term is 1. Gradients flo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -39,10 +47,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from timm.layers import Attention, DropPath, Mlp, PatchEmbed, trunc_normal_
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import Stage, StagedModel, StageInterface
-from .vit import split_depth
+from .base import StagedModel
+from .vit import ViTStudent, cut_vit, split_depth
+
+MOE_GATES: tuple[str, ...] = ("reference", "vmoe")
 
 
 @dataclass(frozen=True)
@@ -56,15 +67,18 @@ class MoEConfig:
     patch_size: int = 4
     num_experts: int = 4
     top_k: int = 2
-    capacity_factor: float | None = None  # None = unlimited (C = N)
+    gate: str = "reference"  # one of MOE_GATES: the m2mKD reference's gate, or the V-MoE paper's
+    capacity_factor: float | None = None  # vmoe gate only; None = unlimited (C = N)
     moe_layers: str = "every"  # "every" | "every_other" (odd 0-based blocks, V-MoE) | "last:N"
-    aux_loss_weight: float = 0.01  # 0 disables the auxiliary loss (last_aux_loss stays None)
+    aux_loss_weight: float = 0.01  # vmoe gate only; 0 disables the auxiliary loss (last_aux_loss stays None)
     qkv_bias: bool = True
     drop_rate: float = 0.0  # dropout inside MLPs/experts and before the head
     attn_drop_rate: float = 0.0
     drop_path_rate: float = 0.0  # stochastic depth, linearly increasing over blocks
 
     def validate(self) -> None:
+        if self.gate not in MOE_GATES:
+            raise ValueError(f"unknown gate {self.gate!r}; choose one of {list(MOE_GATES)}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
         if self.num_experts < 1:
@@ -79,11 +93,11 @@ class MoEConfig:
 
 
 MOE_PRESETS: dict[str, MoEConfig] = {
-    # m2mKD reference V-MoE-B/16: ViT-Base with an 8-expert top-2 MoE in every block. The capacity factor is our
-    # choice (a common Switch/V-MoE value): with unlimited capacity every expert would run on every token.
+    # V-MoE-B/16: ViT-Base with an 8-expert top-2 MoE in every block, with the V-MoE paper's gate. The capacity
+    # factor is our choice (a common Switch/V-MoE value). The paper recipe switches to the reference gate.
     "vmoe_base": MoEConfig(embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, patch_size=16, num_experts=8,
-                           top_k=2, capacity_factor=1.25, moe_layers="every"),
-    # CPU sizes: unlimited capacity keeps them exact and simple to reason about; compute is negligible here.
+                           top_k=2, gate="vmoe", capacity_factor=1.25, moe_layers="every"),
+    # CPU sizes, with the m2mKD reference's gate so that the demo runs the paper's experiment.
     "small": MoEConfig(embed_dim=64, depth=4, num_heads=4, mlp_ratio=4.0, patch_size=4, num_experts=4, top_k=2),
     "tiny": MoEConfig(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0, patch_size=8, num_experts=4, top_k=2),
 }
@@ -104,22 +118,32 @@ def moe_block_indices(spec: str, depth: int) -> list[int]:
 
 
 class MoELayer(nn.Module):
-    """Top-k softmax-routed mixture of 2-layer GELU MLP experts with expert capacity (see module docstring)."""
+    """Top-k mixture of 2-layer GELU MLP experts behind the ``reference`` or ``vmoe`` gate (module docstring).
 
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, *,
-                 capacity_factor: float | None = None, aux_loss_weight: float = 0.01, drop: float = 0.0) -> None:
+    Its constructor takes timm's ``mlp_layer`` arguments, so ``Block(mlp_layer=partial(MoELayer, ...))`` builds
+    an MoE block; ``norm_layer`` must be None and the experts always carry biases.
+    """
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, num_experts: int = 4, top_k: int = 2,
+                 *, gate: str = "reference", capacity_factor: float | None = None, aux_loss_weight: float = 0.01,
+                 drop: float = 0.0, act_layer: type[nn.Module] = nn.GELU, norm_layer: Any = None, bias: bool = True,
+                 device: Any = None, dtype: Any = None) -> None:
         super().__init__()
+        if gate not in MOE_GATES or norm_layer is not None:
+            raise ValueError(f"MoELayer takes gate in {list(MOE_GATES)} and no norm_layer; got {gate!r}, {norm_layer}")
+        dim, hidden = in_features, hidden_features or in_features
         self.num_experts = num_experts
         self.top_k = top_k
+        self.gate = gate
         self.capacity_factor = capacity_factor
         self.aux_loss_weight = aux_loss_weight
-        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.router = nn.Linear(dim, num_experts, bias=gate == "reference")
         # Stacked expert weights, laid out for x @ w: expert e computes gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e].
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.b1 = nn.Parameter(torch.zeros(num_experts, 1, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
         self.b2 = nn.Parameter(torch.zeros(num_experts, 1, dim))
-        self.act = nn.GELU()  # exact GELU, as timm's Mlp, so experts can be upcycled from ViT MLPs
+        self.act = act_layer()  # exact GELU by default, as timm's Mlp, so experts can be upcycled from ViT MLPs
         self.drop = nn.Dropout(drop)
         self.last_aux_loss: torch.Tensor | None = None
         self.last_drop_fraction: torch.Tensor | None = None  # detached: share of (token, choice) pairs dropped
@@ -128,8 +152,11 @@ class MoELayer(nn.Module):
     def reset_parameters(self) -> None:
         for w in (self.router.weight, self.w1, self.w2):
             trunc_normal_(w, std=0.02)
-        nn.init.zeros_(self.b1)
-        nn.init.zeros_(self.b2)
+        for b in (self.b1, self.b2, self.router.bias):
+            if b is not None:
+                nn.init.zeros_(b)
+
+    init_weights = reset_parameters  # the hook timm's ViT init calls on modules it does not know
 
     def capacity(self, num_tokens: int) -> int:
         """Buffer size per expert; never more than N, since a token picks an expert at most once.
@@ -137,25 +164,35 @@ class MoELayer(nn.Module):
         Integer-only, so a symbolic ``num_tokens`` (a SymInt while exporting) gives a symbolic capacity rather
         than a constant baked from the example batch.
         """
-        if self.capacity_factor is None:
+        if self.capacity_factor is None or self.gate == "reference":
             return num_tokens
         ratio = Fraction(self.capacity_factor).limit_denominator(1000)
         numerator, denominator = ratio.numerator * self.top_k, ratio.denominator * self.num_experts
         return torch.sym_min(num_tokens, (numerator * num_tokens + denominator - 1) // denominator)  # ceil
 
-    def route(self, probs: torch.Tensor, capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k choice with capacity. Returns ``gates [N, k]``, ``experts [N, k]`` and ``slots [N, k]``: the
-        index in the flat ``[E * C]`` expert buffer of each (token, choice), or ``E * C`` when it was dropped."""
-        num_tokens, num_experts = probs.shape
+    def scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Gates ``[N, k]`` and experts ``[N, k]`` of each token, and the full softmax ``[N, E]`` (vmoe gate only,
+        for the balancing loss). Computed in float32."""
+        logits = self.router(x).float()
+        if self.gate == "reference":
+            top, experts = logits.topk(self.top_k, dim=-1)
+            return top.softmax(dim=-1), experts, None
+        probs = logits.softmax(dim=-1)
         gates, experts = probs.topk(self.top_k, dim=-1)
+        return gates, experts, probs
+
+    def route(self, experts: torch.Tensor, capacity: int) -> torch.Tensor:
+        """Buffer slots ``[N, k]``: the index in the flat ``[E * C]`` expert buffer of each (token, choice), or
+        ``E * C`` when the expert was full and the assignment is dropped."""
+        num_tokens = experts.shape[0]
         # Choice-major order = priority: all first choices (token order), then all second choices, ...
         choice_expert = experts.t().reshape(-1)  # [k*N]
-        onehot = F.one_hot(choice_expert, num_experts)  # [k*N, E]
+        onehot = F.one_hot(choice_expert, self.num_experts)  # [k*N, E]
         position = ((onehot.cumsum(0) - 1) * onehot).sum(-1)  # rank of each assignment within its expert
         kept = position < capacity
-        dropped = torch.full_like(position, num_experts * capacity)
+        dropped = torch.full_like(position, self.num_experts * capacity)
         slots = torch.where(kept, choice_expert * capacity + position, dropped)
-        return gates, experts, slots.view(self.top_k, num_tokens).t()
+        return slots.view(self.top_k, num_tokens).t()
 
     def balancing_loss(self, probs: torch.Tensor, top1: torch.Tensor) -> torch.Tensor:
         """Weighted CV(importance)^2 + Switch load term (formula in the module docstring)."""
@@ -171,8 +208,8 @@ class MoELayer(nn.Module):
         num_tokens, dim = x.shape
         num_experts, capacity = self.num_experts, self.capacity(num_tokens)
 
-        probs = torch.softmax(self.router(x).float(), dim=-1)  # [N, E]
-        gates, experts, slots = self.route(probs, capacity)
+        gates, experts, probs = self.scores(x)
+        slots = self.route(experts, capacity)
 
         # Dispatch: which token fills each buffer slot (empty slots point at an extra all-zero row N).
         token_ids = torch.arange(num_tokens, device=x.device).repeat(self.top_k)  # matches choice-major order
@@ -189,99 +226,21 @@ class MoELayer(nn.Module):
         y = (gates.unsqueeze(-1).to(x.dtype) * out_padded[slots]).sum(1)
 
         if not torch.compiler.is_exporting():  # training statistics, not part of an exported inference graph
-            self.last_aux_loss = self.balancing_loss(probs, experts[:, 0]) if self.aux_loss_weight > 0 else None
+            weighted = probs is not None and self.aux_loss_weight > 0
+            self.last_aux_loss = self.balancing_loss(probs, experts[:, 0]) if weighted else None
             self.last_drop_fraction = (slots == num_experts * capacity).float().mean().detach()
         return y.view(shape)
 
 
-class MoEBlock(nn.Module):
-    """Pre-norm transformer block (timm layout: norm1/attn/norm2/mlp) whose MLP may be an ``MoELayer``."""
-
-    def __init__(self, cfg: MoEConfig, *, moe: bool, drop_path: float = 0.0) -> None:
-        super().__init__()
-        dim, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads=cfg.num_heads, qkv_bias=cfg.qkv_bias, attn_drop=cfg.attn_drop_rate,
-                              proj_drop=cfg.drop_rate)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        if moe:
-            self.mlp: nn.Module = MoELayer(dim, hidden, cfg.num_experts, cfg.top_k,
-                                           capacity_factor=cfg.capacity_factor,
-                                           aux_loss_weight=cfg.aux_loss_weight, drop=cfg.drop_rate)
-        else:
-            self.mlp = Mlp(dim, hidden, drop=cfg.drop_rate)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    @property
-    def is_moe(self) -> bool:
-        return isinstance(self.mlp, MoELayer)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+def _block(*, depth: int, moe_at: frozenset[int], moe_layer: Any, **kwargs: Any) -> Block:
+    """timm's ``Block``, with ``moe_layer`` as its ``mlp_layer`` where the placement puts an MoE layer."""
+    if depth in moe_at:
+        kwargs["mlp_layer"] = moe_layer
+    return Block(depth=depth, **kwargs)
 
 
-class MoEEmbedStage(Stage):
-    """Stage 0: patch embedding, class token, learned position embedding, then its blocks."""
-
-    def __init__(self, cfg: MoEConfig, img_size: int, in_chans: int, blocks: list[MoEBlock]) -> None:
-        super().__init__()
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=cfg.patch_size, in_chans=in_chans,
-                                      embed_dim=cfg.embed_dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, cfg.embed_dim))
-        self.pos_drop = nn.Dropout(cfg.drop_rate)
-        self.blocks = nn.Sequential(*blocks)
-        trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.normal_(self.cls_token, std=1e-6)  # timm's init
-        self.interface = StageInterface("image->tokens", None, cfg.embed_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.blocks(self.pos_drop(x))
-
-
-class MoEBlocksStage(Stage):
-    """Middle stage: a contiguous group of blocks; works for any token count."""
-
-    def __init__(self, width: int, blocks: list[MoEBlock]) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.interface = StageInterface("tokens->tokens", width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-
-class MoEHeadStage(Stage):
-    """Last stage: its blocks, final norm, class-token pooling and the linear head."""
-
-    def __init__(self, cfg: MoEConfig, num_classes: int, blocks: list[MoEBlock]) -> None:
-        super().__init__()
-        self.blocks = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
-        self.head_drop = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(cfg.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.interface = StageInterface("tokens->logits", cfg.embed_dim, None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.norm(self.blocks(x))
-        return self.head(self.head_drop(x[:, 0]))
-
-
-def _init_dense(module: nn.Module) -> None:
-    """timm-style init (truncated normal, zero bias) for Linear layers; torch's default is kaiming-uniform."""
-    if isinstance(module, nn.Linear):
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-
-
-def build_moe(*, modules: int, num_classes: int, img_size: int, in_chans: int = 3, preset: str = "small",
-              **overrides: Any) -> StagedModel:
-    """Build a V-MoE student from ``MOE_PRESETS[preset]`` with ``overrides`` (any ``MoEConfig`` field), cut into
-    ``modules`` contiguous stages (blocks split as evenly as possible, first stages get the remainder)."""
+def moe_config(preset: str = "small", **overrides: Any) -> MoEConfig:
+    """The preset's config with ``overrides`` (any ``MoEConfig`` field) applied and validated."""
     if preset not in MOE_PRESETS:
         raise ValueError(f"unknown MoE preset {preset!r}; choose from {sorted(MOE_PRESETS)}")
     fields = {f.name for f in dataclasses.fields(MoEConfig)}
@@ -290,30 +249,38 @@ def build_moe(*, modules: int, num_classes: int, img_size: int, in_chans: int = 
         raise ValueError(f"unknown MoEConfig field(s) {unknown}; valid: {sorted(fields)}")
     cfg = dataclasses.replace(MOE_PRESETS[preset], **overrides)
     cfg.validate()
-    sizes = split_depth(cfg.depth, modules)
+    return cfg
 
-    moe_at = set(moe_block_indices(cfg.moe_layers, cfg.depth))
-    rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-    blocks = [MoEBlock(cfg, moe=i in moe_at, drop_path=rates[i]) for i in range(cfg.depth)]
-    for block in blocks:
-        block.apply(_init_dense)  # also re-draws MoE routers with the same std as MoELayer.reset_parameters
 
-    groups, start = [], 0
-    for n in sizes:
-        groups.append(blocks[start:start + n])
-        start += n
-    stages: list[Stage] = [MoEEmbedStage(cfg, img_size, in_chans, groups[0])]
-    stages += [MoEBlocksStage(cfg.embed_dim, g) for g in groups[1:-1]]
-    stages.append(MoEHeadStage(cfg, num_classes, groups[-1]))
-    stages[-1].head.apply(_init_dense)
-    student = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
+def build_moe(*, modules: int, num_classes: int, img_size: int, in_chans: int = 3, preset: str = "small",
+              **overrides: Any) -> ViTStudent:
+    """Build a V-MoE student from ``MOE_PRESETS[preset]`` with ``overrides``: a timm ViT whose placed blocks have
+    an MoE ``mlp_layer``, cut into ``modules`` contiguous stages like the ViT student."""
+    cfg = moe_config(preset, **overrides)
+    split_depth(cfg.depth, modules)  # validate before allocating the model
+    moe_layer = functools.partial(MoELayer, num_experts=cfg.num_experts, top_k=cfg.top_k, gate=cfg.gate,
+                                  capacity_factor=cfg.capacity_factor, aux_loss_weight=cfg.aux_loss_weight)
+    block_fn = functools.partial(_block, moe_at=frozenset(moe_block_indices(cfg.moe_layers, cfg.depth)),
+                                 moe_layer=moe_layer)
+    vit = VisionTransformer(
+        img_size=img_size, in_chans=in_chans, num_classes=num_classes, patch_size=cfg.patch_size,
+        embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
+        qkv_bias=cfg.qkv_bias, drop_rate=cfg.drop_rate, pos_drop_rate=cfg.drop_rate, proj_drop_rate=cfg.drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate, drop_path_rate=cfg.drop_path_rate, block_fn=block_fn,
+    )
+    student = cut_vit(vit, modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
     student.config = cfg  # plain attribute: the resolved config, for reports and checkpoints
     return student
 
 
-def student_blocks(student: StagedModel) -> list[MoEBlock]:
+def student_blocks(student: StagedModel) -> list[nn.Module]:
     """All transformer blocks of a staged student, in forward order."""
     return [b for stage in student.stages for b in getattr(stage, "blocks", [])]
+
+
+def is_moe(block: nn.Module) -> bool:
+    """Whether a transformer block's MLP is an MoE layer."""
+    return isinstance(getattr(block, "mlp", None), MoELayer)
 
 
 @torch.no_grad()
@@ -333,7 +300,7 @@ def upcycle_experts(student: StagedModel, teacher: nn.Module) -> int:
     num_s, num_t = len(blocks), len(teacher_blocks)
     done = 0
     for i, block in enumerate(blocks):
-        if not isinstance(getattr(block, "mlp", None), MoELayer):
+        if not is_moe(block):
             continue
         moe = block.mlp
         j = math.floor(i * (num_t - 1) / max(num_s - 1, 1) + 0.5)

@@ -147,12 +147,19 @@ def build_vit(*, modules: int, num_classes: int, img_size: int, in_chans: int = 
     if overrides.get("dynamic_img_size"):
         raise ValueError("dynamic_img_size is not supported: a student has a fixed image size")
     kwargs = {**VIT_PRESETS[preset], **overrides}
-    sizes = split_depth(int(kwargs["depth"]), modules)  # validate before allocating the model
+    split_depth(int(kwargs["depth"]), modules)  # validate before allocating the model
     vit = VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **kwargs)
+    return cut_vit(vit, modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
 
+
+def cut_vit(vit: VisionTransformer, modules: int, *, num_classes: int, img_size: int, in_chans: int) -> ViTStudent:
+    """Cut a timm ViT into ``modules`` contiguous stages (blocks split by ``split_depth``), sharing its modules.
+
+    Used by every ViT-shaped student (plain ViT, V-MoE), whatever their blocks' ``mlp_layer``.
+    """
     blocks = list(vit.blocks)
     groups, start = [], 0
-    for n in sizes:
+    for n in split_depth(len(blocks), modules):
         groups.append(blocks[start:start + n])
         start += n
     stages: list[Stage] = [ViTEmbedStage(vit, groups[0])]
