@@ -190,8 +190,9 @@ def _dash(value: int | None) -> str:
 @click.option("--teacher-training", type=click.Choice(["incubate", "end-to-end", "none"]),
               help="How the teacher is trained: Deep Incubation in the meta model (default with --meta trained), end "
               "to end and apart (default with --meta teacher), or not at all (a given teacher).")
-@click.option("--distill-targets", type=click.Choice(["finetuned", "incubated"]), default="finetuned", show_default=True,
-              help="Under incubation: distil the fine-tuned teacher's modules (as the reference), or the incubated ones.")
+@click.option("--distill-targets", type=click.Choice(["incubated", "finetuned"]), default="incubated", show_default=True,
+              help="Under incubation: distil the incubated modules (their hybrids measured better), or the fine-tuned "
+              "teacher's modules (as the reference).")
 @click.option("--distill-data", help="Data of the teacher, meta, incubate and m2mKD jobs (default: --data); "
               "fine-tune, baseline and evaluation use --data.")
 @click.option("--student-preset", help="Student preset (see `monomod student KIND --help`).")

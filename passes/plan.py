@@ -50,7 +50,7 @@ class ConvertOptions:
     pretrained: bool = False
     teacher_trained: bool = False  # the teacher already knows this data: same as teacher_training="none"
     teacher_training: str | None = None  # incubate | end-to-end | none (default: see resolve_teacher_training)
-    distill_targets: str = "finetuned"  # under incubation: which teacher modules m2mKD distils (finetuned | incubated)
+    distill_targets: str = "incubated"  # under incubation: which teacher modules m2mKD distils (finetuned | incubated)
     distill_data: str | None = None  # data of the teacher, meta, incubate and m2mKD jobs (default: data)
     student_preset: str | None = None
     student_overrides: dict[str, Any] = field(default_factory=dict)

@@ -105,7 +105,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "pretrained": (lambda v: isinstance(v, bool), "true or false"),
     "teacher_trained": (lambda v: isinstance(v, bool), "true or false"),
     "teacher_training": _choice(None, "incubate", "end-to-end", "none"),
-    "distill_targets": _choice("finetuned", "incubated"),
+    "distill_targets": _choice("incubated", "finetuned"),
     "distill_data": (lambda v: v is None or _data_spec(v), "null, digits, synthetic or imagefolder:PATH"),
     "student_preset": (lambda v: v is None or isinstance(v, str), "a preset of the student family, or null"),
     "student_overrides": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),

@@ -32,9 +32,9 @@ def test_incubate_plan_trains_the_teacher_in_the_meta_model():
     assert all(plan.job(f"incubate:{i}").inputs == ["meta"] for i in range(3))  # side by side
     assert plan.job("teacher").inputs == ["incubate:0", "incubate:1", "incubate:2"]
     assert plan.job("teacher").config["from"] == "incubate"
-    assert plan.job("m2mkd:1").inputs == ["teacher", "meta"] and plan.job("m2mkd:1").config["target"] == "teacher"
-    incubated = plan_for(distill_targets="incubated")
-    assert incubated.job("m2mkd:1").inputs == ["incubate:1", "meta"] and incubated.job("m2mkd:1").config["target"] == "incubate:1"
+    assert plan.job("m2mkd:1").inputs == ["incubate:1", "meta"] and plan.job("m2mkd:1").config["target"] == "incubate:1"
+    finetuned = plan_for(distill_targets="finetuned")
+    assert finetuned.job("m2mkd:1").inputs == ["teacher", "meta"] and finetuned.job("m2mkd:1").config["target"] == "teacher"
 
 
 def test_end_to_end_and_none_plans():
@@ -100,6 +100,10 @@ def test_incubate_job_changes_only_its_module_and_the_run_reports_every_module(t
     assert 0.0 <= record["result"]["teacher_hybrid_acc"] <= 1.0
 
     execute(plan, run_dir)
+    ctx = RunContext(run_dir=run_dir, plan=plan)
+    finetuned, incubated = ctx.teacher_module(1, "teacher"), ctx.teacher_module(1, "incubate:1")
+    assert all(torch.equal(incubated.state_dict()[k], v) for k, v in load_file(str(run_dir / "jobs/incubate-1/model.safetensors")).items())
+    assert all(torch.equal(finetuned.state_dict()[k], v) for k, v in ctx.product("teacher").items() if k in incubated.state_dict())
     teacher = load_file(str(run_dir / "jobs/teacher/model.safetensors"))
     assert {k for k in teacher if k.startswith("blocks.")} >= set(incubated)  # FT started from the incubated modules
     report = json.loads((run_dir / "report.json").read_text())

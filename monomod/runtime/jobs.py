@@ -6,6 +6,7 @@ loop's resume state and ``jobs/<dir>/metrics.jsonl`` its log.
 """
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass, field
@@ -128,7 +129,7 @@ class RunContext:
             model = self.new_teacher()
             model.load_state_dict(load_file(path), strict=False)
             return _frozen(self._extract_from(model, i))
-        module = extract(self.partition("meta"))[i].to_empty(device="cpu")
+        module = self._empty_module(i)
         with safe_open(path, framework="pt") as f:
             module.load_state_dict({key: f.get_tensor(key) for key in module.state_dict()})
         return _frozen(module)
@@ -149,10 +150,17 @@ class RunContext:
             s = self.settings
             example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"])
             return extract(partition(trace(model, example, name=s["teacher"]), s["modules"]))[i]
-        module = extract(self.partition("meta"))[i].to_empty(device="cpu")
+        module = self._empty_module(i)
         weights = model.state_dict()
         module.load_state_dict({key: weights[key] for key in module.state_dict()})
         return module
+
+    def _empty_module(self, i: int) -> nn.Module:
+        """Module i with uninitialised CPU tensors, to be loaded. A deep copy: extracted modules share their leaf
+        modules with the traced model, so without it two modules extracted in one process would share weights."""
+        from monomod.passes.extract import extract
+
+        return copy.deepcopy(extract(self.partition("meta"))[i]).to_empty(device="cpu")
 
     def _has_computed_buffers(self) -> bool:
         return any(True for m in self.partition("meta").traced.model.modules() for _ in m._non_persistent_buffers_set)
