@@ -70,6 +70,25 @@ def _executor_options(command):
     return wrapper
 
 
+class _Seed(click.ParamType):
+    """An integer seed in [0, 2**63): a 5000-digit one is one short line, not Python's int-size error echoed."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx) -> int:
+        from monomod.errors import shorten
+        from monomod.runtime.checks import MAX_SEED
+
+        try:
+            seed = value if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            seed = None
+        if seed is None or not 0 <= seed <= MAX_SEED:
+            raise MonomodError(f"--seed must be an integer in [0, {MAX_SEED}], got {shorten(str(value))}",
+                               "pass a smaller seed, e.g. --seed 0")
+        return seed
+
+
 def _run_dir_options(command):
     """--trust-code, --checkpoint-every and --checkpoint-minutes, shared by convert and run."""
     options = [
@@ -223,7 +242,7 @@ def _dash(value: int | None) -> str:
 @click.option("--kl-norm", type=click.Choice(["batchmean", "reference"]), default="batchmean", show_default=True,
               help="KL averaging: per sample, or per sample and class as the reference code does.")
 @click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_Seed(), default=0, show_default=True)
 @click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
               "command line override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -313,12 +332,15 @@ def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpo
     from monomod.frontend import check_trusted
     from monomod.plan import Plan
     from monomod.runtime.api import set_checkpointing
+    from monomod.runtime.execute import check_train_configs
     from monomod.runtime.lock import run_dir_lock
 
     plan = Plan.load(run_dir)
     for name in jobs:
         plan.job(name)  # unknown names fail here, before any work
     check_trusted(plan.settings, str(Path(run_dir) / "plan.yaml"), trust_code)
+    check_train_configs(plan)  # an edited plan.yaml fails here, before the table is printed
+    plan.check_paths(run_dir)
     with run_dir_lock(run_dir):
         if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
             plan.save(run_dir)  # workers read the plan from RUN_DIR; job hashes do not change
