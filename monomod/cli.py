@@ -26,6 +26,13 @@ class _Cli(click.Group):
         except MonomodError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
+        except OSError as e:  # an unwritable or read-only folder, a path too long for the file system, ...
+            from monomod.errors import shorten
+
+            where = f" {shorten(str(e.filename))!r}" if e.filename else ""
+            click.echo(f"error: cannot use{where} ({e.strerror or e}); choose a writable path with a shorter name",
+                       err=True)
+            ctx.exit(2)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -61,6 +68,40 @@ def _executor_options(command):
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+class _Seed(click.ParamType):
+    """An integer seed in [0, 2**63): a 5000-digit one is one short line, not Python's int-size error echoed."""
+
+    name = "integer"
+
+    def convert(self, value, param, ctx) -> int:
+        from monomod.errors import shorten
+        from monomod.runtime.checks import MAX_SEED
+
+        try:
+            seed = value if isinstance(value, int) else int(str(value).strip())
+        except ValueError:
+            seed = None
+        if seed is None or not 0 <= seed <= MAX_SEED:
+            raise MonomodError(f"--seed must be an integer in [0, {MAX_SEED}], got {shorten(str(value))}",
+                               "pass a smaller seed, e.g. --seed 0")
+        return seed
+
+
+def _run_dir_options(command):
+    """--trust-code, --checkpoint-every and --checkpoint-minutes, shared by convert and run."""
+    options = [
+        click.option("--trust-code", is_flag=True,
+                     help="Allow a recipe or plan.yaml to name Python code (pkg.module:factory) as the teacher."),
+        click.option("--checkpoint-every", type=click.IntRange(min=0), default=None,
+                     help="Checkpoint training jobs every N steps too (0: by time only). Not part of job hashes."),
+        click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=None,
+                     help="Checkpoint training jobs every M minutes (default 10; 0: by steps only). Not part of job hashes."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
 
 @cli.command()
@@ -144,6 +185,10 @@ def student(kind: str, k: int, preset: str | None, img_size: int, num_classes: i
     from monomod.students import build_student
     from monomod.students.summary import stage_costs
 
+    for flag, value in (("--modules", k), ("--img-size", img_size), ("--in-chans", in_chans),
+                        ("--num-classes", num_classes)):
+        if value < 1:
+            raise MonomodError(f"{flag} must be at least 1, got {value}", f"pass {flag} 1 or more")
     model = build_student(kind, modules=k, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                           preset=preset)
     costs = stage_costs(model)
@@ -206,7 +251,7 @@ def _dash(value: int | None) -> str:
               help="KL averaging: per sample (demo default), or per sample and class as the reference code does "
               "(paper default).")
 @click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=_Seed(), default=0, show_default=True)
 @click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
               "command line override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -217,12 +262,15 @@ def _dash(value: int | None) -> str:
 @click.option("--reuse", "reuse", multiple=True, type=click.Path(file_okay=False, exists=True),
               help="Copy jobs this earlier RUN_DIR finished with the same hash (e.g. its teacher) instead of training them (repeatable).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_run_dir_options
 @_executor_options
 def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
             img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
-            teacher_training: str | None, distill_targets: str, distill_data: str | None, student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
+            teacher_training: str | None, distill_targets: str, distill_data: str | None,
+            student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
             kd: str, kl_norm: str | None, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
-            dry_run: bool, force: bool, reuse: tuple[str, ...], fmt: str, run_options: dict | None = None) -> None:
+            dry_run: bool, force: bool, reuse: tuple[str, ...], fmt: str, trust_code: bool,
+            checkpoint_every: int | None, checkpoint_minutes: float | None, run_options: dict | None = None) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
     \b
@@ -237,6 +285,7 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
     """
     from monomod.runtime.api import compile_options
     from monomod.runtime.execute import check_reuse_sources, prepare_run_dir, reuse_finished
+    from monomod.runtime.lock import run_dir_lock
 
     given = dict(teacher=model, student=student, modules=k, data=data, ood=ood, preset=preset, meta=meta,
                  img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
@@ -244,7 +293,9 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
                  distill_data=distill_data, student_preset=student_preset, stitch=stitch,
                  keep_stitches=keep_stitches, upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm,
                  feature_loss=feature_loss, seed=seed)
-    options, data_info = _convert_options(click.get_current_context(), given, recipe, sets)
+    options, data_info = _convert_options(click.get_current_context(), given, recipe, sets, trust_code)
+    options = _with_checkpointing(options, checkpoint_every, checkpoint_minutes)
+    check_reuse_sources(list(reuse))  # in a dry run too
     notes: list[str] = []
     with err.status("compiling the plan ...", spinner="dots"):
         plan = compile_options(options, dry_run=dry_run, data_info=data_info, notes=notes)
@@ -259,21 +310,23 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
             out.print(plan_table(plan, run_dir))
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
-    check_reuse_sources(list(reuse))  # before RUN_DIR is touched
-    prepare_run_dir(plan, run_dir, force=force)
-    if reuse:
-        reused = reuse_finished(plan, run_dir, list(reuse))
-        if fmt != "json":
-            err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
-    _execute_and_report(plan, run_dir, fmt, **(run_options or {}))
+    with run_dir_lock(run_dir):  # from preparing RUN_DIR to the last job: one process at a time
+        prepare_run_dir(plan, run_dir, force=force)
+        if reuse:
+            reused = reuse_finished(plan, run_dir, list(reuse))
+            if fmt != "json":
+                err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
+        _execute_and_report(plan, run_dir, fmt, **(run_options or {}))
 
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--job", "jobs", multiple=True, help="Run only this job (repeatable), e.g. --job m2mkd:2.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@_run_dir_options
 @_executor_options
-def run(run_dir: str, jobs: tuple[str, ...], fmt: str, run_options: dict | None = None) -> None:
+def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpoint_every: int | None,
+        checkpoint_minutes: float | None, run_options: dict | None = None) -> None:
     """Execute RUN_DIR's plan, or resume it: finished jobs (same hash) are skipped.
 
     Exit code 1 when a job fails (its name and log.txt are printed; finished jobs are kept, so running the same
@@ -287,12 +340,22 @@ def run(run_dir: str, jobs: tuple[str, ...], fmt: str, run_options: dict | None 
       monomod run runs/vit_tiny-nac-k4 --job m2mkd:2
       torchrun --nproc_per_node 2 -m monomod.cli run runs/vit_tiny-nac-k4 --job m2mkd:2   # data parallel
     """
+    from monomod.frontend import check_trusted
     from monomod.plan import Plan
+    from monomod.runtime.api import set_checkpointing
+    from monomod.runtime.execute import check_train_configs
+    from monomod.runtime.lock import run_dir_lock
 
     plan = Plan.load(run_dir)
     for name in jobs:
         plan.job(name)  # unknown names fail here, before any work
-    _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None, **(run_options or {}))
+    check_trusted(plan.settings, str(Path(run_dir) / "plan.yaml"), trust_code)
+    check_train_configs(plan)  # an edited plan.yaml fails here, before the table is printed
+    plan.check_paths(run_dir)
+    with run_dir_lock(run_dir):
+        if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
+            plan.save(run_dir)  # workers read the plan from RUN_DIR; job hashes do not change
+        _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None, **(run_options or {}))
 
 
 @cli.group()
@@ -311,7 +374,7 @@ def plan_show(run_dir: str, fmt: str) -> None:
       monomod plan show runs/vit_tiny-nac-k4
     """
     from monomod.plan import Plan
-    from monomod.runtime.jobs import is_done
+    from monomod.runtime.jobs import done_problem
 
     loaded = Plan.load(run_dir)
     if fmt == "yaml":
@@ -319,7 +382,10 @@ def plan_show(run_dir: str, fmt: str) -> None:
     elif fmt == "json":
         data = loaded.to_dict()
         for job in data["jobs"]:
-            job["done"] = is_done(Path(run_dir), loaded.job(job["name"]))
+            problem = done_problem(Path(run_dir), loaded.job(job["name"]))
+            job["done"] = problem is None
+            if problem is not None and problem not in ("not finished", "finished with another hash"):
+                job["problem"] = problem
         click.echo(json.dumps(data, indent=2))
     else:
         out.print(plan_table(loaded, Path(run_dir)))
@@ -327,8 +393,6 @@ def plan_show(run_dir: str, fmt: str) -> None:
 
 def plan_table(plan, run_dir: Path):
     from rich.table import Table
-
-    from monomod.runtime.jobs import is_done
 
     s = plan.settings
     table = Table(title=f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
@@ -338,9 +402,23 @@ def plan_table(plan, run_dir: Path):
         table.add_column(column)
     for job in plan.jobs:
         steps = job.config.get("train", {}).get("steps")
-        state = "[green]done[/green]" if run_dir.exists() and is_done(run_dir, job) else "pending"
+        state = _job_state(run_dir, job)
         table.add_row(job.name, job.kind, ", ".join(job.inputs) or "-", str(steps or "-"), job.hash, state)
     return table
+
+
+def _job_state(run_dir: Path, job) -> str:
+    """done, pending, or why a finished job's products no longer verify (it runs again)."""
+    from rich.markup import escape
+
+    from monomod.runtime.jobs import done_problem
+
+    problem = done_problem(run_dir, job) if run_dir.exists() else "not finished"
+    if problem is None:
+        return "[green]done[/green]"
+    if problem in ("not finished", "finished with another hash") or problem.startswith("its input"):
+        return "pending"
+    return f"[red]runs again: {escape(problem)}[/red]"
 
 
 def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
@@ -397,9 +475,10 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
               help="Also time onnxruntime against torch eager at these batch sizes (median of --repeats).")
 @click.option("--repeats", type=int, default=20, show_default=True, help="Timed runs per latency measurement.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--trust-code", is_flag=True, help="RUN_DIR: allow its plan.yaml to name Python code as the teacher.")
 def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None, cuts: str | None, cost: str,
                img_size: int | None, in_chans: int | None, num_classes: int | None, weights: str | None,
-               opset: int | None, bench_batches: str, repeats: int, fmt: str) -> None:
+               opset: int | None, bench_batches: str, repeats: int, fmt: str, trust_code: bool) -> None:
     """Export TARGET to ONNX, check every file with onnxruntime against torch, exit 1 if a diff exceeds 1e-4.
 
     TARGET is a RUN_DIR (a directory holding plan.yaml: exports the student's stages, the student and, with
@@ -432,7 +511,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
             if given:
                 raise MonomodError(f"{', '.join(given)} apply to a MODEL, not to a RUN_DIR (the run fixes them)",
                                    "drop them, or export a model")
-            items = ex.run_exportables(path, ex.parse_what(what), source=source)
+            items = ex.run_exportables(path, ex.parse_what(what), source=source, trust_code=trust_code)
             title = f"ONNX export of {path} ({source})"
         else:
             if ex.parse_what(what) != ["teacher"] and what != "stages,student":
@@ -519,7 +598,16 @@ def recipes_show(name: str) -> None:
 _CONVERT_PARAMS = {"teacher": "model", "student": "student", "modules": "k"}
 
 
-def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: tuple[str, ...]):
+def _with_checkpointing(options, every: int | None, minutes: float | None):
+    """Options with the command line's checkpoint settings (None: the recipe's or the default)."""
+    from dataclasses import replace
+
+    changes = {k: v for k, v in (("checkpoint_every", every), ("checkpoint_minutes", minutes)) if v is not None}
+    return replace(options, **changes) if changes else options
+
+
+def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: tuple[str, ...],
+                     trust_code: bool = False):
     """ConvertOptions from the command line, or from a recipe overridden by explicit options and then ``--set``.
 
     Returns ``(options, data_info)``; ``data_info`` (a recipe's declared data facts) lets a dry run plan without
@@ -537,9 +625,13 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
             return ConvertOptions(**dict(given, ood=None if given["ood"] == "none" else given["ood"])), None
         return to_convert_options(check(parse_sets(sets, given), "--set", partial=True)), None
 
+    from monomod.frontend import check_trusted
+
     loaded = load_recipe(recipe)
     explicit = {key: value for key, value in given.items()
                 if ctx.get_parameter_source(_CONVERT_PARAMS.get(key, key)) == click.core.ParameterSource.COMMANDLINE}
+    typed = {text.partition("=")[0].strip() for text in sets} | set(explicit)  # the user's own choices
+    check_trusted({k: v for k, v in loaded.values.items() if k not in typed}, f"recipe {loaded.path.name}", trust_code)
     values = check(dict(loaded.values, **explicit), "command line", partial=True)
     values = check(parse_sets(sets, values), "--set", partial=True)
     values.setdefault("description", loaded.description)

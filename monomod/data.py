@@ -305,9 +305,12 @@ class _PilLoader:
     def __call__(self, path: str) -> Any:
         from PIL import Image
 
-        with open(path, "rb") as f:
-            img = Image.open(f)
-            return img.convert("RGB").convert(self.mode)
+        try:  # a corrupt file met mid-epoch is named, not a PIL traceback
+            with open(path, "rb") as f:
+                img = Image.open(f)
+                return img.convert("RGB").convert(self.mode)
+        except (OSError, SyntaxError, ValueError) as e:
+            raise MonomodError(f"cannot read image {path} ({e})", "delete or replace that file") from None
 
 
 class _ClassFolder(ImageFolder):

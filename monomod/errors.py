@@ -14,12 +14,23 @@ def first_line(e: BaseException, *, with_type: bool = False, limit: int = 300) -
     return f"{type(e).__name__}: {text}" if with_type and lines else text
 
 
+def shorten(text: str, limit: int = 80) -> str:
+    """``text`` cut in the middle to at most ``limit`` characters: a 5000-digit seed or a long path stays one
+    readable line, with its start and end (where paths differ) kept."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = max(limit - 5, 2)
+    return f"{text[:keep - keep // 3]}[...]{text[len(text) - keep // 3:]}"
+
+
 class MonomodError(Exception):
     """A problem with the user's input; ``str()`` is the one-line message the CLI prints (exit code 2)."""
 
     exit_code = 2
 
     def __init__(self, problem: str, fix: str | None = None) -> None:
+        problem, fix = shorten(problem, 600), None if fix is None else shorten(fix, 400)  # a last guard
         self.problem = problem
         self.fix = fix
         super().__init__(f"{problem}; {fix}" if fix else problem)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from monomod.errors import MonomodError, first_line
+from monomod.errors import MonomodError, first_line, shorten
 
 # Short names a user types -> the timm model they mean.
 ALIASES: dict[str, str] = {
@@ -20,6 +20,23 @@ ALIASES: dict[str, str] = {
     **{f"deit3_{s}": f"deit3_{s}_patch16_224" for s in ("small", "medium", "base", "large")},
     "deit3_huge": "deit3_huge_patch14_224",
 }
+
+
+def is_code(spec: object) -> bool:
+    """A ``pkg.module:factory`` spec: building it imports and calls Python code."""
+    return isinstance(spec, str) and ":" in spec
+
+
+def check_trusted(values: dict[str, Any], source: str, trust_code: bool) -> None:
+    """Refuse a teacher or student that a file (a recipe, a plan.yaml) names as code, unless ``trust_code``.
+
+    Typing a factory on the command line is the user's choice; a file doing it is not (the ``trust_remote_code``
+    convention): such code runs only with ``--trust-code``."""
+    for key in ("teacher", "student"):
+        spec = values.get(key)
+        if is_code(spec) and not trust_code:
+            raise MonomodError(f"{shorten(source)} names Python code as its {key} ({shorten(spec)!r}), which would be "
+                               "imported and run", "pass --trust-code (trust_code=True) if you trust that file")
 
 
 def resolve_name(spec: str) -> str:

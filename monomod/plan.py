@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
 JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
+# Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
+# how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
+UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes")
+
+
+def job_name_pattern() -> re.Pattern[str]:
+    """``kind`` or ``kind:i`` for a kind of ``JOB_KINDS``: a job name becomes a folder, so nothing else is allowed."""
+    kinds = "|".join(re.escape(kind) for kind in JOB_KINDS)
+    return re.compile(rf"({kinds})(:(0|[1-9][0-9]{{0,5}}))?")
 
 # The run settings each kind of job reads; a job's hash covers only these (None: all of them). Narrow scopes let a
 # changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
@@ -87,7 +98,7 @@ class Plan:
         hashes: dict[str, str] = {}
         for job in self.jobs:
             job.hash = _digest({
-                "kind": job.kind, "config": job.config, "settings": _digest(self.settings_of(job.kind)),
+                "kind": job.kind, "config": _hashed_config(job.config), "settings": _digest(self.settings_of(job.kind)),
                 "inputs": [hashes[name] for name in job.inputs],
             })
             hashes[job.name] = job.hash
@@ -98,16 +109,42 @@ class Plan:
         return dict(self.settings) if scope is None else {k: self.settings[k] for k in scope if k in self.settings}
 
     def _check(self) -> None:
+        """Refuse, before anything runs, a plan whose jobs could write outside RUN_DIR or read from nowhere."""
         seen: set[str] = set()
+        names = {job.name for job in self.jobs}
+        pattern = job_name_pattern()
         for job in self.jobs:
             if job.kind not in JOB_KINDS:
-                raise MonomodError(f"job {job.name!r} has unknown kind {job.kind!r}", f"use one of {', '.join(JOB_KINDS)}")
+                raise MonomodError(f"job {shorten(job.name)!r} has unknown kind {shorten(job.kind)!r}",
+                                   f"use one of {', '.join(JOB_KINDS)}")
+            match = pattern.fullmatch(job.name)
+            if match is None or match.group(1) != job.kind:
+                raise MonomodError(f"job name {shorten(job.name)!r} is not {job.kind!r} or '{job.kind}:<index>'",
+                                   "job names become folders of RUN_DIR: recompile the plan with `monomod convert`")
+            for out in job.outputs:
+                if not _inside_run_dir(out):
+                    raise MonomodError(f"job {job.name!r} writes {shorten(str(out))!r}, outside RUN_DIR",
+                                       "outputs are paths relative to RUN_DIR, without '..': recompile the plan")
             if job.name in seen:
                 raise MonomodError(f"the plan names job {job.name!r} twice", "give every job a unique name")
+            unknown = [name for name in job.inputs if name not in names]
+            if unknown:
+                raise MonomodError(f"job {job.name!r} reads from {shorten(', '.join(map(str, unknown)))}, which is no "
+                                   "job of this plan", f"name jobs of the plan: {', '.join(sorted(names))}")
             missing = [name for name in job.inputs if name not in seen]
             if missing:
                 raise MonomodError(f"job {job.name!r} reads from {missing}, which do not run before it", "list jobs in dependency order")
             seen.add(job.name)
+
+    def check_paths(self, run_dir: str | Path) -> None:
+        """Every folder and output of every job resolves inside RUN_DIR (symbolic links included)."""
+        root = Path(run_dir).resolve()
+        for job in self.jobs:
+            for rel in (f"jobs/{job.dir}", *job.outputs):
+                target = (root / rel).resolve()
+                if target != root and root not in target.parents:
+                    raise MonomodError(f"job {job.name!r} would write {shorten(str(target))}, outside {shorten(str(root))}",
+                                       "remove the symbolic link that leads out of RUN_DIR, or recompile the plan")
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "settings": self.settings, "jobs": [j.to_dict() for j in self.jobs]}
@@ -119,8 +156,9 @@ class Plan:
     def from_dict(cls, data: dict[str, Any]) -> Plan:
         if not isinstance(data, dict) or data.get("version") != PLAN_VERSION or "jobs" not in data:
             raise MonomodError("not a monomod plan (missing version or jobs)", "compile one with `monomod convert ... --dry-run`")
-        jobs = [Job(name=j["name"], kind=j["kind"], inputs=list(j.get("inputs", [])), outputs=list(j.get("outputs", [])),
-                    config=dict(j.get("config") or {})) for j in data["jobs"]]
+        if not isinstance(data["jobs"], list) or not isinstance(data.get("settings") or {}, dict):
+            raise MonomodError("plan: jobs must be a list and settings a mapping", "recompile the plan with `monomod convert`")
+        jobs = [_job_from_dict(j, i) for i, j in enumerate(data["jobs"])]
         return cls(settings=dict(data.get("settings") or {}), jobs=jobs, version=data["version"])
 
     @classmethod
@@ -145,6 +183,40 @@ class Plan:
         if not path.is_file():
             raise MonomodError(f"{str(run_dir)!r} holds no {PLAN_FILE}", "pass the RUN_DIR of a `monomod convert` run")
         return cls.from_yaml(path.read_text())
+
+
+def _job_from_dict(entry: Any, index: int) -> Job:
+    """One job of a plan file, its fields checked for type so an edit gives one line, not a traceback."""
+    if not isinstance(entry, dict):
+        raise MonomodError(f"plan: job #{index + 1} is {shorten(repr(entry))}, not a mapping with name, kind, inputs, "
+                           "outputs and config", "write each job as a mapping (see `monomod plan show RUN_DIR --format yaml`)")
+    name, kind = entry.get("name"), entry.get("kind")
+    if not isinstance(name, str) or not isinstance(kind, str):
+        raise MonomodError(f"plan: job #{index + 1} has no name or kind ({shorten(repr(name))}, {shorten(repr(kind))})",
+                           "give every job a name and a kind as strings")
+    inputs, outputs, config = entry.get("inputs", []), entry.get("outputs", []), entry.get("config") or {}
+    for field_name, value in (("inputs", inputs), ("outputs", outputs)):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise MonomodError(f"plan: job {shorten(name)!r}: {field_name} must be a list of strings, got {shorten(repr(value))}",
+                               "fix the edit or recompile the plan")
+    if not isinstance(config, dict):
+        raise MonomodError(f"plan: job {shorten(name)!r}: config must be a mapping", "fix the edit or recompile the plan")
+    return Job(name=name, kind=kind, inputs=list(inputs), outputs=list(outputs), config=dict(config))
+
+
+def _inside_run_dir(path: Any) -> bool:
+    """A relative path that stays inside the folder it is joined to (no '..' ends up above it, no drive or root)."""
+    if not isinstance(path, str) or not path or "\\" in path or "\x00" in path:
+        return False
+    normal = os.path.normpath(path)
+    return not (os.path.isabs(path) or normal == "." or normal == ".." or normal.startswith(".." + os.sep))
+
+
+def _hashed_config(config: dict[str, Any]) -> dict[str, Any]:
+    train = config.get("train")
+    if not isinstance(train, dict) or not set(UNHASHED_TRAIN_KEYS) & set(train):
+        return config
+    return {**config, "train": {k: v for k, v in train.items() if k not in UNHASHED_TRAIN_KEYS}}
 
 
 def _digest(value: Any) -> str:

@@ -34,8 +34,11 @@ import contextlib
 import json
 import logging
 import math
+import os
+import shutil
 import statistics
 import time
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from monomod import __version__
-from monomod.errors import MonomodError, first_line
+from monomod.errors import MonomodError, first_line, shorten
 
 EXPORT_WHATS: tuple[str, ...] = ("stages", "student", "teacher")
 TOLERANCE = 1e-4  # max abs difference onnxruntime vs torch that counts as a pass
@@ -130,13 +133,17 @@ def parse_what(text: str | Iterable[str]) -> list[str]:
 
 
 def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "student"),
-                    source: str = "finetune") -> list[Exportable]:
-    """The modules of a finished RUN_DIR to export (see the module docstring for what each kind is)."""
+                    source: str = "finetune", *, trust_code: bool = False) -> list[Exportable]:
+    """The modules of a finished RUN_DIR to export (see the module docstring for what each kind is); a teacher the
+    plan names as Python code is built only with ``trust_code``."""
+    from monomod.frontend import check_trusted
     from monomod.runtime.api import load_run
 
     if source not in ("finetune", "assemble"):
         raise MonomodError(f"unknown export source {source!r}", "use finetune or assemble")
-    run = load_run(run_dir)
+    run = load_run(run_dir, trust_code=trust_code)
+    if "teacher" in what:
+        check_trusted(run.plan.settings, str(run.path / "plan.yaml"), trust_code)
     items: list[Exportable] = []
     common = {"source": f"{run.path.name}:{source}", "teacher": run.plan.settings["teacher"],
               "student": run.plan.settings["student"]}
@@ -370,33 +377,81 @@ def bench(item: Exportable, session, batch: int, repeats: int = 20, warmup: int 
 def export_all(items: Sequence[Exportable], out_dir: str | Path, *, opset: int | None = None,
                check_batches: Sequence[int] = CHECK_BATCHES, bench_batches: Sequence[int] = (),
                repeats: int = 20, on_result=None) -> list[ExportResult]:
-    """Export, check and compare every item; write ``out_dir/export.json`` (a manifest of the files)."""
+    """Export, check and compare every item; write ``out_dir/export.json`` (a manifest of the files).
+
+    Atomic: everything is written into a temporary sibling of ``out_dir`` that is swapped in at the end, so a killed
+    export leaves the previous folder whole (never a manifest listing a deleted file); leftovers of killed exports
+    are removed by the next one."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise MonomodError(f"--onnx {str(out)!r} is a file", "choose a directory for the ONNX files")
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for item in items:
-        path, exporter, note = export_one(item, out, opset=opset)
-        check_file(path, item)
-        session = _session(path)
-        try:
-            diff = compare(item, session, check_batches)
-        except Exception as e:  # noqa: BLE001 - onnxruntime refusing an input is a failed check, not a crash
-            diff, note = math.inf, (note + "; " if note else "") + f"onnxruntime failed: {first_line(e, with_type=True, limit=160)}"
-        size = path.stat().st_size + sum(f.stat().st_size for f in out.glob(f"{item.name}.onnx.data"))
-        result = ExportResult(item.name, path, size, exporter, diff, note)
-        for batch in bench_batches:
-            result.latency_ms[batch] = bench(item, session, batch, repeats)
-        results.append(result)
-        if on_result:
-            on_result(result)
-    manifest = {"monomod_version": __version__, "tolerance": TOLERANCE, "check_batches": list(check_batches),
-                "files": [{**r.to_json(), "inputs": [s.to_json() for s in i.inputs],
-                           "outputs": [s.to_json() for s in i.outputs], "metadata": i.metadata}
-                          for r, i in zip(results, items)]}
-    (out / "export.json").write_text(json.dumps(manifest, indent=2))
+    staging = _staging_dir(out)
+    try:
+        results = []
+        for item in items:
+            result = _export_checked(item, staging, opset, check_batches)
+            session = _session(result.path) if bench_batches else None
+            for batch in bench_batches:
+                result.latency_ms[batch] = bench(item, session, batch, repeats)
+            results.append(result)
+            if on_result:
+                on_result(result)
+        manifest = {"monomod_version": __version__, "tolerance": TOLERANCE, "check_batches": list(check_batches),
+                    "files": [{**r.to_json(), "inputs": [s.to_json() for s in i.inputs],
+                               "outputs": [s.to_json() for s in i.outputs], "metadata": i.metadata}
+                              for r, i in zip(results, items)]}
+        (staging / "export.json").write_text(json.dumps(manifest, indent=2))
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for r in results:
+        r.path = out / r.path.name
     return results
+
+
+def _export_checked(item: Exportable, folder: Path, opset: int | None, check_batches: Sequence[int]) -> ExportResult:
+    path, exporter, note = export_one(item, folder, opset=opset)
+    check_file(path, item)
+    session = _session(path)
+    try:
+        diff = compare(item, session, check_batches)
+    except Exception as e:  # noqa: BLE001 - onnxruntime refusing an input is a failed check, not a crash
+        diff, note = math.inf, (note + "; " if note else "") + f"onnxruntime failed: {first_line(e, with_type=True, limit=160)}"
+    size = path.stat().st_size + sum(f.stat().st_size for f in folder.glob(f"{item.name}.onnx.data"))
+    return ExportResult(item.name, path, size, exporter, diff, note)
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh temporary sibling of ``out`` (leftovers of killed exports removed); ``out`` itself must be new, empty
+    or an earlier export, because it is replaced whole."""
+    if out.exists() and not out.is_dir():
+        raise MonomodError(f"--onnx {shorten(str(out))!r} is a file", "choose a directory for the ONNX files")
+    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
+        raise MonomodError(f"--onnx {shorten(str(out))!r} is not empty and holds no export.json; it would be replaced",
+                           "choose a new or empty folder for the ONNX files")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for stale in out.parent.glob(f".{out.name}.export-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = out.parent / f".{out.name}.export-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as e:
+        raise MonomodError(f"cannot write next to --onnx {shorten(str(out))!r} ({e.strerror})",
+                           "choose a writable folder with a shorter path") from None
+    return staging
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by ``staging`` with renames: readers see the old export or the new one."""
+    aside = out.parent / f".{out.name}.export-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    if out.exists():
+        os.replace(out, aside)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        if aside.exists() and not out.exists():
+            os.replace(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def results_table(results: Sequence[ExportResult], title: str = "ONNX export"):

@@ -56,7 +56,7 @@ def partition(
         k = 1 if modules is None else modules
         if not isinstance(k, int) or k < 1:
             raise MonomodError(f"--modules must be a positive integer, got {k!r}", "pass K >= 1")
-        limit = sum(1 for n in traced.nodes.values() if _is_compute(n))
+        limit = max_modules(traced)
         if k > limit:
             raise MonomodError(
                 f"K={k} is more modules than {traced.name} has places to cut ({limit} compute nodes)",
@@ -64,6 +64,11 @@ def partition(
             )
         assignment, method = _balanced_mincut_assignment(traced, k, cost, tolerance), "mincut"
     return _build_partition(traced, assignment, k, cost, method)
+
+
+def max_modules(traced: TracedModel) -> int:
+    """The most modules ``traced`` can be cut into: one compute node each (checked before a plan is built)."""
+    return sum(1 for n in traced.nodes.values() if _is_compute(n))
 
 
 def _is_compute(info: NodeInfo) -> bool:

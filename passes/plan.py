@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from monomod import __version__
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 from monomod.plan import Job, Plan
 
 STUDENT_KINDS = ("nac", "moe", "vit")
@@ -65,6 +65,9 @@ class ConvertOptions:
     seed: int = 0
     meta_width: int | None = None  # width of the trained meta model (default: the teacher's boundary width)
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job kind, over the preset's (BUDGET_KEYS)
+    # How often training jobs checkpoint (how a job runs, not what it computes: kept out of job hashes)
+    checkpoint_every: int = 0  # steps; 0 = by time only
+    checkpoint_minutes: float = 10.0  # wall-clock minutes; 0 = by steps only
 
 
 @dataclass(frozen=True)
@@ -222,9 +225,10 @@ def _budget_maker(o: ConvertOptions, data: DataInfo) -> Callable[[str, int], dic
 def validate_options(o: ConvertOptions) -> None:
     if o.student not in STUDENT_KINDS:
         raise MonomodError(f"unknown student --to {o.student!r}", f"use one of {', '.join(STUDENT_KINDS)}")
-    if not isinstance(o.modules, int) or o.modules < 1:
-        raise MonomodError(f"--modules must be a positive integer, got {o.modules!r}", "pass K >= 2")
     minimum = 3 if o.student == "nac" else 2
+    if not isinstance(o.modules, int) or o.modules < 1:
+        raise MonomodError(f"--modules must be at least 1, got {shorten(repr(o.modules))}",
+                           f"a {o.student} student needs --modules {minimum} or more")
     if o.modules < minimum:
         detail = "tokenizer+read-in, >=1 propagator, read-out" if o.student == "nac" else "a first and a last stage"
         raise MonomodError(f"a {o.student} student needs at least {minimum} modules ({detail}); got K={o.modules}",
@@ -266,10 +270,10 @@ def validate_options(o: ConvertOptions) -> None:
             elif key == "grad_clip":
                 good = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
             else:
-                good = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+                good = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
             if not good:
-                raise MonomodError(f"budgets.{kind}.{key}={value!r} is invalid",
-                                   "give a non-negative number (an integer >= 1 for steps, epochs and batch_size)")
+                raise MonomodError(f"budgets.{kind}.{key}={shorten(repr(value))} is invalid",
+                                   "give a finite non-negative number (an integer >= 1 for steps, epochs and batch_size)")
 
 
 def _validate_teacher_training(o: ConvertOptions) -> None:

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
@@ -118,7 +118,9 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kd": _choice("soft", "hard"),
     "kl_norm": _choice(None, "batchmean", "reference"),
     "feature_loss": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "seed": (lambda v: _is_int(v, 0), "an integer >= 0"),
+    "seed": (lambda v: _is_int(v, 0) and v < 2**63 - 1000, "an integer >= 0 (below 2**63)"),
+    "checkpoint_every": (lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
+    "checkpoint_minutes": (lambda v: _is_num(v) and 0 <= v < float("inf"), "a number >= 0 (minutes; 0 = by steps only)"),
     "budgets": (lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
     "data_info": (lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}
                   and all(_is_int(x) for x in v.values()), "a mapping with num_classes and train_size (integers)"),
@@ -140,7 +142,7 @@ def check(values: Any, source: str, *, partial: bool = False) -> dict[str, Any]:
             raise MonomodError(f"{source}: unknown key {key!r}", f"allowed keys: {', '.join(SCHEMA)}")
         ok, allowed = SCHEMA[key]
         if not ok(value):
-            raise MonomodError(f"{source}: {key}: {value!r} is not allowed", f"use {allowed}")
+            raise MonomodError(f"{source}: {key}: {shorten(repr(value))} is not allowed", f"use {allowed}")
     for kind, override in (values.get("budgets") or {}).items():
         if kind not in BUDGET_KINDS:
             raise MonomodError(f"{source}: budgets.{kind}: unknown job kind", f"use {', '.join(BUDGET_KINDS)}")
@@ -199,10 +201,13 @@ def recipe_names() -> list[str]:
 def load_recipe(name_or_path: str | Path) -> Recipe:
     """A shipped recipe by name (``paper-nac-tinyimagenet``) or a YAML file by path, checked."""
     path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and not path.is_file() and not (RECIPE_DIR / path.name).is_file():
+        raise MonomodError(f"recipe file {shorten(str(path))!r} does not exist",
+                           "check the path, or name a shipped recipe (monomod recipes list)")
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = RECIPE_DIR / f"{name_or_path}.yaml"
         if not path.is_file():
-            raise MonomodError(f"no recipe {str(name_or_path)!r}",
+            raise MonomodError(f"no recipe {shorten(str(name_or_path))!r}",
                                f"use one of {', '.join(recipe_names())} (monomod recipes list) or a .yaml path")
     try:
         values = yaml.load(path.read_text(), Loader=_Loader)

@@ -78,14 +78,14 @@ def test_bad_plans_and_options():
         plan_for(student="cnn")
     with pytest.raises(monomod.MonomodError, match="nac student needs at least 3 modules"):
         plan_for(modules=2)
-    with pytest.raises(monomod.MonomodError, match="--modules must be a positive integer"):
+    with pytest.raises(monomod.MonomodError, match="--modules must be at least 1"):
         plan_for(student="moe", modules=0)
     with pytest.raises(monomod.MonomodError, match="feature-loss needs the student's boundaries"):
         plan_for(feature_loss=1.0)
     with pytest.raises(monomod.MonomodError, match="unknown --meta"):
         plan_for(meta="none")
     with pytest.raises(monomod.MonomodError, match="do not run before it"):
-        Plan(settings={}, jobs=[Job("a", "assemble", ["b"], [], {}), Job("b", "teacher", [], [], {})])
+        Plan(settings={}, jobs=[Job("assemble", "assemble", ["teacher"], [], {}), Job("teacher", "teacher", [], [], {})])
     with pytest.raises(monomod.MonomodError, match="unknown kind"):
         Plan(settings={}, jobs=[Job("a", "train", [], [], {})])
     with pytest.raises(monomod.MonomodError, match="not valid YAML"):

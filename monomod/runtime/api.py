@@ -22,13 +22,22 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     """
     from monomod.frontend import load_model
     from monomod.passes.plan import PRESET_BUDGETS, DataInfo, compile_plan, validate_options
+    from monomod.runtime import checks
+    from monomod.runtime.execute import check_train_configs
 
+    checks.check_scalars(options)
     validate_options(options)
     probe = load_model(options.teacher, device="meta", img_size=options.img_size or PRESET_BUDGETS[options.preset]["img_size"],
                        in_chans=options.in_chans)
     cfg = getattr(probe, "pretrained_cfg", None) or {}
     img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
     in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
+    checks.check_teacher_takes(probe, options.teacher, options.modules, img_size, in_chans)  # bounds K first
+    if options.weights:
+        checks.check_weights(probe, options.weights)
+    checks.check_image_folders(options.data)
+    if options.distill_data:
+        checks.check_image_folders(options.distill_data)
     notes = notes if notes is not None else []
     facts = _data_facts(options.data, options.ood, img_size, in_chans, dry_run, data_info, notes)
     distill = None
@@ -39,11 +48,34 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
+    checks.check_student_builds(options, facts[0])
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
-    return compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
+    plan = compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
                                           distill_num_classes=distill[0] if distill else None,
                                           distill_train_size=distill[1] if distill else None))
+    set_checkpointing(plan, options.checkpoint_every, options.checkpoint_minutes)
+    check_train_configs(plan)
+    return plan
+
+
+def set_checkpointing(plan: Plan, every: int | None, minutes: float | None) -> bool:
+    """Write how often each training job checkpoints into its config (None: leave as is). These keys stay out of
+    job hashes (``monomod.plan.UNHASHED_TRAIN_KEYS``), so changing them never re-runs a finished job. Returns
+    whether anything changed."""
+    from monomod.runtime.checks import check_checkpointing
+
+    check_checkpointing(0 if every is None else every, minutes)
+    changed = False
+    for job in plan.jobs:
+        train = job.config.get("train")
+        if not isinstance(train, dict):
+            continue
+        for key, value in (("checkpoint_every", every), ("checkpoint_minutes", minutes)):
+            if value is not None and train.get(key) != value:
+                train[key], changed = value, True
+    plan.rehash()
+    return changed
 
 
 def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None:
@@ -93,18 +125,40 @@ def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool
             reuse: list[str | Path] | None = None, **options: Any) -> "Run":
     """Compile and execute a whole m2mKD conversion, like ``monomod convert``; returns the finished Run.
 
-    ``options`` are the fields of ``monomod.passes.plan.ConvertOptions`` (data, preset, meta, alpha, ...);
-    ``reuse`` lists earlier RUN_DIRs whose finished jobs with the same hash are copied instead of run again.
+    ``options`` are the fields of ``monomod.passes.plan.ConvertOptions`` (data, preset, meta, alpha,
+    checkpoint_every, checkpoint_minutes, ...); ``reuse`` lists earlier RUN_DIRs whose finished jobs with the same
+    hash are copied instead of run again. ``teacher`` is the caller's own choice, so a factory runs without asking.
     """
     from monomod.passes.plan import ConvertOptions
-    from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
+    from monomod.runtime.execute import check_reuse_sources, execute, prepare_run_dir, reuse_finished
+    from monomod.runtime.lock import run_dir_lock
 
+    check_reuse_sources(list(reuse or []))
     plan = compile_options(ConvertOptions(teacher=teacher, student=to, modules=modules, **options))
-    run_dir = prepare_run_dir(plan, out, force=force)
-    if reuse:
-        reuse_finished(plan, run_dir, list(reuse))
-    execute(plan, run_dir)
+    with run_dir_lock(out):
+        run_dir = prepare_run_dir(plan, out, force=force)
+        if reuse:
+            reuse_finished(plan, run_dir, list(reuse))
+        execute(plan, run_dir)
     return load_run(run_dir)
+
+
+def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int | None = None,
+        checkpoint_minutes: float | None = None, **execute_options: Any) -> "Run":
+    """Execute (or resume) RUN_DIR's plan, like ``monomod run``. A teacher the plan file names as Python code
+    (``pkg.module:factory``) runs only with ``trust_code=True``."""
+    from monomod.frontend import check_trusted
+    from monomod.runtime.execute import execute
+    from monomod.runtime.lock import run_dir_lock
+
+    path = Path(run_dir)
+    plan = Plan.load(path)
+    check_trusted(plan.settings, str(path / "plan.yaml"), trust_code)
+    with run_dir_lock(path):
+        if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
+            plan.save(path)  # workers read the plan from RUN_DIR; the hashes stay the same
+        execute(plan, path, **execute_options)
+    return Run(path=path, plan=plan, trust_code=trust_code)
 
 
 class DeployedStudent(nn.Module):
@@ -127,6 +181,7 @@ class Run:
 
     path: Path
     plan: Plan
+    trust_code: bool = False  # whether a teacher the plan names as code may be built (see frontend.check_trusted)
 
     @property
     def report(self) -> dict[str, Any] | None:
@@ -138,8 +193,14 @@ class Run:
 
     def student(self, which: str = "finetune") -> DeployedStudent:
         """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
-        if not is_done(self.path, self.plan.job(which)):
-            raise MonomodError(f"job {which!r} of {str(self.path)!r} has not finished", f"run it first: monomod run {self.path}")
+        from monomod.frontend import check_trusted
+        from monomod.runtime.jobs import done_problem
+
+        if which != "baseline" and self.plan.job("assemble").config.get("keep_stitches"):
+            check_trusted(self.plan.settings, str(self.path / "plan.yaml"), self.trust_code)  # stitches trace it
+        problem = done_problem(self.path, self.plan.job(which))
+        if problem is not None:
+            raise MonomodError(f"job {which!r} of {str(self.path)!r}: {problem}", f"run it first: monomod run {self.path}")
         ctx = RunContext(run_dir=self.path, plan=self.plan)
         model = ctx.new_student(self.plan.settings["seed"]) if which == "baseline" else ctx.assembled_student()
         model.load_state_dict(ctx.product(which))
@@ -148,11 +209,11 @@ class Run:
         return DeployedStudent(model, data.mean, data.std, (s["in_chans"], s["img_size"], s["img_size"])).eval()
 
 
-def load_run(run_dir: str | Path) -> Run:
+def load_run(run_dir: str | Path, *, trust_code: bool = False) -> Run:
     path = Path(run_dir)
-    return Run(path=path, plan=Plan.load(path))
+    return Run(path=path, plan=Plan.load(path), trust_code=trust_code)
 
 
-def load_student(run_dir: str | Path) -> DeployedStudent:
+def load_student(run_dir: str | Path, *, trust_code: bool = False) -> DeployedStudent:
     """The run's fine-tuned student, ready for raw [0, 1] images of shape ``(B, *student.input_size)``."""
-    return load_run(run_dir).student()
+    return load_run(run_dir, trust_code=trust_code).student()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -62,6 +63,28 @@ def _fsync_dir(path: Path) -> None:
 
 def _unique(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+# The temporary siblings ``_unique(path, "tmp")`` makes, and the staging folders of ``reuse_finished``.
+_TEMPORARY = re.compile(r"\..+\.(tmp-[0-9]+-[0-9a-f]{8}|reuse)")
+
+
+def clean_temporaries(root: Path) -> list[Path]:
+    """Delete the temporary files and folders that writers killed mid-write left under ``root``.
+
+    Only safe while no writer is at work there: ``execute`` calls it holding RUN_DIR's lock. Aside copies of
+    checkpoints (``.old-``) are kept: they may be the last complete checkpoint (see ``save_checkpoint``)."""
+    removed = []
+    if not root.is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [*dirnames, *filenames]:
+            if _TEMPORARY.fullmatch(name):
+                path = Path(dirpath) / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                removed.append(path)
+        dirnames[:] = [d for d in dirnames if not _TEMPORARY.fullmatch(d)]
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------- small text files

@@ -13,9 +13,10 @@ from typing import Callable
 from rich.console import Console
 from rich.markup import escape
 
-from monomod.errors import JobFailed, MonomodError
+from monomod.errors import JobFailed, MonomodError, shorten
 from monomod.plan import PLAN_FILE, Job, Plan
-from monomod.runtime.jobs import is_done
+from monomod.runtime.jobs import DONE_FILE, done_problem, is_done
+from monomod.runtime.lock import LOCK_FILE, run_dir_lock
 
 
 @dataclass
@@ -33,7 +34,8 @@ def prepare_run_dir(plan: Plan, run_dir: str | Path, *, force: bool = False) -> 
     """
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise MonomodError(f"--out {str(run_dir)!r} is a file", "choose a directory for the run")
+        raise MonomodError(f"--out {shorten(str(run_dir))!r} is a file", "choose a directory for the run")
+    plan.check_paths(run_dir)
     if (run_dir / PLAN_FILE).exists():
         existing = Plan.load(run_dir)
         changed = _differences(existing, plan)
@@ -42,9 +44,14 @@ def prepare_run_dir(plan: Plan, run_dir: str | Path, *, force: bool = False) -> 
                 f"{str(run_dir)!r} holds a different plan (changed: {', '.join(changed[:4])}{' ...' if len(changed) > 4 else ''})",
                 "pass --force to replace it (finished jobs that did not change are kept) or choose another --out",
             )
-    elif run_dir.exists() and any(run_dir.iterdir()):
-        raise MonomodError(f"{str(run_dir)!r} is not empty and holds no monomod plan", "choose an empty or new --out directory")
-    plan.save(run_dir)
+    elif run_dir.exists() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
+        raise MonomodError(f"{shorten(str(run_dir))!r} is not empty and holds no monomod plan",
+                           "choose an empty or new --out directory")
+    try:
+        plan.save(run_dir)
+    except OSError as e:
+        raise MonomodError(f"cannot write the plan to --out {shorten(str(run_dir))!r} ({e.strerror})",
+                           "choose a writable folder with a shorter path") from None
     return run_dir
 
 
@@ -77,10 +84,16 @@ def reuse_finished(plan: Plan, run_dir: str | Path, sources: list[str | Path]) -
 
 
 def check_reuse_sources(sources: list[str | Path]) -> None:
+    """Each ``--reuse`` folder is a run whose plan reads (checked at compile time, in a dry run too)."""
     for source in map(Path, sources):
         if not (source / PLAN_FILE).is_file():
-            raise MonomodError(f"--reuse {str(source)!r} is not a monomod run (no {PLAN_FILE})",
+            raise MonomodError(f"--reuse {shorten(str(source))!r} is not a monomod run (no {PLAN_FILE})",
                                "pass the RUN_DIR of an earlier `monomod convert`")
+        try:
+            Plan.load(source)
+        except MonomodError as e:
+            raise MonomodError(f"--reuse {shorten(str(source))!r}: {e.problem}", "pass the RUN_DIR of an earlier "
+                               "`monomod convert`") from None
 
 
 def _differences(old: Plan, new: Plan) -> list[str]:
@@ -91,9 +104,37 @@ def _differences(old: Plan, new: Plan) -> list[str]:
     return changed
 
 
-def execute(
+def execute(plan: Plan, run_dir: str | Path, **options) -> list[JobStatus]:
+    """``_execute`` (see there) while holding RUN_DIR's lock, after checking that every path stays inside RUN_DIR,
+    every training config is valid and the temporary files of killed writers are gone."""
+    from monomod.runtime.checkpoint import clean_temporaries
+
+    plan.check_paths(run_dir)
+    check_train_configs(plan)
+    with run_dir_lock(run_dir):
+        clean_temporaries(Path(run_dir))
+        return _execute(plan, Path(run_dir), **options)
+
+
+def check_train_configs(plan: Plan) -> None:
+    """Every job's training config, checked before any job runs (an edited plan.yaml says ``steps: many``)."""
+    from monomod.runtime.train import TrainConfig
+
+    for job in plan.jobs:
+        train = job.config.get("train")
+        if train is None:
+            continue
+        if not isinstance(train, dict):
+            raise MonomodError(f"job {job.name!r}: train must be a mapping", "fix the edit or recompile the plan")
+        try:
+            TrainConfig.from_json(dict(train))
+        except MonomodError as e:
+            raise MonomodError(f"job {job.name!r}: {e.problem}", e.fix) from None
+
+
+def _execute(
     plan: Plan,
-    run_dir: str | Path,
+    run_dir: Path,
     *,
     only: list[str] | None = None,
     console: Console | None = None,
@@ -131,11 +172,18 @@ def execute(
     done: set[str] = set()
     pending = []
     for job in plan.jobs:
-        if is_done(run_dir, job):
+        problem = done_problem(run_dir, job)
+        stale_inputs = [name for name in job.inputs if name not in done]
+        if problem is None and stale_inputs:  # an input runs again (a product failed verification): so must this
+            problem = f"its input {stale_inputs[0]} runs again"
+        if problem is None:
             done.add(job.name)
             if selected is None or job.name in selected:
                 statuses.append(JobStatus(job.name, "cached"))
-        elif selected is None or job.name in selected:
+            continue
+        if (run_dir / "jobs" / job.dir / DONE_FILE).is_file() and problem not in ("finished with another hash", "not finished"):
+            console.print(f"[yellow]{job.name}: {escape(problem)}; running it again[/yellow]", highlight=False)
+        if selected is None or job.name in selected:
             pending.append(job)
     will_run = {job.name for job in pending}
     for job in pending:

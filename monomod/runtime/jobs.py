@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, first_line
 from monomod.ir import Partition
 from monomod.plan import Job, Plan
 from monomod.runtime.checkpoint import atomic_save_tensors, atomic_write_json
@@ -225,10 +225,19 @@ class RunContext:
     # ----------------------------------------------------------------------------------------- products
 
     def product(self, name: str) -> dict[str, torch.Tensor]:
+        """Job ``name``'s weights, verified against its done record (size, sha256) before they are read."""
         path = self.job_dir(name) / MODEL_FILE
         if not path.is_file():
             raise MonomodError(f"job {name!r} has not produced {path}", f"run the plan (monomod run {self.run_dir})")
-        return load_file(str(path))
+        job = self.plan.job(name)
+        problem = done_problem(self.run_dir, job) if (self.job_dir(name) / DONE_FILE).is_file() else None
+        if problem is not None and problem != "finished with another hash":
+            raise MonomodError(f"job {name!r}: {problem}", f"run `monomod run {self.run_dir}` to make it again")
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - a torn file of a job still running, or without a done record
+            raise MonomodError(f"cannot read {path} ({first_line(e)})",
+                               f"run `monomod run {self.run_dir}` to make it again") from None
 
     def save_product(self, name: str, module: nn.Module) -> None:
         if not is_writer():
@@ -492,15 +501,24 @@ RUNNERS: dict[str, Callable[[RunContext, Job], dict[str, Any]]] = {
 
 
 def is_done(run_dir: Path, job: Job) -> bool:
-    """Finished with the current hash, and its products still exist."""
-    marker = run_dir / "jobs" / job.dir / DONE_FILE
+    """Finished with the current hash, and its products still as they were written (see ``done_problem``)."""
+    return done_problem(run_dir, job) is None
+
+
+def done_problem(run_dir: Path, job: Job) -> str | None:
+    """None when ``job`` is finished and its products verify; else why not, in one line."""
+    from monomod.runtime import integrity
+
+    marker = Path(run_dir) / "jobs" / job.dir / DONE_FILE
     if not marker.is_file():
-        return False
+        return "not finished"
     try:
         done = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    return done.get("hash") == job.hash and all((run_dir / out).exists() for out in job.outputs)
+        return f"{marker} cannot be read"
+    if not isinstance(done, dict) or done.get("hash") != job.hash:
+        return "finished with another hash"
+    return integrity.problem(Path(run_dir), job.outputs, done.get("products"))
 
 
 def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -518,6 +536,9 @@ def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     if world_size() > 1:
         record["world_size"] = world_size()
     if is_writer():
+        from monomod.runtime.integrity import describe
+
+        record["products"] = describe(ctx.run_dir, job.outputs)
         atomic_write_json(ctx.job_dir(job.name) / DONE_FILE, record)
     barrier()
     return record

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 from monomod.runtime import distributed
 from monomod.runtime.checkpoint import (
     atomic_write_json,
@@ -52,7 +52,7 @@ from monomod.runtime.checkpoint import (
 CHECKPOINT_FORMAT = 1
 AMP_MODES = ("auto", "bf16", "off")
 # Config fields that may change between a run and its resume without invalidating the checkpoint.
-RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "device"})
+RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "checkpoint_minutes", "device"})
 # Parameter-name words that mark a parameter as exempt from weight decay (in addition to every 1-D parameter).
 NO_DECAY_WORDS = frozenset({
     "token", "tokens", "embed", "embeds", "embedding", "embeddings", "signature", "signatures", "code", "codes",
@@ -80,20 +80,23 @@ class TrainConfig:
     num_classes: int | None = None  # needed by mixup to one-hot integer labels (not needed if labels are already soft)
     seed: int = 0
     log_every: int = 10
-    checkpoint_every: int = 0       # 0 = only at the end; N = also every N steps
+    checkpoint_every: int = 0       # 0 = no step-based checkpoints; N = also every N steps
+    checkpoint_minutes: float = 10.0  # also every M minutes of wall time (0 = not by time); always at the end
     amp: str = "auto"               # "auto" = bf16 autocast on CUDA, off on CPU; "bf16" = always; "off" = never
     device: str = "auto"
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> MonomodError:
-            return MonomodError(f"training config: {field}={getattr(self, field)!r} {why}", f"set a valid {field}")
+            return MonomodError(f"training config: {field}={shorten(repr(getattr(self, field)))} {why}",
+                                f"set a valid {field}")
 
+        _check_types(self, bad)
         if self.steps < 1:
             raise bad("steps", "must be at least 1")
         if self.batch_size < 1:
             raise bad("batch_size", "must be at least 1")
-        if not self.lr > 0:
-            raise bad("lr", "must be positive")
+        if not 0 < self.lr < math.inf:
+            raise bad("lr", "must be positive and finite")
         if not 0 <= self.min_lr <= self.lr:
             raise bad("min_lr", f"must lie in [0, lr={self.lr}]")
         if self.weight_decay < 0:
@@ -110,8 +113,8 @@ class TrainConfig:
             raise bad("num_classes", "must be at least 2")
         if self.log_every < 1:
             raise bad("log_every", "must be at least 1")
-        if self.checkpoint_every < 0:
-            raise bad("checkpoint_every", "must be non-negative")
+        if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
+            raise bad("checkpoint_every" if self.checkpoint_every < 0 else "checkpoint_minutes", "must be non-negative")
         if self.amp not in AMP_MODES:
             raise bad("amp", f"must be one of {', '.join(AMP_MODES)}")
 
@@ -125,6 +128,28 @@ class TrainConfig:
         if unknown:
             raise MonomodError(f"unknown training config keys {unknown}", f"use only {sorted(known)}")
         return cls(**data)
+
+
+_INT_FIELDS = ("steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
+_FLOAT_FIELDS = ("lr", "weight_decay", "min_lr", "label_smoothing", "mixup", "checkpoint_minutes")
+
+
+def _check_types(config: TrainConfig, bad: Callable[[str, str], MonomodError]) -> None:
+    """Integers where steps are counted, finite numbers elsewhere: an edited plan.yaml may say ``steps: many``."""
+    for name in _INT_FIELDS:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(name, "must be an integer")
+    for name in (*_FLOAT_FIELDS, "grad_clip"):
+        value = getattr(config, name)
+        if name == "grad_clip" and value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise bad(name, "must be a finite number")
+    if config.num_classes is not None and (not isinstance(config.num_classes, int) or isinstance(config.num_classes, bool)):
+        raise bad("num_classes", "must be an integer")
+    if not isinstance(config.amp, str) or not isinstance(config.device, str):
+        raise bad("amp" if not isinstance(config.amp, str) else "device", "must be a string")
 
 
 @dataclass
@@ -340,9 +365,9 @@ def train(
     on ``resolve_device(config.device)``. ``extra_state()`` tensors are saved in the checkpoint under ``extra.`` (for
     the caller; they are not restored on resume).
 
-    Writes ``job_dir/metrics.jsonl`` (one line per ``log_every`` steps), ``job_dir/checkpoint/`` (end of job and every
-    ``checkpoint_every`` steps) and ``job_dir/result.json``. If ``job_dir/checkpoint`` holds a checkpoint with the same
-    config (``log_every``, ``checkpoint_every`` and ``device`` may differ) the job resumes from it; a finished job
+    Writes ``job_dir/metrics.jsonl`` (one line per ``log_every`` steps), ``job_dir/checkpoint/`` (end of job, every
+    ``checkpoint_every`` steps and every ``checkpoint_minutes`` minutes) and ``job_dir/result.json``. If
+    ``job_dir/checkpoint`` holds a checkpoint with the same config (``RESUME_INSENSITIVE`` fields may differ) the job resumes from it; a finished job
     returns at once with its weights loaded. A non-finite loss raises ``MonomodError`` before the optimizer step,
     leaving earlier checkpoints intact. An interrupted job (Ctrl-C, SIGKILL) writes no checkpoint of its own.
 
@@ -440,6 +465,7 @@ def train(
         save_checkpoint(ckpt_dir, tensors, state)
 
     start = time.perf_counter()
+    last_saved = start
     samples_run = 0
     window_loss, window_steps, window_samples = 0.0, 0, 0
     window_correct = torch.zeros((), dtype=torch.long, device=device)
@@ -497,12 +523,7 @@ def train(
             if distributed.active():  # the global batch's mean loss, identical on every rank
                 loss_value = distributed.all_sum([loss_value * x.shape[0]], device)[0] / n
             if not math.isfinite(loss_value):
-                raise MonomodError(
-                    f"training job '{label}' hit a non-finite loss ({loss_value}) at step {step + 1} of "
-                    f"{config.steps} (lr {lr:.3g})",
-                    f"lower the learning rate (e.g. lr={config.lr / 2:.3g}) or keep grad_clip on; "
-                    f"the last checkpoint in {ckpt_dir} was left intact",
-                )
+                raise _non_finite(label, loss_value, step, lr, config, ckpt_dir)
             optimizer.zero_grad(set_to_none=True)
             (loss * scale if scale != 1.0 else loss).backward()
             if config.grad_clip:
@@ -548,8 +569,9 @@ def train(
             else:
                 progress.update(task, completed=step)
 
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            if step < config.steps and _checkpoint_due(step, config, last_saved):
                 save()
+                last_saved = time.perf_counter()
         if resumed_from < config.steps:
             save()
 
@@ -565,6 +587,27 @@ def train(
     if writer:
         atomic_write_json(job_dir / "result.json", {"label": label, **dataclasses.asdict(result)})
     return result
+
+
+def _checkpoint_due(step: int, config: TrainConfig, last_saved: float) -> bool:
+    """Every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time (either may be 0 = off), so a
+    killed long job loses minutes, not the job."""
+    by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
+    by_time = config.checkpoint_minutes and time.perf_counter() - last_saved >= 60 * config.checkpoint_minutes
+    return bool(by_steps or by_time)
+
+
+def _non_finite(label: str, loss: float, step: int, lr: float, config: TrainConfig, ckpt_dir: Path) -> MonomodError:
+    """The message for a diverged job: what was kept (only a checkpoint that exists) and an lr worth trying."""
+    if checkpoint_exists(ckpt_dir):
+        kept = f"the last checkpoint in {ckpt_dir} was kept"
+    else:
+        kept = "no checkpoint was written yet, so the job restarts from step 0"
+    suggestion = min(config.lr / 10, 1e-3)  # an order of magnitude down, and never above a common safe peak
+    return MonomodError(
+        f"training job '{label}' hit a non-finite loss ({loss}) at step {step + 1} of {config.steps} (lr {lr:.3g})",
+        f"lower the learning rate (e.g. lr={suggestion:.3g}) and keep grad_clip on; {kept}",
+    )
 
 
 def _open_metrics(path: Path, writer: bool):

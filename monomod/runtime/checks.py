@@ -1,0 +1,126 @@
+"""Compile-time checks: everything a conversion can be refused for is refused before any job runs, in a dry run too.
+
+Each check is cheap: the teacher and the student are built on the meta device (no memory for weights), a weights
+file is judged by its safetensors header, image folders by a directory listing. A huge ``--modules`` is bounded by
+the teacher's places to cut before a student or plan of that size is built (it hung before).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monomod.errors import MonomodError, first_line, shorten
+
+MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def check_scalars(options: Any) -> None:
+    """Sizes, seed and checkpoint settings that the plan pass takes on trust."""
+    for flag, value in (("--img-size", options.img_size), ("--in-chans", options.in_chans)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise MonomodError(f"{flag} must be at least 1, got {shorten(repr(value))}", f"pass {flag} 1 or more")
+    if not isinstance(options.seed, int) or not 0 <= options.seed <= MAX_SEED:
+        raise MonomodError(f"--seed must be an integer in [0, {MAX_SEED}], got {shorten(repr(options.seed))}",
+                           "pass a smaller seed, e.g. --seed 0")
+    check_checkpointing(getattr(options, "checkpoint_every", 0), getattr(options, "checkpoint_minutes", None))
+
+
+def check_checkpointing(every: Any, minutes: Any) -> None:
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise MonomodError(f"checkpoint_every must be an integer >= 0, got {shorten(repr(every))}",
+                           "pass 0 (by time only) or a number of steps")
+    if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float))
+                                or not math.isfinite(minutes) or minutes < 0):
+        raise MonomodError(f"checkpoint_minutes must be a finite number >= 0, got {shorten(repr(minutes))}",
+                           "pass 0 (by steps only) or e.g. 10")
+
+
+def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: int, in_chans: int) -> None:
+    """Trace the (meta) teacher on the run's input: an image size or channel count it cannot take, or more modules
+    than it has places to cut, fail here in one line."""
+    from monomod.passes.partition import max_modules
+    from monomod.passes.trace import trace
+
+    example = torch.zeros(1, in_chans, img_size, img_size, device="meta")
+    traced = trace(teacher, example, name=name)
+    limit = max_modules(traced)
+    if modules > limit:
+        raise MonomodError(f"--modules {shorten(str(modules))} is more than {name} can be cut into ({limit} at most)",
+                           f"pass --modules {limit} or fewer")
+
+
+def check_student_builds(options: Any, num_classes: int) -> None:
+    """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
+    cannot take fail here, not in the first m2mKD job."""
+    from monomod.students import build_student
+
+    try:
+        with torch.device("meta"):
+            build_student(options.student, modules=options.modules, num_classes=num_classes,
+                          img_size=options.img_size, in_chans=options.in_chans, preset=options.student_preset,
+                          **options.student_overrides)
+    except MonomodError as e:
+        raise MonomodError(f"the {options.student} student: {e.problem}", e.fix or "fix student_overrides") from None
+    except (TypeError, ValueError, AssertionError) as e:
+        raise MonomodError(f"the {options.student} student cannot be built with overrides "
+                           f"{shorten(str(options.student_overrides))} ({first_line(e)})",
+                           "fix or drop the student_overrides") from None
+    except RuntimeError as e:
+        if "meta" in str(e):
+            return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
+        raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
+                           "fix the student_overrides, --img-size or --in-chans") from None
+
+
+def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes of a weights file; a safetensors file is judged by its header alone."""
+    from monomod.frontend import load_state_dict
+
+    if not path.is_file():
+        raise MonomodError(f"weights file {shorten(str(path))!r} does not exist", "check the path passed to --weights")
+    if path.suffix != ".safetensors":
+        return {k: tuple(v.shape) for k, v in load_state_dict(path).items()}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            shapes = {k.removeprefix("module."): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise MonomodError(f"weights file {shorten(str(path))!r} is not a readable safetensors file ({first_line(e)})",
+                           "export it again with safetensors.torch.save_file") from None
+    return shapes
+
+
+def check_weights(teacher: nn.Module, path: str | Path) -> None:
+    """The weights file fits the teacher (the classifier and position embeddings may differ: they are adapted)."""
+    shapes = weight_shapes(Path(path))
+    own = {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
+    head = (getattr(teacher, "pretrained_cfg", None) or {}).get("classifier")
+    adapted = lambda k: k.endswith("pos_embed") or (isinstance(head, str) and k.startswith(head + "."))  # noqa: E731
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own]
+    mismatched = [k for k in own if k in shapes and shapes[k] != own[k] and not adapted(k)]
+    if missing or unexpected or mismatched:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("shape mismatch", mismatched)) if keys)
+        raise MonomodError(f"weights file {shorten(str(path))!r} does not fit the teacher ({shorten(detail, 200)})",
+                           "pass the weights of this teacher model")
+
+
+def check_image_folders(spec: Any) -> None:
+    """An ``imagefolder:`` training split where a class folder holds no image is refused, naming the folder."""
+    if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
+        return
+    train = Path(spec.split(":", 1)[1]) / "train"
+    if not train.is_dir():
+        return  # load_data says what is missing
+    for folder in sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
+            raise MonomodError(f"class folder {shorten(str(folder))} holds no images",
+                               f"add images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or remove the folder")

@@ -1,0 +1,401 @@
+"""Issue 15: a RUN_DIR that cannot be escaped, locked, checkpointed mid-job, verified; bad input refused before work.
+
+One section per numbered item of the issue; tests/BAD_INPUTS.md lists the inputs and their one-line messages.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+from torch import nn
+
+from monomod.cli import cli
+from monomod.errors import MonomodError
+from monomod.passes.plan import ConvertOptions
+from monomod.plan import Plan
+from monomod.runtime.api import compile_options, load_student, set_checkpointing
+from monomod.runtime.execute import execute, prepare_run_dir
+from monomod.runtime.jobs import RunContext, done_problem, is_done
+from monomod.runtime.lock import LOCK_FILE, run_dir_lock
+from monomod.runtime.train import TrainConfig, train
+
+TRUSTED_FACTORY = "timm.models.vision_transformer:vit_tiny_patch16_224"
+
+
+@pytest.fixture(scope="module")
+def plan_dict() -> dict:
+    options = ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32)
+    plan = compile_options(options)
+    for job in plan.jobs:
+        if "train" in job.config:
+            job.config["train"].update(steps=2, batch_size=16, warmup_steps=0)
+    plan.rehash()
+    return plan.to_dict()
+
+
+def _plan(plan_dict: dict) -> Plan:
+    return Plan.from_dict(json.loads(json.dumps(plan_dict)))
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _one_line_error(result, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def _write_plan(run_dir: Path, data: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "plan.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+# ------------------------------------------------------------------------------ 1. job names and paths stay inside
+
+
+@pytest.mark.parametrize("name, outputs, message", [
+    ("../../x", None, "is not"),
+    ("/abs/path", None, "is not"),
+    ("teacher:../x", None, "is not"),
+    ("meta", None, "is not 'teacher'"),  # a name of another kind
+    ("teacher", ["../../outside.safetensors"], "outside RUN_DIR"),
+    ("teacher", ["/tmp/abs.safetensors"], "outside RUN_DIR"),
+])
+def test_job_names_and_outputs_cannot_escape_the_run_dir(plan_dict, tmp_path, name, outputs, message):
+    data = json.loads(json.dumps(plan_dict))
+    data["jobs"][0]["name"] = name
+    if outputs is not None:
+        data["jobs"][0]["outputs"] = outputs
+    with pytest.raises(MonomodError, match=message):
+        Plan.from_dict(data)
+    run_dir = tmp_path / "deep" / "run"
+    _write_plan(run_dir, data)
+    line = _one_line_error(_cli("run", run_dir))
+    assert message in line
+    assert sorted(p.name for p in run_dir.iterdir()) == ["plan.yaml"]  # nothing ran, nothing written
+    assert sorted(p.name for p in (tmp_path / "deep").iterdir()) == ["run"]
+
+
+def test_the_job_name_pattern_follows_job_kinds(monkeypatch, plan_dict):
+    import monomod.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "JOB_KINDS", (*plan_module.JOB_KINDS, "incubate"))
+    assert plan_module.job_name_pattern().fullmatch("incubate:3")
+    assert not plan_module.job_name_pattern().fullmatch("incubate:-1")
+
+
+def test_a_symbolic_link_out_of_the_run_dir_is_refused(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    (run_dir / "jobs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (run_dir / "jobs" / "teacher").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(MonomodError, match="outside"):
+        execute(plan, run_dir)
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+# ----------------------------------------------------------------------------------------------- 2. --trust-code
+
+
+def test_code_named_by_a_recipe_runs_only_with_trust_code(tmp_path):
+    recipe = tmp_path / "factory.yaml"
+    recipe.write_text(f"description: a factory teacher\nteacher: '{TRUSTED_FACTORY}'\nstudent: vit\nmodules: 2\n"
+                      "data: synthetic\nimg_size: 32\n")
+    line = _one_line_error(_cli("convert", "--recipe", recipe, "--dry-run"))
+    assert "names Python code as its teacher" in line and "--trust-code" in line
+    assert _cli("convert", "--recipe", recipe, "--dry-run", "--trust-code").exit_code == 0
+    # typed on the command line, it is the user's own choice
+    assert _cli("convert", TRUSTED_FACTORY, "--to", "vit", "-k", "2", "--data", "synthetic", "--img-size", "32",
+                "--dry-run").exit_code == 0
+
+
+def test_code_named_by_a_plan_file_runs_only_with_trust_code(plan_dict, tmp_path):
+    data = json.loads(json.dumps(plan_dict))
+    data["settings"]["teacher"] = "os:system"
+    run_dir = tmp_path / "run"
+    _write_plan(run_dir, data)
+    line = _one_line_error(_cli("run", run_dir))
+    assert "plan.yaml names Python code as its teacher ('os:system')" in line and "--trust-code" in line
+    from monomod.runtime.api import run
+
+    with pytest.raises(MonomodError, match="trust_code=True"):
+        run(run_dir)
+
+
+# ------------------------------------------------------------------------------------------------- 3. the lock
+
+
+def test_a_second_process_is_refused_and_a_stale_lock_does_not_block(plan_dict, tmp_path):
+    run_dir = tmp_path / "run"
+    _write_plan(run_dir, plan_dict)
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run_dir / LOCK_FILE).write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname()}))
+        line = _one_line_error(_cli("run", run_dir))
+        assert f"is in use by pid {holder.pid} on {socket.gethostname()}" in line
+        assert "error" in _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic",
+                                                "--img-size", "32", "--out", run_dir))
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_dir_lock(run_dir):  # the holder is dead: its lock is stale
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+        with run_dir_lock(run_dir):  # re-entrant in one process (convert holds it around execute)
+            pass
+        assert (run_dir / LOCK_FILE).exists()
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with run_dir_lock(tmp_path):
+        assert not (tmp_path / LOCK_FILE).exists()
+
+
+# ------------------------------------------------------------------------------------- 4. checkpoints during a job
+
+
+class _Boom(Exception):
+    pass
+
+
+def _interrupted_training(tmp_path: Path, fail_at: int | None, **config) -> object:
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    calls = {"n": 0}
+
+    def loss_fn(x, y):
+        calls["n"] += 1
+        if fail_at is not None and calls["n"] == fail_at:
+            raise _Boom("killed mid-job")
+        logits = model(x)
+        return nn.functional.cross_entropy(logits, y), logits
+
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(4)]
+    return train(model, loss_fn, lambda epoch: iter(data), TrainConfig(steps=12, log_every=1, **config),
+                 job_dir=tmp_path / "job")
+
+
+@pytest.mark.parametrize("config, resumed", [({"checkpoint_every": 5, "checkpoint_minutes": 0}, 5),
+                                             ({"checkpoint_minutes": 1e-9}, 7)])
+def test_a_job_interrupted_mid_way_resumes_from_its_checkpoint(tmp_path, config, resumed):
+    assert TrainConfig(steps=1).checkpoint_minutes == 10  # by default: every 10 minutes, and at the end
+    with pytest.raises(_Boom):
+        _interrupted_training(tmp_path, fail_at=8, **config)  # dies in step 8
+    result = _interrupted_training(tmp_path, fail_at=None, **config)
+    assert result.resumed_from == resumed and result.steps == 12
+
+
+def test_checkpoint_settings_do_not_enter_job_hashes(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    before = [job.hash for job in plan.jobs]
+    assert set_checkpointing(plan, 7, 2.5)
+    assert [job.hash for job in plan.jobs] == before
+    assert plan.job("m2mkd:0").config["train"]["checkpoint_every"] == 7
+    dry = _cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--img-size", "32",
+               "--dry-run", "--format", "json", "--checkpoint-every", "3", "--checkpoint-minutes", "1")
+    assert dry.exit_code == 0, dry.output
+    assert json.loads(dry.output)["jobs"][0]["config"]["train"]["checkpoint_minutes"] == 1
+
+
+# ------------------------------------------------------------------------------ 5. products verified when read
+
+
+def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir, only=["teacher", "meta"])
+    record = json.loads((run_dir / "jobs/teacher/done.json").read_text())
+    product = run_dir / "jobs/teacher/model.safetensors"
+    assert record["products"]["jobs/teacher/model.safetensors"]["size"] == product.stat().st_size
+    product.write_bytes(product.read_bytes()[:1000])  # truncated
+    assert not is_done(run_dir, plan.job("teacher"))
+    assert "model.safetensors has 1000 bytes" in done_problem(run_dir, plan.job("teacher"))
+    with pytest.raises(MonomodError, match="teacher/model.safetensors has 1000 bytes"):
+        RunContext(run_dir=run_dir, plan=plan).product("teacher")
+    shown = _cli("plan", "show", run_dir, "--format", "json")
+    teacher = json.loads(shown.output)["jobs"][0]
+    assert teacher["done"] is False and "model.safetensors" in teacher["problem"]
+    statuses = execute(plan, run_dir, only=["teacher", "meta"])
+    assert [(s.name, s.state) for s in statuses] == [("teacher", "done"), ("meta", "done")]
+    assert is_done(run_dir, plan.job("teacher"))
+
+
+def test_load_student_names_a_corrupt_product(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    job_dir = run_dir / "jobs/finetune"
+    job_dir.mkdir(parents=True)
+    (job_dir / "model.safetensors").write_bytes(b"not a tensor file")
+    (job_dir / "done.json").write_text(json.dumps({"hash": plan.job("finetune").hash, "products": {
+        "jobs/finetune/model.safetensors": {"size": 5, "sha256": "0"}}}))
+    with pytest.raises(MonomodError, match="finetune/model.safetensors has 17 bytes, 5 when its job finished"):
+        load_student(run_dir)
+
+
+# ------------------------------------------------------------------------------------------ 6. atomic export
+
+
+def test_export_swaps_a_whole_folder_in_and_cleans_leftovers(tmp_path, monkeypatch):
+    from monomod.passes import export as ex
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "export.json").write_text('{"files": [{"file": "old.onnx"}]}')
+    (out / "old.onnx").write_bytes(b"old")
+    leftover = tmp_path / ".onnx.export-999-deadbeef"
+    leftover.mkdir()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_export_checked", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ex.export_all([object()], out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "old.onnx"]  # the old export, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]  # leftovers and staging gone
+    monkeypatch.undo()
+    ex.export_all([], out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json"]
+    assert json.loads((out / "export.json").read_text())["files"] == []
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(MonomodError, match="not empty and holds no export.json"):
+        ex.export_all([], tmp_path / "mine")
+
+
+def test_temporary_files_of_killed_writes_are_cleaned_on_the_next_run(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    stray = run_dir / "jobs/meta/.model.safetensors.tmp-12345-0123abcd"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"half")
+    aside = run_dir / "jobs/meta/.checkpoint.old-12345-0123abcd"
+    aside.mkdir()  # may be the last complete checkpoint: kept
+    execute(plan, run_dir, only=["teacher"])
+    assert not stray.exists() and aside.exists()
+
+
+# ----------------------------------------------------------------------------- 7. checked at compile time
+
+
+def _weights(tmp_path: Path) -> dict[str, Path]:
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(2, 2)}, str(wrong))
+    return {"corrupt": corrupt, "wrong": wrong}
+
+
+def test_bad_input_is_refused_at_compile_time_in_a_dry_run(tmp_path):
+    weights = _weights(tmp_path)
+    folder = tmp_path / "images"
+    for split in ("train", "val"):
+        (folder / split / "cat").mkdir(parents=True)
+        (folder / split / "dog").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "train" / "cat" / "a.png")
+    base = ["vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--dry-run"]
+    cases = [
+        (["--img-size", "8"], "cannot take an input of shape (1, 3, 8, 8)"),
+        (["--img-size", "0"], "--img-size must be at least 1"),
+        (["--in-chans", "0"], "--in-chans must be at least 1"),
+        (["--set", "student_overrides.bogus=1"], "unexpected keyword argument 'bogus'"),
+        (["--set", "student_overrides.embed_dim=-5"], "the vit student cannot be built"),
+        (["--weights", weights["corrupt"]], "is not a readable safetensors file"),
+        (["--weights", weights["wrong"]], "does not fit the teacher"),
+        (["--set", "budgets.m2mkd.lr=.inf"], "budgets.m2mkd.lr=inf is invalid"),
+        (["--set", "budgets.m2mkd.lr=0"], "lr=0 must be positive and finite"),
+        (["--reuse", str(tmp_path)], "is not a monomod run"),
+        (["--modules", "1000000"], "is more than vit_tiny can be cut into"),
+    ]
+    for extra, message in cases:
+        line = _one_line_error(_cli("convert", *base, *extra))
+        assert message in line, (extra, line)
+    line = _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{folder}",
+                                "--dry-run"))
+    assert f"class folder {folder / 'train' / 'dog'} holds no images" in line
+
+
+# ------------------------------------------------------------------------------------------- 8. no tracebacks
+
+
+def test_unwritable_and_over_long_paths_are_one_line(tmp_path):
+    base = ["convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--img-size", "32"]
+    for out in ("/proc/monomod-run", tmp_path / ("x" * 300) / "run"):
+        line = _one_line_error(_cli(*base, "--out", out))
+        assert "error: cannot" in line
+    line = _one_line_error(_cli("export", "vit_tiny", "-k", "2", "--img-size", "32", "--onnx", "/proc/monomod-onnx"))
+    assert "cannot write next to --onnx" in line
+    line = _one_line_error(_cli(*base, "--seed", "9" * 5000))
+    assert "--seed must be an integer" in line and len(line) < 300
+
+
+@pytest.mark.parametrize("flag", ["--img-size", "--in-chans", "--modules"])
+def test_student_refuses_zero_sizes(flag):
+    assert f"{flag} must be at least 1" in _one_line_error(_cli("student", "vit", flag, "0"))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["jobs"].insert(0, "teacher"), "job #1 is 'teacher', not a mapping"),
+    (lambda d: d["jobs"][0].pop("name"), "job #1 has no name or kind"),
+    (lambda d: d["jobs"][0]["config"]["train"].update(steps="many"), "job 'teacher': training config: steps='many' "
+                                                                     "must be an integer"),
+    (lambda d: d["jobs"][1].update(inputs=["nobody"]), "reads from nobody, which is no job of this plan"),
+])
+def test_bad_plan_files_are_one_line(plan_dict, tmp_path, edit, message):
+    data = json.loads(json.dumps(plan_dict))
+    edit(data)
+    _write_plan(tmp_path / "run", data)
+    assert message in _one_line_error(_cli("run", tmp_path / "run"))
+
+
+def test_a_corrupt_image_met_mid_epoch_names_the_file(tmp_path):
+    from monomod.data import _PilLoader
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(MonomodError, match=f"cannot read image {bad}"):
+        _PilLoader("RGB")(str(bad))
+
+
+# ------------------------------------------------------------------------------------------------- 9. messages
+
+
+def test_messages_point_at_the_right_fix(tmp_path):
+    line = _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "0", "--dry-run"))
+    assert "--modules must be at least 1, got 0" in line and "K >= 2" not in line
+    line = _one_line_error(_cli("convert", "--recipe", tmp_path / "missing.yaml", "--dry-run"))
+    assert "recipe file" in line and "does not exist" in line
+    long_name = "x" * 2000
+    line = _one_line_error(_cli("convert", long_name, "--to", "vit", "-k", "2", "--dry-run"))
+    assert len(line) < 1000
+
+
+def test_a_non_finite_loss_claims_no_checkpoint_and_suggests_a_sane_lr(tmp_path):
+    model = nn.Linear(4, 3)
+
+    def loss_fn(x, y):
+        return model(x).sum() * float("nan"), None
+
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    with pytest.raises(MonomodError) as info:
+        train(model, loss_fn, lambda epoch: iter(data), TrainConfig(steps=3, lr=1e30), job_dir=tmp_path / "job")
+    message = str(info.value)
+    assert "no checkpoint was written yet" in message and "was kept" not in message
+    assert "lr=0.001" in message
