@@ -33,7 +33,8 @@ TRUSTED_FACTORY = "timm.models.vision_transformer:vit_tiny_patch16_224"
 
 @pytest.fixture(scope="module")
 def plan_dict() -> dict:
-    options = ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32)
+    options = ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32,
+                             teacher_training="end-to-end")
     plan = compile_options(options)
     for job in plan.jobs:
         if "train" in job.config:
@@ -218,7 +219,7 @@ def test_checkpoint_settings_do_not_enter_job_hashes(plan_dict, tmp_path):
 def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan_dict, tmp_path):
     plan = _plan(plan_dict)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
-    execute(plan, run_dir, only=["teacher", "meta"])
+    execute(plan, run_dir, only=["teacher", "meta", "m2mkd:0"])
     record = json.loads((run_dir / "jobs/teacher/done.json").read_text())
     product = run_dir / "jobs/teacher/model.safetensors"
     assert record["products"]["jobs/teacher/model.safetensors"]["size"] == product.stat().st_size
@@ -230,8 +231,8 @@ def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan
     shown = _cli("plan", "show", run_dir, "--format", "json")
     teacher = json.loads(shown.output)["jobs"][0]
     assert teacher["done"] is False and "model.safetensors" in teacher["problem"]
-    statuses = execute(plan, run_dir, only=["teacher", "meta"])
-    assert [(s.name, s.state) for s in statuses] == [("teacher", "done"), ("meta", "done")]
+    statuses = execute(plan, run_dir, only=["teacher", "meta", "m2mkd:0"])
+    assert [(s.name, s.state) for s in statuses] == [("teacher", "done"), ("meta", "cached"), ("m2mkd:0", "done")]
     assert is_done(run_dir, plan.job("teacher"))
 
 
