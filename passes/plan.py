@@ -55,6 +55,8 @@ class ConvertOptions:
     seed: int = 0
     meta_width: int | None = None  # width of the trained meta model (default: the teacher's boundary width)
     budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job kind, over the preset's (BUDGET_KEYS)
+    loader_workers: int | None = None  # data-loader workers per job (None: the job's cores, at most 8); how fast, not
+    # what is computed, so it never enters the plan or a job hash: the executor hands it to the jobs at run time
 
 
 @dataclass(frozen=True)
@@ -67,15 +69,18 @@ class DataInfo:
 
 
 # Training budgets. demo: sized so the whole plan fits in minutes on 2 CPU cores. paper: METHOD.md's reference
-# hyper-parameters (epochs; lr 5e-4 x batch/512, AdamW wd 0.05, cosine, label smoothing 0.1, mixup 0.8).
+# hyper-parameters (epochs; lr 5e-4 x batch/512, AdamW wd 0.05, cosine, label smoothing 0.1, mixup 0.8 / CutMix 1.0,
+# RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.4, random erasing 0.25).
 PRESET_BUDGETS: dict[str, dict[str, Any]] = {
     "demo": {
         "img_size": 32, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.0, "mixup": 0.0,
+        "cutmix": 0.0, "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
         "steps": {"teacher": 800, "meta": 600, "m2mkd": 400, "finetune": 1200},
         "warmup_fraction": 0.1,
     },
     "paper": {
         "img_size": None, "batch_size": 512, "lr": 5e-4, "weight_decay": 0.05, "label_smoothing": 0.1, "mixup": 0.8,
+        "cutmix": 1.0, "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "reprob": 0.25,
         "epochs": {"teacher": 30, "meta": 300, "m2mkd": 100, "finetune": 100},
         "warmup_epochs": 20,
     },
@@ -87,7 +92,8 @@ PRESET_BUDGETS: dict[str, dict[str, Any]] = {
 # and ``warmup_epochs``; epochs are turned into steps with the data set's size and the (overridden) batch size.
 BUDGET_KINDS = ("teacher", "meta", "m2mkd", "finetune")
 BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_size", "weight_decay",
-               "label_smoothing", "mixup", "min_lr", "grad_clip")
+               "label_smoothing", "mixup", "cutmix", "auto_augment", "color_jitter", "reprob", "min_lr", "grad_clip")
+AUGMENT_KEYS = ("auto_augment", "color_jitter", "reprob")  # the loader's (monomod.data.Augment), every job kind
 
 
 def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
@@ -126,9 +132,11 @@ def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
             "weight_decay": budget["weight_decay"], "warmup_steps": warmup,
             "label_smoothing": budget["label_smoothing"] if kind != "m2mkd" else 0.0,
             "mixup": budget["mixup"] if kind != "m2mkd" else 0.0,
+            "cutmix": budget["cutmix"] if kind != "m2mkd" else 0.0,  # a kind of mixup: off with it
+            **{key: budget[key] for key in AUGMENT_KEYS},
             "seed": options.seed + seed_offset,
         }
-        config.update(override)  # lr, weight_decay, label_smoothing, mixup, min_lr, grad_clip as given
+        config.update(override)  # lr, weight_decay, label_smoothing, mixup, cutmix, augmentation, ... as given
         return config
 
     jobs = [Job("teacher", "teacher", [], ["jobs/teacher/model.safetensors"], {
@@ -187,6 +195,8 @@ def validate_options(o: ConvertOptions) -> None:
         raise MonomodError(f"--feature-loss must be 0 or more, got {o.feature_loss}", "pass a weight >= 0")
     if o.stitch not in (None, "linear", "ln_linear"):
         raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
+    if o.loader_workers is not None and (not isinstance(o.loader_workers, int) or o.loader_workers < 0):
+        raise MonomodError(f"loader_workers={o.loader_workers!r} is invalid", "give 0 (load in the job's process) or more")
     if o.meta_width is not None and (not isinstance(o.meta_width, int) or o.meta_width < 1 or o.meta == "teacher"):
         raise MonomodError(f"meta_width={o.meta_width!r} is invalid here", "give a positive integer, with meta=trained")
     for kind, override in (o.budgets or {}).items():
@@ -203,6 +213,8 @@ def validate_options(o: ConvertOptions) -> None:
                 good = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if "warmup" in key else 1)
             elif key == "grad_clip":
                 good = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+            elif key == "auto_augment":
+                good = value is None or (isinstance(value, str) and value != "")
             else:
                 good = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
             if not good:

@@ -94,11 +94,12 @@ def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool
     from monomod.passes.plan import ConvertOptions
     from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
 
-    plan = compile_options(ConvertOptions(teacher=teacher, student=to, modules=modules, **options))
+    converted = ConvertOptions(teacher=teacher, student=to, modules=modules, **options)
+    plan = compile_options(converted)
     run_dir = prepare_run_dir(plan, out, force=force)
     if reuse:
         reuse_finished(plan, run_dir, list(reuse))
-    execute(plan, run_dir)
+    execute(plan, run_dir, loader_workers=converted.loader_workers)
     return load_run(run_dir)
 
 

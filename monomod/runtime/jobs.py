@@ -37,6 +37,7 @@ class RunContext:
 
     run_dir: Path
     plan: Plan
+    loader_workers: int | None = None  # a run-time setting (not in the plan): None = monomod.data.default_workers
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -48,17 +49,30 @@ class RunContext:
 
     @cached_property
     def data(self):
+        """The run's data; image folders take the teacher's normalisation, interpolation and crop (its timm
+        pretrained config, read from a weightless copy), whether or not the weights are pretrained."""
+        from timm.data import resolve_data_config
+
         from monomod.data import load_data
+        from monomod.frontend import load_model
 
         s = self.settings
-        return load_data(s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=s["ood"])
+        config = None
+        if str(s["data"]).startswith("imagefolder:") or str(s["ood"]).startswith("imagefolder:"):
+            probe = load_model(s["teacher"], device="meta", img_size=s["img_size"], in_chans=s["in_chans"],
+                               **s.get("teacher_kwargs", {}))
+            config = resolve_data_config({}, model=probe)
+        return load_data(s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=s["ood"], data_config=config)
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0) -> Callable[[int], Any]:
+    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
+               augment: Any = None) -> Callable[[int], Any]:
+        """``make_loader(epoch)`` over ``split``; ``augment`` (a ``monomod.data.Augment``) applies to ``train``."""
         from monomod.data import make_loader
 
-        dataset = getattr(self.data, split)
+        dataset = self.data.train_with(augment) if split == "train" else getattr(self.data, split)
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                                         drop_last=shuffle and len(dataset) > batch_size)
+                                         drop_last=shuffle and len(dataset) > batch_size,
+                                         num_workers=self.loader_workers)
 
     # ----------------------------------------------------------------------------------------- teacher side
 
@@ -218,8 +232,11 @@ def _classification(model: nn.Module, label_smoothing: float) -> Callable:
 
 
 def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
-    result = train(model, loss_fn, ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed), cfg,
-                   job_dir=ctx.job_dir(job.name), label=job.name)
+    from monomod.data import Augment
+
+    augment = Augment(auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob)
+    loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, augment=augment)
+    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}
 
