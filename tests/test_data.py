@@ -401,3 +401,30 @@ def test_empty_class_folder_is_refused_by_name(folder):
     (folder / "train" / "zebra").mkdir()
     message = _raises(re.escape(f"class folder {folder / 'train' / 'zebra'} has no images"), spec=f"imagefolder:{folder}")
     assert "remove the folder" in message
+
+
+@pytest.mark.slow
+def test_imagefolder_convert_end_to_end(tmp_path):
+    """The digits as PNG files in train/, val/ and a rotated OOD folder, through `monomod convert` at tiny budgets."""
+    from sklearn.datasets import load_digits
+
+    from monomod.runtime.api import convert
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+        split = "train" if i < 200 else "val"
+        pixels = (image * 255 / 16).astype(np.uint8)
+        for root, px in ((tmp_path / "digits" / split, pixels), (tmp_path / "ood", np.rot90(pixels))):
+            if root.name == "ood" and split == "train":
+                continue
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(px), "L").resize((32, 32)).save(root / str(label) / f"{i}.png")
+    tiny = {"steps": 2, "batch_size": 16, "warmup_steps": 0}
+    run = convert("vit_tiny", to="vit", modules=2, out=tmp_path / "run", data=f"imagefolder:{tmp_path / 'digits'}",
+                  ood=f"imagefolder:{tmp_path / 'ood'}", img_size=32, in_chans=3, loader_workers=1,
+                  budgets={kind: dict(tiny) for kind in ("teacher", "meta", "m2mkd", "finetune")})
+    results = run.report["results"] if "results" in run.report else run.report
+    text = json.dumps(results)
+    assert "iid_acc" in text and "ood_acc" in text
+    assert '"ood_acc": null' not in text
+    assert "loader_workers" not in (tmp_path / "run" / "plan.yaml").read_text()  # a run-time setting only
