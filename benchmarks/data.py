@@ -58,6 +58,8 @@ def timm_epoch(root: Path, workers: int) -> Callable[[], int]:
     import torch
     from timm.data import create_dataset, create_loader
 
+    from monomod.data import cap_rand_augment
+
     dataset = create_dataset("", root=str(root / "train"), is_training=True)
 
     def epoch() -> int:
@@ -66,6 +68,7 @@ def timm_epoch(root: Path, workers: int) -> Callable[[], int]:
             re_mode="pixel", auto_augment=AUTO_AUGMENT, color_jitter=COLOR_JITTER, interpolation="bicubic",
             num_workers=workers, use_prefetcher=False, device=torch.device("cpu"), persistent_workers=False,
         )
+        cap_rand_augment(loader.dataset.transform)  # the same Pillow 13 fix monomod applies
         return sum(len(x) for x, _ in loader)
 
     return epoch

@@ -376,14 +376,15 @@ class _ClassFolder(ImageFolder):
         if not -len(self.samples) <= index < len(self.samples):
             raise IndexError(index)  # ends plain iteration (``for x, y in dataset``)
         for offset in range(len(self.samples)):
-            i = (index + offset) % len(self.samples)
+            path, target = self.samples[(index + offset) % len(self.samples)]
             try:
-                return super().__getitem__(i)
+                sample = self.loader(path)
             except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for truncated or unknown files
-                path = self.samples[i][0]
                 if path not in self._warned:
                     self._warned.add(path)
                     log.warning("skipping unreadable image %s (%s)", path, " ".join(str(e).split()))
+                continue
+            return (self.transform(sample) if self.transform is not None else sample), target
         raise MonomodError(f"no image in {self.root} can be read", "check the files (are they images?)")
 
 
@@ -432,11 +433,25 @@ def _train_transform(bundle: DataBundle, augment: Augment) -> Any:
     """timm's training transform: random resized crop + flip, then ``augment``'s RandAugment, jitter and erasing."""
     from timm.data import create_transform
 
-    return create_transform(
+    return cap_rand_augment(create_transform(
         bundle.img_size, is_training=True, interpolation=bundle.interpolation, mean=tuple(bundle.mean),
         std=tuple(bundle.std), auto_augment=augment.auto_augment, color_jitter=augment.color_jitter or None,
         re_prob=augment.reprob, re_mode="pixel",
-    )
+    ))
+
+
+# Recent Pillow (13 here) refuses to posterize to 0 bits, which timm's RandAugment asks for at its top magnitude (10,
+# where it clips the sampled magnitude): capped just below, every op acts as at 10 but posterize keeps one bit.
+RAND_AUGMENT_MAGNITUDE_CAP = 9.99
+
+
+def cap_rand_augment(transform: Any) -> Any:
+    """Cap the magnitude of the RandAugment ops inside a timm ``Compose`` (see RAND_AUGMENT_MAGNITUDE_CAP)."""
+    for stage in getattr(transform, "transforms", []):
+        for op in getattr(stage, "ops", []):
+            if hasattr(op, "magnitude_max"):
+                op.magnitude_max = RAND_AUGMENT_MAGNITUDE_CAP
+    return transform
 
 
 def _image_stats(in_chans: int, data_config: dict[str, Any] | None) -> tuple[tuple, tuple, str, float]:

@@ -428,3 +428,16 @@ def test_imagefolder_convert_end_to_end(tmp_path):
     assert "iid_acc" in text and "ood_acc" in text
     assert '"ood_acc": null' not in text
     assert "loader_workers" not in (tmp_path / "run" / "plan.yaml").read_text()  # a run-time setting only
+
+
+def test_rand_augment_top_magnitude_runs_on_this_pillow():
+    import random
+
+    from monomod.data import Augment, _train_transform
+
+    bundle = DataBundle("x", None, None, None, 2, 3, 16, IMAGENET_MEAN, IMAGENET_STD, ["a", "b"])
+    transform = _train_transform(bundle, Augment(auto_augment="rand-n4-m10-mstd0-inc1"))  # every op at magnitude 10
+    image = Image.new("RGB", (20, 20), (120, 30, 200))
+    for seed in range(20):  # posterize is drawn in some of them: timm asks Pillow for 0 bits there
+        random.seed(seed)
+        assert transform(image).shape == (3, 16, 16)
