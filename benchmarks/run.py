@@ -22,6 +22,7 @@ BENCHMARKS = {
     "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
     "evidence": "Evidence of the method: m2mKD + fine-tune against training from scratch (NAC and MoE, 3 seeds)",
+    "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
 }
 
 

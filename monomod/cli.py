@@ -47,12 +47,15 @@ def cli() -> None:
 
 
 def _executor_options(command):
-    """--executor, --workers, --ray-address and --max-retries, handed to the command as one ``run_options`` dict."""
+    """--executor, --workers, --ray-address, --max-retries and --loader-workers, handed to the command as one
+    ``run_options`` dict."""
     import functools
 
     @functools.wraps(command)
-    def wrapper(*args, executor: str, workers: int | None, ray_address: str | None, max_retries: int, **kwargs):
-        options = {"executor": executor, "workers": workers, "ray_address": ray_address, "max_retries": max_retries}
+    def wrapper(*args, executor: str, workers: int | None, ray_address: str | None, max_retries: int,
+                loader_workers: int | None, **kwargs):
+        options = {"executor": executor, "workers": workers, "ray_address": ray_address, "max_retries": max_retries,
+                   "loader_workers": loader_workers}
         return command(*args, run_options=options, **kwargs)
 
     options = [
@@ -64,6 +67,9 @@ def _executor_options(command):
         click.option("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)."),
         click.option("--max-retries", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Retry a failed job (exception or killed worker) up to N times."),
+        click.option("--loader-workers", type=click.IntRange(min=0), default=None,
+                     help="Data-loader processes per job (default: the job's cores, at most 8, for image folders; "
+                          "0 for in-memory data). Never changes results, so never a job's hash."),
     ]
     for option in reversed(options):
         wrapper = option(wrapper)
@@ -310,13 +316,16 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
             out.print(plan_table(plan, run_dir))
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
+    run_options = dict(run_options or {})
+    if run_options.get("loader_workers") is None:
+        run_options["loader_workers"] = options.loader_workers  # the recipe's, when it sets one
     with run_dir_lock(run_dir):  # from preparing RUN_DIR to the last job: one process at a time
         prepare_run_dir(plan, run_dir, force=force)
         if reuse:
             reused = reuse_finished(plan, run_dir, list(reuse))
             if fmt != "json":
                 err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
-        _execute_and_report(plan, run_dir, fmt, **(run_options or {}))
+        _execute_and_report(plan, run_dir, fmt, **run_options)
 
 
 @cli.command()
@@ -422,7 +431,8 @@ def _job_state(run_dir: Path, job) -> str:
 
 
 def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
-                        workers: int | None = None, ray_address: str | None = None, max_retries: int = 0) -> None:
+                        workers: int | None = None, ray_address: str | None = None, max_retries: int = 0,
+                        loader_workers: int | None = None) -> None:
     from monomod import report
     from monomod.runtime.execute import execute
 
@@ -435,7 +445,7 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
         out.print(plan_table(plan, run_dir))
     started = time.perf_counter()
     statuses = execute(plan, run_dir, only=only, console=err, executor=executor, workers=workers,
-                       ray_address=ray_address, max_retries=max_retries)
+                       ray_address=ray_address, max_retries=max_retries, loader_workers=loader_workers)
     elapsed = time.perf_counter() - started
     if not talk:
         return

@@ -5,13 +5,22 @@ bundle's ``mean``/``std``, so training code feeds it straight to a model. The bu
 exported student can take raw images in [0, 1] and normalise itself.
 
 Evaluation data never depends on the training seed: the digits split and its OOD corruptions use fixed seeds, so every
-run (and every resumed run) scores on exactly the same images. ``make_loader`` fixes the batch order *and* the random
-augmentations from ``(seed, epoch)``, so a job resumed at epoch ``k`` sees the batches the uninterrupted job saw.
+run (and every resumed run) scores on exactly the same images. ``make_loader`` makes the batch order and every
+sample's random augmentation a pure function of ``(seed, epoch, index)`` (each sample seeds the RNGs its transform
+draws from), so loader workers, their number and a resume mid-epoch all give the batches the uninterrupted job saw.
+
+Image folders decode and augment through timm (``create_transform``) with the teacher's own mean, std, interpolation
+and crop (``resolve_data_config``); the paper's RandAugment, colour jitter and random erasing come from ``Augment``.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import logging
 import math
+import random
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -19,8 +28,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
-from torchvision.datasets import ImageFolder
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.datasets import DatasetFolder, ImageFolder
 
 from monomod.errors import MonomodError
 
@@ -37,6 +46,21 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DIGITS_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "low_contrast", "rotation", "shift", "inversion", "occlusion")
 
 _SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH'"
+MAX_LOADER_WORKERS = 8
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Train-time augmentation beyond the light default (random resized crop + flip), in ``create_transform``'s terms.
+
+    Image folders get all of it; in-memory sets (digits, synthetic) keep their light shift/rotate augmentation and
+    take only the random erasing, because RandAugment's photometric ops assume natural photographs.
+    """
+
+    auto_augment: str | None = None  # e.g. "rand-m9-mstd0.5-inc1" (RandAugment), None = off
+    color_jitter: float = 0.0        # timm ignores it while RandAugment is on, as the reference does
+    reprob: float = 0.0              # random erasing probability, per-pixel noise ("pixel" mode)
 
 
 @dataclass
@@ -53,6 +77,21 @@ class DataBundle:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     classes: list[str]
+    interpolation: str = "bilinear"  # resize filter of the image-folder transforms (the teacher's, when it has one)
+    crop_pct: float = 0.875          # eval centre-crop fraction (likewise)
+
+    def train_with(self, augment: Augment | None) -> Dataset:
+        """The training split under ``augment`` (``None``: as loaded); the images are shared, not reloaded."""
+        if augment is None or augment == Augment():
+            return self.train
+        out = copy.copy(self.train)
+        if isinstance(out, DatasetFolder):
+            out.transform = _train_transform(self, augment)
+        elif isinstance(out, TensorImageDataset) and augment.reprob > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            out.erase = RandomErasing(augment.reprob, mode="pixel", device="cpu")
+        return out
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready summary (sizes, shape, normalisation) for reports, so a result says what it was measured on."""
@@ -81,7 +120,8 @@ class TensorImageDataset(Dataset):
     """Images held in memory as raw uint8 ``[N, c, H, W]`` (``c`` is 1 or ``in_chans``), normalised on access.
 
     uint8 keeps a 224-pixel digits set under 100 MB; channels are expanded to ``in_chans`` lazily for the same reason.
-    ``augment`` (train only) runs on the raw [0, 1] image before normalisation and draws from the torch RNG.
+    ``augment`` (train only) runs on the raw [0, 1] image before normalisation and draws from the torch RNG;
+    ``erase`` (train only, see ``DataBundle.train_with``) runs on the normalised image.
     ``tags`` optionally names what was done to each image (the OOD corruption), for per-corruption reports.
     """
 
@@ -104,6 +144,7 @@ class TensorImageDataset(Dataset):
         self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
         self.augment = augment
+        self.erase: Callable[[torch.Tensor], torch.Tensor] | None = None
         self.tags = tags
 
     def __len__(self) -> int:
@@ -118,8 +159,10 @@ class TensorImageDataset(Dataset):
         x = self.images[index].float().div_(255.0)
         if self.augment is not None:
             x = self.augment(x)
-        x = x.expand(self.in_chans, -1, -1)
-        return (x - self.mean) / self.std, int(self.labels[index])
+        x = (x.expand(self.in_chans, -1, -1) - self.mean) / self.std
+        if self.erase is not None:
+            x = self.erase(x)
+        return x, int(self.labels[index])
 
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +182,7 @@ def _channel_stats(images: torch.Tensor, in_chans: int) -> tuple[tuple[float, ..
 class RandomShiftAffine:
     """Light train augmentation for small centred images: rotate by up to ``degrees``, scale by ``1 ± scale``, and
     translate by up to ``img_size / 8`` pixels (one pixel of the original 8x8 digit). Draws from the torch RNG, which
-    ``make_loader`` seeds from ``(seed, epoch)``. Background (0) fills the exposed border."""
+    ``make_loader`` seeds from ``(seed, epoch, index)``. Background (0) fills the exposed border."""
 
     def __init__(self, img_size: int, degrees: float = 10.0, scale: float = 0.1) -> None:
         self.max_shift = max(1, round(img_size / 8))
@@ -297,7 +340,8 @@ def _load_synthetic(img_size: int, in_chans: int, ood: bool, augment: bool, seed
 
 
 class _PilLoader:
-    """Opens any image as ``mode`` ("RGB" or "L"); grayscale and palette files become the channels a model expects."""
+    """Opens any image as ``mode`` ("RGB" or "L"): grayscale, palette and CMYK files become the channels a model
+    expects. Converts once (a second ``convert`` copies every pixel again)."""
 
     def __init__(self, mode: str) -> None:
         self.mode = mode
@@ -305,29 +349,52 @@ class _PilLoader:
     def __call__(self, path: str) -> Any:
         from PIL import Image
 
-        try:  # a corrupt file met mid-epoch is named, not a PIL traceback
+        try:  # a corrupt file is named (and skipped by the folder dataset), never a PIL traceback mid-epoch
             with open(path, "rb") as f:
                 img = Image.open(f)
-                return img.convert("RGB").convert(self.mode)
+                if img.mode == self.mode:
+                    img.load()
+                    return img
+                if img.mode == "CMYK" and self.mode == "L":
+                    img = img.convert("RGB")  # PIL has no direct CMYK -> L
+                return img.convert(self.mode)
         except (OSError, SyntaxError, ValueError) as e:
             raise MonomodError(f"cannot read image {path} ({e})", "delete or replace that file") from None
 
 
 class _ClassFolder(ImageFolder):
     """ImageFolder with the class list and label indices given (not rediscovered), so labels can follow another
-    split's classes; empty class folders are allowed (an empty split is caught by the caller)."""
+    split's classes. An image that cannot be decoded is skipped with one warning naming it (the next image of the
+    folder takes its place, so batches stay a pure function of the index) instead of a traceback mid-epoch."""
 
     def __init__(self, root: str, classes: list[str], class_to_idx: dict[str, int], **kwargs: Any) -> None:
         self._given = (list(classes), dict(class_to_idx))
+        self._warned: set[str] = set()
         super().__init__(root, allow_empty=True, **kwargs)
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._given[0], dict(self._given[1])
 
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(index)  # ends plain iteration (``for x, y in dataset``)
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                sample = self.loader(path)
+            except MonomodError as e:  # the loader's word for a truncated or unknown file
+                if path not in self._warned:
+                    self._warned.add(path)
+                    log.warning("skipping unreadable image %s (%s)", path, " ".join(str(e).split()))
+                continue
+            return (self.transform(sample) if self.transform is not None else sample), target
+        raise MonomodError(f"no image in {self.root} can be read", "check the files (are they images?)")
+
 
 def _image_folder(root: Path, class_to_idx: dict[str, int] | None, transform: Any, in_chans: int, what: str) -> Any:
     """An ImageFolder over ``root/<class>/*``; labels come from ``class_to_idx`` (the IID classes) when given, so val
-    and OOD folders that hold a subset of the classes still get the training indices."""
+    and OOD folders that hold a subset of the classes still get the training indices. A class folder without images
+    is refused here, naming it, rather than giving a class that never appears."""
     if not root.is_dir():
         raise MonomodError(f"{what} directory {root} does not exist", "create it with one subfolder per class")
     folders = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
@@ -349,20 +416,58 @@ def _image_folder(root: Path, class_to_idx: dict[str, int] | None, transform: An
     ds = _ClassFolder(str(root), folders, mapping, transform=transform, loader=loader)
     if len(ds) == 0:
         raise MonomodError(f"no images in {what} directory {root}", f"put image files in {root}/<class>/")
+    found = set(ds.targets)
+    empty = [c for c in folders if mapping[c] not in found]
+    if empty:
+        raise MonomodError(f"class folder {root / empty[0]} has no images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""),
+                           "put its images in it, or remove the folder")
     return ds
 
 
-def _eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> Any:
-    from torchvision import transforms as T
+def _eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear",
+                    crop_pct: float = 0.875) -> Any:
+    from timm.data import create_transform
 
-    return T.Compose([
-        T.Resize(int(img_size / 0.875)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(mean, std),
-    ])
+    return create_transform(img_size, is_training=False, interpolation=interpolation, mean=tuple(mean),
+                            std=tuple(std), crop_pct=crop_pct)
 
 
-def _load_imagefolder(path: str, img_size: int, in_chans: int, augment: bool) -> DataBundle:
-    from torchvision import transforms as T
+def _train_transform(bundle: DataBundle, augment: Augment) -> Any:
+    """timm's training transform: random resized crop + flip, then ``augment``'s RandAugment, jitter and erasing."""
+    from timm.data import create_transform
 
+    return cap_rand_augment(create_transform(
+        bundle.img_size, is_training=True, interpolation=bundle.interpolation, mean=tuple(bundle.mean),
+        std=tuple(bundle.std), auto_augment=augment.auto_augment, color_jitter=augment.color_jitter or None,
+        re_prob=augment.reprob, re_mode="pixel",
+    ))
+
+
+# Recent Pillow (13 here) refuses to posterize to 0 bits, which timm's RandAugment asks for at its top magnitude (10,
+# where it clips the sampled magnitude): capped just below, every op acts as at 10 but posterize keeps one bit.
+RAND_AUGMENT_MAGNITUDE_CAP = 9.99
+
+
+def cap_rand_augment(transform: Any) -> Any:
+    """Cap the magnitude of the RandAugment ops inside a timm ``Compose`` (see RAND_AUGMENT_MAGNITUDE_CAP)."""
+    for stage in getattr(transform, "transforms", []):
+        for op in getattr(stage, "ops", []):
+            if hasattr(op, "magnitude_max"):
+                op.magnitude_max = RAND_AUGMENT_MAGNITUDE_CAP
+    return transform
+
+
+def _image_stats(in_chans: int, data_config: dict[str, Any] | None) -> tuple[tuple, tuple, str, float]:
+    """mean, std, interpolation and crop fraction: the teacher's (timm ``resolve_data_config``) when given."""
+    cfg = data_config or {}
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    if in_chans == 1 or len(mean) != in_chans:
+        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    return mean, std, str(cfg.get("interpolation", "bilinear")), float(cfg.get("crop_pct", 0.875))
+
+
+def _load_imagefolder(path: str, img_size: int, in_chans: int, augment: bool,
+                      data_config: dict[str, Any] | None) -> DataBundle:
     if in_chans not in (1, 3):
         raise MonomodError(f"imagefolder data needs in_chans 1 or 3, got {in_chans}", "use in_chans 3 (RGB) or 1")
     root = Path(path).expanduser()
@@ -372,17 +477,15 @@ def _load_imagefolder(path: str, img_size: int, in_chans: int, augment: bool) ->
     for split in ("train", "val"):
         if not (root / split).is_dir():
             raise MonomodError(f"no {split}/ directory in {root}", f"create {root / split}/<class>/ with its images")
-    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_chans == 3 else ((0.5,), (0.5,))
-    if augment:
-        train_tf = T.Compose([
-            T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std),
-        ])
-    else:
-        train_tf = _eval_transform(img_size, mean, std)
-    train = _image_folder(root / "train", None, train_tf, in_chans, "train")
-    val = _image_folder(root / "val", train.class_to_idx, _eval_transform(img_size, mean, std), in_chans, "val")
-    name = f"imagefolder:{root.resolve()}"
-    return DataBundle(name, train, val, None, len(train.classes), in_chans, img_size, mean, std, list(train.classes))
+    mean, std, interpolation, crop_pct = _image_stats(in_chans, data_config)
+    eval_tf = _eval_transform(img_size, mean, std, interpolation, crop_pct)
+    train = _image_folder(root / "train", None, eval_tf, in_chans, "train")
+    val = _image_folder(root / "val", train.class_to_idx, eval_tf, in_chans, "val")
+    bundle = DataBundle(f"imagefolder:{root.resolve()}", train, val, None, len(train.classes), in_chans, img_size,
+                        mean, std, list(train.classes), interpolation, crop_pct)
+    if augment:  # the light default: random resized crop + flip
+        train.transform = _train_transform(bundle, Augment())
+    return bundle
 
 
 def _load_ood_folder(path: str, bundle: DataBundle) -> Dataset:
@@ -396,7 +499,7 @@ def _load_ood_folder(path: str, bundle: DataBundle) -> Dataset:
     if (root / "val").is_dir():
         root = root / "val"
     class_to_idx = {c: i for i, c in enumerate(bundle.classes)}
-    transform = _eval_transform(bundle.img_size, bundle.mean, bundle.std)
+    transform = _eval_transform(bundle.img_size, bundle.mean, bundle.std, bundle.interpolation, bundle.crop_pct)
     return _image_folder(root, class_to_idx, transform, bundle.in_chans, "OOD")
 
 
@@ -411,6 +514,7 @@ def load_data(
     ood: str | None = "auto",
     seed: int = 0,
     augment: bool = True,
+    data_config: dict[str, Any] | None = None,
 ) -> DataBundle:
     """Load the task named by ``spec``: ``digits`` (built in), ``synthetic`` (smoke tests) or ``imagefolder:PATH``.
 
@@ -418,7 +522,9 @@ def load_data(
     synthetic: its shifted split; imagefolder: none), ``None`` (or ``"none"``) gives none, and
     ``"imagefolder:PATH2"`` loads ``PATH2/val`` (or ``PATH2``) with labels mapped to the IID classes by folder name.
     ``seed`` only picks the synthetic data; the digits split is fixed so every run evaluates on the same images.
-    ``augment`` turns on the light random train augmentation; val and OOD are never augmented.
+    ``augment`` turns on the light random train augmentation (``DataBundle.train_with`` adds the paper's); val and
+    OOD are never augmented. ``data_config`` (timm's ``resolve_data_config`` of the teacher) gives image folders their
+    mean, std, interpolation and crop fraction; in-memory sets normalise with their own statistics.
     """
     if not isinstance(spec, str) or not spec:
         raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
@@ -443,7 +549,7 @@ def load_data(
     elif kind == "synthetic" and not sep:
         bundle = _load_synthetic(img_size, in_chans, want_ood, augment, seed)
     elif kind == "imagefolder" and sep and arg:
-        bundle = _load_imagefolder(arg, img_size, in_chans, augment)
+        bundle = _load_imagefolder(arg, img_size, in_chans, augment, data_config)
     elif kind == "imagefolder":
         raise MonomodError("imagefolder data needs a path", "use 'imagefolder:PATH' with PATH/train and PATH/val")
     else:
@@ -453,41 +559,100 @@ def load_data(
     return bundle
 
 
-def _derive_seed(seed: int, epoch: int, stream: int) -> int:
-    """A well-mixed 63-bit seed from (seed, epoch, stream), so nearby seeds and epochs give unrelated streams."""
-    words = [int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch) & 0xFFFFFFFFFFFFFFFF, stream]
-    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0]) >> 1
+def derive_seed(*words: int) -> int:
+    """A well-mixed 63-bit seed from integers (seed, epoch, index, ...), so nearby inputs give unrelated streams.
+    blake2b, not numpy's SeedSequence: it runs once per sample and costs 2 us instead of 30."""
+    data = b",".join(str(int(w)).encode() for w in words)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed the global RNGs a transform may draw from: python ``random`` (timm), numpy (RandAugment's op choice),
+    torch's CPU generator (torchvision, random erasing). CPU only: the CUDA generators are the training loop's."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextmanager
+def global_rngs_kept() -> Iterator[None]:
+    """Run the block and put python, numpy and torch CPU RNG states back as they were."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+
+
+class _EpochSampler(Sampler):
+    """Yields ``(epoch_seed, index)``: the epoch's order (a permutation from ``(seed, epoch)`` when shuffling) with
+    the seed each sample's augmentation derives from. Runs in the main process, never touching the global RNG."""
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int, epoch: int) -> None:
+        self.size, self.shuffle = size, shuffle
+        self.order_seed, self.epoch_seed = derive_seed(seed, epoch, 0), derive_seed(seed, epoch, 1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed)).tolist()
+        else:
+            order = range(self.size)
+        return ((self.epoch_seed, i) for i in order)
+
+
+class _SeededSamples(Dataset):
+    """``dataset[index]`` with the global RNGs seeded from ``(epoch_seed, index)`` first, so every random transform
+    of every sample is fixed whichever process (main or worker) and whichever worker computes it."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch_seed, index = key
+        seed_global_rngs(derive_seed(epoch_seed, index))
+        return self.dataset[index]
 
 
 class SeededLoader(DataLoader):
-    """A single-process DataLoader whose shuffle order and whose augmentation randomness come from ``(seed, epoch)``.
-
-    Batches are fetched with the global torch CPU RNG temporarily swapped for the loader's own stream (and swapped
-    back before each batch is yielded), so dataset transforms that draw from the torch RNG are reproducible and the
-    training loop's own randomness (dropout, init) neither affects nor is affected by data loading. Iterating the
-    same loader twice gives the same batches.
-    """
-
-    def __init__(self, dataset: Dataset, *, seed: int, epoch: int, **kwargs: Any) -> None:
-        self._order_seed = _derive_seed(seed, epoch, 0)
-        self._aug_seed = _derive_seed(seed, epoch, 1)
-        super().__init__(dataset, generator=torch.Generator().manual_seed(self._order_seed), **kwargs)
+    """A DataLoader over ``_SeededSamples``. In the main process (``num_workers=0``) each batch runs inside
+    ``global_rngs_kept``, so the training loop's own randomness (dropout, init) neither affects nor is affected by
+    data loading; workers own their RNGs. Iterating the same loader twice gives the same batches."""
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
-        self.generator.manual_seed(self._order_seed)
-        state = torch.Generator().manual_seed(self._aug_seed).get_state()
         it = super().__iter__()
         while True:
-            outer = torch.get_rng_state()
-            torch.set_rng_state(state)
             try:
-                batch = next(it)
+                if self.num_workers == 0:
+                    with global_rngs_kept():
+                        batch = next(it)
+                else:
+                    batch = next(it)
             except StopIteration:
                 return
-            finally:
-                state = torch.get_rng_state()
-                torch.set_rng_state(outer)
             yield batch
+
+
+def _reads_files(dataset: Dataset) -> bool:
+    while isinstance(dataset, torch.utils.data.Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, DatasetFolder)
+
+
+def default_workers(dataset: Dataset) -> int:
+    """Loader workers for ``dataset``: the cores this job was given (``torch.get_num_threads()``, which executors
+    set per job), at most 8, for sets that decode files. In-memory tensor sets get none: indexing one takes
+    microseconds, while a worker would pickle every batch through shared memory, and only costs."""
+    if not _reads_files(dataset):
+        return 0
+    return max(1, min(MAX_LOADER_WORKERS, torch.get_num_threads()))
 
 
 def make_loader(
@@ -498,10 +663,20 @@ def make_loader(
     seed: int,
     epoch: int = 0,
     drop_last: bool = False,
+    num_workers: int | None = None,
 ) -> DataLoader:
-    """A DataLoader (``num_workers=0``) whose order and augmentations are fixed by ``(seed, epoch)``, so a job
-    resumed at epoch ``k`` sees exactly the batches it would have seen, and each epoch gets a fresh order."""
+    """The one way monomod loads batches: order and augmentations a pure function of ``(seed, epoch, index)``, so a
+    job resumed mid-epoch sees exactly the batches it would have seen, whatever ``num_workers`` (default:
+    ``default_workers``). Workers persist across re-iterations; batches are pinned for non-blocking CUDA copies."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise MonomodError(f"batch_size must be a positive integer, got {batch_size!r}", "pass e.g. batch_size=64")
-    return SeededLoader(dataset, seed=seed, epoch=epoch, batch_size=batch_size, shuffle=shuffle,
-                        drop_last=drop_last, num_workers=0)
+    workers = default_workers(dataset) if num_workers is None else num_workers
+    if not isinstance(workers, int) or workers < 0:
+        raise MonomodError(f"loader workers must be 0 or more, got {workers!r}", "pass e.g. --loader-workers 2")
+    sampler = _EpochSampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch)  # type: ignore[arg-type]
+    return SeededLoader(
+        _SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        # DataLoader draws its workers' base seed from this generator, not from the global RNG
+        generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 2)),
+    )

@@ -68,6 +68,8 @@ class ConvertOptions:
     # How often training jobs checkpoint (how a job runs, not what it computes: kept out of job hashes)
     checkpoint_every: int = 0  # steps; 0 = by time only
     checkpoint_minutes: float = 10.0  # wall-clock minutes; 0 = by steps only
+    loader_workers: int | None = None  # data-loader workers per job (None: the job's cores, at most 8); how fast, not
+    # what is computed, so it never enters the plan or a job hash: the executor hands it to the jobs at run time
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,20 @@ class DataInfo:
 
 
 # Training budgets. demo: sized so the whole plan fits in minutes on 2 CPU cores. paper: METHOD.md's reference
-# hyper-parameters (epochs; lr 5e-4 x batch/512, AdamW wd 0.05, cosine, label smoothing 0.1, mixup 0.8, kept on in
-# the m2mKD jobs too, and the KL normalised by batch x classes). ``teacher`` is the teacher trained end to end,
-# ``teacher_ft`` the same job when it fine-tunes incubated modules (Deep Incubation's FT phase, no warm-up).
+# hyper-parameters (epochs; lr 5e-4 x batch/512, AdamW wd 0.05, cosine, label smoothing 0.1, mixup 0.8 / CutMix 1.0,
+# RandAugment rand-m9-mstd0.5-inc1, colour jitter 0.4, random erasing 0.25; mixing and smoothing kept on in the m2mKD
+# jobs too, and the KL normalised by batch x classes). ``teacher`` is the teacher trained end to end, ``teacher_ft``
+# the same job when it fine-tunes incubated modules (Deep Incubation's FT phase, no warm-up).
 PRESET_BUDGETS: dict[str, dict[str, Any]] = {
     "demo": {
         "img_size": 32, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.0, "mixup": 0.0,
+        "cutmix": 0.0, "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
         "steps": {"teacher": 800, "teacher_ft": 300, "meta": 600, "incubate": 250, "m2mkd": 400, "finetune": 1200},
         "warmup_fraction": 0.1, "kl_norm": "batchmean",
     },
     "paper": {
         "img_size": None, "batch_size": 512, "lr": 5e-4, "weight_decay": 0.05, "label_smoothing": 0.1, "mixup": 0.8,
+        "cutmix": 1.0, "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "reprob": 0.25,
         "epochs": {"teacher": 30, "teacher_ft": 100, "meta": 300, "incubate": 100, "m2mkd": 100, "finetune": 100},
         "warmup_epochs": 20, "no_warmup": ("teacher_ft",), "kl_norm": "reference",
     },
@@ -104,7 +109,8 @@ PRESET_BUDGETS: dict[str, dict[str, Any]] = {
 # and ``warmup_epochs``; epochs are turned into steps with the data set's size and the (overridden) batch size.
 BUDGET_KINDS = ("teacher", "meta", "incubate", "m2mkd", "finetune")
 BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_size", "weight_decay",
-               "label_smoothing", "mixup", "min_lr", "grad_clip")
+               "label_smoothing", "mixup", "cutmix", "auto_augment", "color_jitter", "reprob", "min_lr", "grad_clip")
+AUGMENT_KEYS = ("auto_augment", "color_jitter", "reprob")  # the loader's (monomod.data.Augment), every job kind
 DISTILL_KINDS = ("teacher", "meta", "incubate", "m2mkd")  # jobs that train on distill_data
 
 
@@ -213,10 +219,11 @@ def _budget_maker(o: ConvertOptions, data: DataInfo) -> Callable[[str, int], dic
         config = {
             "steps": steps, "batch_size": batch_size, "lr": budget["lr"],
             "weight_decay": budget["weight_decay"], "warmup_steps": warmup,
-            "label_smoothing": budget["label_smoothing"], "mixup": budget["mixup"],
+            "label_smoothing": budget["label_smoothing"], "mixup": budget["mixup"], "cutmix": budget["cutmix"],
+            **{key: budget[key] for key in AUGMENT_KEYS},
             "seed": o.seed + seed_offset,
         }
-        config.update(override)  # lr, weight_decay, label_smoothing, mixup, min_lr, grad_clip as given
+        config.update(override)  # lr, weight_decay, label_smoothing, mixup, cutmix, augmentation, ... as given
         return config
 
     return train
@@ -253,6 +260,8 @@ def validate_options(o: ConvertOptions) -> None:
         raise MonomodError(f"--feature-loss must be 0 or more, got {o.feature_loss}", "pass a weight >= 0")
     if o.stitch not in (None, "linear", "ln_linear"):
         raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
+    if o.loader_workers is not None and (not isinstance(o.loader_workers, int) or o.loader_workers < 0):
+        raise MonomodError(f"loader_workers={o.loader_workers!r} is invalid", "give 0 (load in the job's process) or more")
     if o.meta_width is not None and (not isinstance(o.meta_width, int) or o.meta_width < 1 or o.meta == "teacher"):
         raise MonomodError(f"meta_width={o.meta_width!r} is invalid here", "give a positive integer, with meta=trained")
     for kind, override in (o.budgets or {}).items():
@@ -269,6 +278,8 @@ def validate_options(o: ConvertOptions) -> None:
                 good = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if "warmup" in key else 1)
             elif key == "grad_clip":
                 good = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
+            elif key == "auto_augment":
+                good = value is None or (isinstance(value, str) and value != "")
             else:
                 good = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
             if not good:

@@ -122,6 +122,7 @@ SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
     "checkpoint_every": (lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
     "checkpoint_minutes": (lambda v: _is_num(v) and 0 <= v < float("inf"), "a number >= 0 (minutes; 0 = by steps only)"),
     "budgets": (lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
+    "loader_workers": (lambda v: v is None or _is_int(v, 0), "an integer >= 0 (data-loader workers per job) or null"),
     "data_info": (lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}
                   and all(_is_int(x) for x in v.values()), "a mapping with num_classes and train_size (integers)"),
 }

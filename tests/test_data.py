@@ -313,3 +313,131 @@ def test_imagefolder_errors(folder, tmp_path):
     _raises(re.escape(f"no val/ directory in {folder}"), spec=f"imagefolder:{folder}")
     shutil.rmtree(folder / "train")
     _raises(re.escape(f"no train/ directory in {folder}"), spec=f"imagefolder:{folder}")
+
+
+# --------------------------------------------------------------------------------------- workers, timm, file formats
+
+
+def _batches(loader) -> list[torch.Tensor]:
+    return [x for x, _ in loader]
+
+
+def test_workers_give_the_same_batches_as_the_main_process(folder):
+    from monomod.data import Augment
+
+    b = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3)
+    paper = b.train_with(Augment(auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4, reprob=0.25))
+    assert b.train.transform is not paper.transform and paper.samples is b.train.samples  # images shared
+    assert "RandAugment" in repr(paper.transform) and "RandomErasing" in repr(paper.transform)
+    main = _batches(make_loader(paper, batch_size=4, shuffle=True, seed=5, epoch=1, num_workers=0))
+    loader = make_loader(paper, batch_size=4, shuffle=True, seed=5, epoch=1, num_workers=2)
+    assert loader.num_workers == 2 and loader.persistent_workers
+    for _ in range(2):  # persistent workers replay the epoch
+        assert all(torch.equal(x, y) for x, y in zip(main, _batches(loader)))
+    assert not torch.equal(main[0], _batches(make_loader(paper, batch_size=4, shuffle=True, seed=5, epoch=2,
+                                                          num_workers=0))[0])
+
+
+def test_default_workers(folder, digits):
+    from monomod.data import default_workers
+
+    b = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        assert default_workers(b.train) == 3 and default_workers(torch.utils.data.Subset(b.val, [0])) == 3
+        torch.set_num_threads(32)
+        assert default_workers(b.train) == 8
+    finally:
+        torch.set_num_threads(threads)
+    assert default_workers(digits.train) == 0  # in memory: workers only cost
+    with pytest.raises(monomod.MonomodError, match="loader workers"):
+        make_loader(digits.train, batch_size=4, shuffle=True, seed=0, num_workers=-1)
+
+
+def test_teacher_data_config_and_in_memory_erasing(folder, digits):
+    from monomod.data import Augment
+
+    cfg = {"mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25), "interpolation": "bicubic", "crop_pct": 0.9}
+    b = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3, data_config=cfg)
+    assert (b.mean, b.std, b.interpolation, b.crop_pct) == (cfg["mean"], cfg["std"], "bicubic", 0.9)
+    assert "bicubic" in repr(b.val.transform) and "Resize(size=17" in repr(b.val.transform)
+    erased = digits.train_with(Augment(reprob=1.0))
+    assert erased.images is digits.train.images and digits.train.erase is None
+    assert digits.train_with(Augment()) is digits.train
+
+
+def _save(path, mode: str, fmt: str = "JPEG") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, (20, 24), {"L": 128, "CMYK": (10, 200, 30, 0), "RGB": (200, 10, 10)}[mode]).save(path, fmt)
+
+
+@pytest.mark.parametrize("chans", [3, 1])
+def test_grayscale_and_cmyk_jpegs(tmp_path, chans):
+    for split in ("train", "val"):
+        _save(tmp_path / split / "a" / "gray.jpg", "L")
+        _save(tmp_path / split / "b" / "cmyk.jpg", "CMYK")
+    b = load_data(f"imagefolder:{tmp_path}", img_size=16, in_chans=chans)
+    for ds in (b.train, b.val):
+        assert [ds[i][0].shape for i in range(2)] == [(chans, 16, 16)] * 2
+
+
+def test_corrupt_image_is_skipped_with_one_warning(folder, caplog):
+    bad = folder / "train" / "cat" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    b = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3)
+    index = next(i for i, (path, _) in enumerate(b.train.samples) if path.endswith("broken.jpg"))
+    with caplog.at_level("WARNING", logger="monomod.data"):
+        for _ in range(3):
+            x, y = b.train[index]
+            assert x.shape == (3, 16, 16)
+        batches = _batches(make_loader(b.train, batch_size=5, shuffle=True, seed=0, num_workers=0))
+    assert sum(len(x) for x in batches) == len(b.train)
+    warnings = [r.getMessage() for r in caplog.records if "broken.jpg" in r.getMessage()]
+    assert len(warnings) == 1 and str(bad) in warnings[0]
+
+
+def test_empty_class_folder_is_refused_by_name(folder):
+    (folder / "train" / "zebra").mkdir()
+    message = _raises(re.escape(f"class folder {folder / 'train' / 'zebra'} has no images"), spec=f"imagefolder:{folder}")
+    assert "remove the folder" in message
+
+
+@pytest.mark.slow
+def test_imagefolder_convert_end_to_end(tmp_path):
+    """The digits as PNG files in train/, val/ and a rotated OOD folder, through `monomod convert` at tiny budgets."""
+    from sklearn.datasets import load_digits
+
+    from monomod.runtime.api import convert
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+        split = "train" if i < 200 else "val"
+        pixels = (image * 255 / 16).astype(np.uint8)
+        for root, px in ((tmp_path / "digits" / split, pixels), (tmp_path / "ood", np.rot90(pixels))):
+            if root.name == "ood" and split == "train":
+                continue
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(px), "L").resize((32, 32)).save(root / str(label) / f"{i}.png")
+    tiny = {"steps": 2, "batch_size": 16, "warmup_steps": 0}
+    run = convert("vit_tiny", to="vit", modules=2, out=tmp_path / "run", data=f"imagefolder:{tmp_path / 'digits'}",
+                  ood=f"imagefolder:{tmp_path / 'ood'}", img_size=32, in_chans=3, loader_workers=1,
+                  budgets={kind: dict(tiny) for kind in ("teacher", "meta", "m2mkd", "finetune")})
+    results = run.report["results"] if "results" in run.report else run.report
+    text = json.dumps(results)
+    assert "iid_acc" in text and "ood_acc" in text
+    assert '"ood_acc": null' not in text
+    assert "loader_workers" not in (tmp_path / "run" / "plan.yaml").read_text()  # a run-time setting only
+
+
+def test_rand_augment_top_magnitude_runs_on_this_pillow():
+    import random
+
+    from monomod.data import Augment, _train_transform
+
+    bundle = DataBundle("x", None, None, None, 2, 3, 16, IMAGENET_MEAN, IMAGENET_STD, ["a", "b"])
+    transform = _train_transform(bundle, Augment(auto_augment="rand-n4-m10-mstd0-inc1"))  # every op at magnitude 10
+    image = Image.new("RGB", (20, 20), (120, 30, 200))
+    for seed in range(20):  # posterize is drawn in some of them: timm asks Pillow for 0 bits there
+        random.seed(seed)
+        assert transform(image).shape == (3, 16, 16)

@@ -46,7 +46,7 @@ def test_every_shipped_recipe_dry_runs(name):
 def test_paper_recipes_carry_the_reference_setups():
     nac = load_recipe("paper-nac-tinyimagenet").values
     assert (nac["teacher"], nac["modules"], nac["student_preset"], nac["img_size"], nac["meta_width"], nac["stitch"]) == (
-        "vit_huge", 10, "tinyimagenet", 64, 1280, "linear")
+        "vit_huge", 10, "tinyimagenet", 224, 1280, "linear")
     assert nac["data"] == "imagefolder:data/tiny-imagenet-200" and nac["ood"] == "imagefolder:data/tiny-imagenet-r"
     assert nac["budgets"]["finetune"]["epochs"] == 400 and nac["budgets"]["m2mkd"]["epochs"] == 100
     vmoe = load_recipe("paper-vmoe-imagenet").values

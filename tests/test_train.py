@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from monomod.runtime.train import (
     TrainConfig,
     evaluate,
     learning_rate,
-    mixup_batch,
+    make_mixer,
     param_groups,
     soft_cross_entropy,
     train,
@@ -69,6 +70,24 @@ def global_rng_loader(epoch: int):
     for i in range(0, N, BATCH):
         idx = perm[i:i + BATCH]
         yield x[idx] + 0.05 * torch.randn(len(idx), DIM), y[idx]
+
+
+class NoisyToy(torch.utils.data.Dataset):
+    """The toy data with per-sample noise from the *global* torch RNG, as a torchvision transform would draw it."""
+
+    def __len__(self) -> int:
+        return N
+
+    def __getitem__(self, i: int):
+        x, y = toy_data()
+        return x[i] + 0.05 * torch.randn(DIM), y[i]
+
+
+def workers_loader(epoch: int, workers: int = 2):
+    """monomod's own loader with worker processes: order and noise from (seed, epoch, index)."""
+    from monomod.data import make_loader
+
+    return make_loader(NoisyToy(), batch_size=BATCH, shuffle=True, seed=11, epoch=epoch, num_workers=workers)
 
 
 def ce_loss(model: nn.Module, smoothing: float = 0.0):
@@ -213,16 +232,26 @@ def test_grad_clipping_bounds_the_norm(tmp_path: Path) -> None:
 
 
 def test_mixup_soft_targets_and_training(tmp_path: Path) -> None:
-    torch.manual_seed(0)
     x, y = torch.randn(16, DIM), torch.arange(16) % CLASSES
     y[-1] = 2  # sample 0 (class 0) is mixed with sample 15 (class 2)
-    mx, my = mixup_batch(x, y, 0.8, CLASSES)
+    mix = make_mixer(TrainConfig(steps=1, mixup=0.8, num_classes=CLASSES, seed=5))
+    numpy_before = np.random.get_state()[1].copy()
+    mx, my = mix(x.clone(), y, 3)
+    assert np.array_equal(np.random.get_state()[1], numpy_before)  # timm's numpy draws are seeded, then undone
     assert my.shape == (16, CLASSES) and my.dtype == torch.float32
     assert torch.allclose(my.sum(1), torch.ones(16))
     lam = my[0, 0].item()
     assert 0 < lam < 1 and my[0, 2].item() == pytest.approx(1 - lam) and torch.allclose(mx[0], lam * x[0] + (1 - lam) * x[-1], atol=1e-6)
+    again, _ = mix(x.clone(), y, 3)
+    other, _ = mix(x.clone(), y, 4)
+    assert torch.equal(again, mx) and not torch.equal(other, mx)  # a pure function of (seed, step)
+    assert make_mixer(TrainConfig(steps=1)) is None
     with pytest.raises(MonomodError, match="num_classes"):
-        mixup_batch(x, y, 0.8, None)
+        make_mixer(TrainConfig(steps=1, mixup=0.8))
+    # CutMix pastes a box of the partner image: pixels are either one image's or the other's
+    images = torch.stack([torch.zeros(3, 8, 8), torch.ones(3, 8, 8)])
+    cut, target = make_mixer(TrainConfig(steps=1, cutmix=1.0, num_classes=2, seed=1))(images.clone(), torch.tensor([0, 1]), 0)
+    assert set(cut.unique().tolist()) <= {0.0, 1.0} and torch.allclose(target.sum(1), torch.ones(2))
 
     # soft CE with one-hot targets == hard CE, label smoothing included
     logits = torch.randn(16, CLASSES)
@@ -338,6 +367,33 @@ def test_resume_after_real_sigkill_is_bitwise_identical(tmp_path: Path) -> None:
     resumed, result = run_job(tmp_path / "job", dropout=0.1)
     assert result.resumed_from == 10
     assert_bitwise_equal(resumed, reference)
+
+
+def test_resume_mid_epoch_with_loader_workers_is_bitwise_identical(tmp_path: Path) -> None:
+    # killed at step 13 (mid-epoch: 6 batches per epoch), checkpoint at 10; two loader workers, mixup and dropout on
+    kw = dict(loader=workers_loader, dropout=0.2, mixup=0.4, num_classes=CLASSES)
+    reference, ref_result = run_job(tmp_path / "ref", **kw)
+    script = (
+        "import sys, importlib.util, torch\n"
+        "from pathlib import Path\n"
+        "spec = importlib.util.spec_from_file_location('toy_train', sys.argv[1])\n"
+        "mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)\n"
+        "mod.run_job(Path(sys.argv[2]), stop_at=13, how='sigkill', loader=mod.workers_loader, dropout=0.2, "
+        "mixup=0.4, num_classes=mod.CLASSES)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, __file__, str(tmp_path / "job")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "job" / "checkpoint")[1]["batch_in_epoch"] == 4
+
+    resumed, result = run_job(tmp_path / "job", **kw)
+    assert result.resumed_from == 10
+    assert_bitwise_equal(resumed, reference)
+    assert result.final_loss == ref_result.final_loss
+    # and the same batches when the main process loads them
+    in_process, _ = run_job(tmp_path / "main", dropout=0.2, mixup=0.4, num_classes=CLASSES,
+                            loader=lambda epoch: workers_loader(epoch, workers=0))
+    assert_bitwise_equal(in_process, reference)
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

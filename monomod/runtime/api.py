@@ -134,12 +134,13 @@ def convert(teacher: str, *, to: str, modules: int, out: str | Path, force: bool
     from monomod.runtime.lock import run_dir_lock
 
     check_reuse_sources(list(reuse or []))
-    plan = compile_options(ConvertOptions(teacher=teacher, student=to, modules=modules, **options))
+    converted = ConvertOptions(teacher=teacher, student=to, modules=modules, **options)
+    plan = compile_options(converted)
     with run_dir_lock(out):
         run_dir = prepare_run_dir(plan, out, force=force)
         if reuse:
             reuse_finished(plan, run_dir, list(reuse))
-        execute(plan, run_dir)
+        execute(plan, run_dir, loader_workers=converted.loader_workers)
     return load_run(run_dir)
 
 

@@ -143,6 +143,7 @@ def _execute(
     workers: int | None = None,
     ray_address: str | None = None,
     max_retries: int = 0,
+    loader_workers: int | None = None,
 ) -> list[JobStatus]:
     """Run every job that is not finished with its current hash, respecting the DAG, on ``executor``.
 
@@ -150,7 +151,8 @@ def _execute(
     fresh processes on this machine; ``ray`` runs them as tasks on a Ray cluster (``ray_address``). A job whose
     inputs are finished starts as soon as the executor has room. A failed attempt is retried up to
     ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
-    job and its ``log.txt``. Finished jobs stay finished, so running the plan again retries only what is left.
+    job and its ``log.txt``. ``loader_workers`` sets every job's data-loader workers (default: the job's cores, at
+    most 8); it changes speed, never results, so it is not part of the plan. Finished jobs stay finished, so running the plan again retries only what is left.
 
     Under torchrun (``WORLD_SIZE`` > 1) the local executor runs the jobs data-parallel on every rank (see
     ``monomod.runtime.distributed``).
@@ -194,7 +196,8 @@ def _execute(
         return statuses
 
     with distributed.session():
-        runner = make_executor(executor, run_dir.resolve(), plan, workers=workers, ray_address=ray_address)
+        runner = make_executor(executor, run_dir.resolve(), plan, workers=workers, ray_address=ray_address,
+                               loader_workers=loader_workers)
         board = JobBoard(plan, run_dir, console, live=runner.live_view and console.is_terminal and distributed.is_writer(),
                          quiet=not distributed.is_writer())
         failed: dict[str, str] = {}

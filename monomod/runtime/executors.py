@@ -105,9 +105,9 @@ def _output_to(path: Path) -> Iterator[None]:
 
 
 def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: int | None = None,
-            worker: str | None = None) -> dict[str, Any]:
+            worker: str | None = None, loader_workers: int | None = None) -> dict[str, Any]:
     """Run job ``name`` of RUN_DIR's plan in this process, as ``monomod run RUN_DIR --job NAME`` does, with the
-    job's output appended to ``RUN_DIR/jobs/<dir>/log.txt``. Never raises for a failing job: returns
+    job's output appended to ``RUN_DIR/jobs/<dir>/log.txt`` (``loader_workers``: see ``RunContext``). Never raises for a failing job: returns
     ``{"ok": bool, "seconds": float | None, "error": one line | None, "worker": label}``."""
     from monomod.plan import Plan
     from monomod.runtime.checkpoint import atomic_write_json
@@ -137,7 +137,7 @@ def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: 
                 torch.set_num_threads(threads)
             from monomod.runtime.jobs import RunContext, run_job
 
-            record = run_job(RunContext(run_dir=Path(run_dir), plan=plan), job)
+            record = run_job(RunContext(run_dir=Path(run_dir), plan=plan, loader_workers=loader_workers), job)
         except Exception as e:  # reported to the scheduler; the traceback stays in the log
             traceback.print_exc()
             print(f"[{_stamp()}] {name}: failed", flush=True)
@@ -156,11 +156,11 @@ class LocalExecutor:
     capacity = 1
     live_view = False  # the job's own progress bar is on the console
 
-    def __init__(self, run_dir: Path, plan: Any) -> None:
+    def __init__(self, run_dir: Path, plan: Any, loader_workers: int | None = None) -> None:
         from monomod.runtime.jobs import RunContext
 
         self.run_dir = run_dir
-        self.ctx = RunContext(run_dir=run_dir, plan=plan)
+        self.ctx = RunContext(run_dir=run_dir, plan=plan, loader_workers=loader_workers)
         self.queue: list[Any] = []
 
     def start(self, job: Any) -> None:
@@ -196,13 +196,14 @@ class LocalExecutor:
 # ----------------------------------------------------------------------------------------------- process pool
 
 
-def _process_main(run_dir: str, name: str, expected_hash: str, threads: int, conn: Any) -> None:
+def _process_main(run_dir: str, name: str, expected_hash: str, threads: int, conn: Any,
+                  loader_workers: int | None = None) -> None:
     """Entry point of a pool worker (a fresh, spawned interpreter): run one job, report, exit.
 
     Ctrl-C is the scheduler's to handle (it stops its workers with SIGTERM); a worker ignores SIGINT so a terminal
     interrupt does not print a traceback per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    result = run_one(run_dir, name, expected_hash, threads)
+    result = run_one(run_dir, name, expected_hash, threads, loader_workers=loader_workers)
     try:
         conn.send(result)
         conn.close()
@@ -232,10 +233,11 @@ class ProcessExecutor:
     kind = "process"
     live_view = True
 
-    def __init__(self, run_dir: Path, workers: int | None = None) -> None:
+    def __init__(self, run_dir: Path, workers: int | None = None, loader_workers: int | None = None) -> None:
         import multiprocessing
 
         self.run_dir = run_dir
+        self.loader_workers = loader_workers
         self.capacity = workers or DEFAULT_PROCESS_WORKERS
         self.threads = max(1, cpu_count() // self.capacity)
         self.mp = multiprocessing.get_context("spawn")
@@ -244,7 +246,7 @@ class ProcessExecutor:
     def start(self, job: Any) -> None:
         receive, send = self.mp.Pipe(duplex=False)
         proc = self.mp.Process(target=_process_main, name=f"monomod {job.name}", daemon=True,
-                               args=(str(self.run_dir), job.name, job.hash, self.threads, send))
+                               args=(str(self.run_dir), job.name, job.hash, self.threads, send, self.loader_workers))
         # The child reads the thread variables when torch loads, before any code of ours runs: set them for it.
         with _environ(thread_env(self.threads)):
             proc.start()
@@ -314,7 +316,8 @@ def import_ray():
     return ray
 
 
-def _ray_task(run_dir: str, name: str, expected_hash: str, threads: int) -> dict[str, Any]:
+def _ray_task(run_dir: str, name: str, expected_hash: str, threads: int,
+              loader_workers: int | None = None) -> dict[str, Any]:
     """The body of a Ray task: one job from RUN_DIR (shared storage), labelled with the node it ran on."""
     import ray
 
@@ -322,7 +325,8 @@ def _ray_task(run_dir: str, name: str, expected_hash: str, threads: int) -> dict
         node = ray.util.get_node_ip_address()
     except Exception:  # pragma: no cover - outside a Ray worker
         node = socket.gethostname()
-    return run_one(run_dir, name, expected_hash, threads, worker=f"{node} pid {os.getpid()}")
+    return run_one(run_dir, name, expected_hash, threads, worker=f"{node} pid {os.getpid()}",
+                   loader_workers=loader_workers)
 
 
 class RayExecutor:
@@ -333,12 +337,13 @@ class RayExecutor:
     live_view = True
 
     def __init__(self, run_dir: Path, workers: int | None = None, address: str | None = None,
-                 widest: int = 1) -> None:
+                 widest: int = 1, loader_workers: int | None = None) -> None:
         ray = import_ray()
         import torch
 
         self.ray = ray
         self.run_dir = run_dir
+        self.loader_workers = loader_workers
         self.owns_ray = not ray.is_initialized()
         if self.owns_ray:
             options: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
@@ -360,7 +365,8 @@ class RayExecutor:
         self.running: dict[str, Any] = {}  # name -> ObjectRef
 
     def start(self, job: Any) -> None:
-        self.running[job.name] = self.remote.remote(str(self.run_dir), job.name, job.hash, self.threads)
+        self.running[job.name] = self.remote.remote(str(self.run_dir), job.name, job.hash, self.threads,
+                                                    self.loader_workers)
 
     def workers(self) -> dict[str, str]:
         labels = {}
@@ -407,7 +413,9 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = None, ray_address: str | None = None):
+def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = None, ray_address: str | None = None,
+                  loader_workers: int | None = None):
+    """The executor ``kind``; ``loader_workers`` reaches every job's RunContext (a run-time setting, not the plan's)."""
     if kind not in EXECUTORS:
         raise MonomodError(f"unknown executor {kind!r}", f"use one of {', '.join(EXECUTORS)}")
     if workers is not None and workers < 1:
@@ -415,10 +423,10 @@ def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = 
     if kind == "local":
         if workers not in (None, 1):
             raise MonomodError(f"--workers {workers} needs a parallel executor", "add --executor process (or ray)")
-        return LocalExecutor(run_dir, plan)
+        return LocalExecutor(run_dir, plan, loader_workers)
     if kind == "process":
-        return ProcessExecutor(run_dir, workers)
-    return RayExecutor(run_dir, workers, ray_address, widest=_widest_level(plan))
+        return ProcessExecutor(run_dir, workers, loader_workers)
+    return RayExecutor(run_dir, workers, ray_address, widest=_widest_level(plan), loader_workers=loader_workers)
 
 
 def _widest_level(plan: Any) -> int:

@@ -38,6 +38,7 @@ class RunContext:
 
     run_dir: Path
     plan: Plan
+    loader_workers: int | None = None  # a run-time setting (not in the plan): None = monomod.data.default_workers
     _cache: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -50,26 +51,41 @@ class RunContext:
     @cached_property
     def data(self):
         """The task's data (``--data``): fine-tune, baseline and evaluation."""
-        from monomod.data import load_data
-
         s = self.settings
-        return load_data(s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=s["ood"])
+        return self._load_data(s["data"], s["ood"])
 
     @cached_property
     def distill_data(self):
         """The data the teacher, meta, incubate and m2mKD jobs train on (``--distill-data``; no OOD split)."""
+        return self._load_data(self.settings.get("distill_data") or self.settings["data"], None)
+
+    def _load_data(self, spec: str, ood: str | None):
+        """Image folders take the teacher's normalisation, interpolation and crop (its timm pretrained config, read
+        from a weightless copy), whether or not the weights are pretrained."""
+        from timm.data import resolve_data_config
+
         from monomod.data import load_data
+        from monomod.frontend import load_model
 
         s = self.settings
-        return load_data(s.get("distill_data") or s["data"], img_size=s["img_size"], in_chans=s["in_chans"], ood=None)
+        config = None
+        if str(spec).startswith("imagefolder:") or str(ood).startswith("imagefolder:"):
+            probe = load_model(s["teacher"], device="meta", img_size=s["img_size"], in_chans=s["in_chans"],
+                               **s.get("teacher_kwargs", {}))
+            config = resolve_data_config({}, model=probe)
+        return load_data(spec, img_size=s["img_size"], in_chans=s["in_chans"], ood=ood, data_config=config)
 
-    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
-               distill: bool = False) -> Callable[[int], Any]:
+    def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, distill: bool = False,
+               augment: Any = None) -> Callable[[int], Any]:
+        """``make_loader(epoch)`` over ``split`` of the task's data or (``distill``) the distillation data;
+        ``augment`` (a ``monomod.data.Augment``) applies to ``train``."""
         from monomod.data import make_loader
 
-        dataset = getattr(self.distill_data if distill else self.data, split)
+        bundle = self.distill_data if distill else self.data
+        dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
-                                         drop_last=shuffle and len(dataset) > batch_size)
+                                         drop_last=shuffle and len(dataset) > batch_size,
+                                         num_workers=self.loader_workers)
 
     @property
     def distill_classes(self) -> int:
@@ -281,7 +297,11 @@ DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that
 
 
 def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
-    loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS)
+    from monomod.data import Augment
+
+    augment = Augment(auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob)
+    loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS,
+                        augment=augment)
     result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}

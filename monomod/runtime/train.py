@@ -2,7 +2,7 @@
 
 Teacher adaptation, meta-model training, each module's m2mKD job, end-to-end fine-tuning and the from-scratch
 baseline differ only in *what* is optimised and *which* loss is used; the caller supplies both (``trainable`` and
-``loss_fn``) and this loop owns the rest: AdamW, the warm-up + cosine schedule, gradient clipping, mixup, bf16
+``loss_fn``) and this loop owns the rest: AdamW, the warm-up + cosine schedule, gradient clipping, mixup/CutMix, bf16
 autocast, a rich progress bar, ``metrics.jsonl``, crash-safe checkpoints and bitwise-exact resume.
 
 Schedule (computed by hand each step, no LambdaLR; see ``learning_rate``)::
@@ -17,8 +17,9 @@ Resume: ``job_dir/checkpoint`` holds the trainable's state_dict, AdamW's moments
 epoch, the RNG state after that step *and* the RNG state at the start of the epoch. Resuming restores the
 epoch-start RNG, re-creates the epoch's loader (so loaders that draw from the global RNG, e.g. a shuffling
 DataLoader without its own generator, rebuild the same order), skips the batches already consumed, then restores the
-RNG state of the checkpointed step. On CPU with the same seed, a job killed at any point and resumed finishes with
-bitwise the same weights as an uninterrupted one.
+RNG state of the checkpointed step. Mixup/CutMix (timm's ``Mixup``) draws from numpy seeded by ``(seed, step)``.
+On CPU with the same seed, a job killed at any point and resumed finishes with bitwise the same weights as an
+uninterrupted one.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,8 +78,12 @@ class TrainConfig:
     min_lr: float = 1e-6
     grad_clip: float | None = 1.0   # max global gradient norm; None or 0 = no clipping
     label_smoothing: float = 0.0    # for the caller's loss (see soft_cross_entropy); the loop does not apply it
-    mixup: float = 0.0              # mixup alpha (0 = off); applied by the loop to (x, y) before loss_fn
-    num_classes: int | None = None  # needed by mixup to one-hot integer labels (not needed if labels are already soft)
+    mixup: float = 0.0              # mixup alpha (0 = off); applied by the loop (timm Mixup) to (x, y) before loss_fn
+    cutmix: float = 0.0             # CutMix alpha (0 = off); with mixup too, each batch picks one (switch prob 0.5)
+    num_classes: int | None = None  # needed by mixup/CutMix to one-hot the integer labels
+    auto_augment: str | None = None  # for the caller's loader (monomod.data.Augment): e.g. "rand-m9-mstd0.5-inc1"
+    color_jitter: float = 0.0       # for the caller's loader
+    reprob: float = 0.0             # for the caller's loader: random erasing probability
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0       # 0 = no step-based checkpoints; N = also every N steps
@@ -109,6 +115,12 @@ class TrainConfig:
             raise bad("label_smoothing", "must lie in [0, 1)")
         if self.mixup < 0:
             raise bad("mixup", "must be non-negative")
+        if self.cutmix < 0:
+            raise bad("cutmix", "must be non-negative")
+        if self.color_jitter < 0:
+            raise bad("color_jitter", "must be non-negative")
+        if not 0 <= self.reprob <= 1:
+            raise bad("reprob", "must lie in [0, 1]")
         if self.num_classes is not None and self.num_classes < 2:
             raise bad("num_classes", "must be at least 2")
         if self.log_every < 1:
@@ -169,10 +181,6 @@ def seed_everything(seed: int) -> None:
     """Seed python ``random``, numpy and torch (CPU and every CUDA device)."""
     random.seed(seed)
     torch.manual_seed(seed)
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover
-        return
     np.random.seed(seed % 2**32)
 
 
@@ -237,26 +245,37 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float =
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
 
 
-def mixup_batch(x: Tensor, y: Tensor, alpha: float, num_classes: int | None) -> tuple[Tensor, Tensor]:
-    """Mix each sample with its neighbour in the batch rolled by one: ``lam ~ Beta(alpha, alpha)`` (global torch
-    RNG); returns the mixed inputs and the mixed targets as probabilities ``(B, C)``."""
-    if y.is_floating_point():
-        soft = y
-    else:
-        if num_classes is None:
-            raise MonomodError(
-                "mixup needs the number of classes to turn integer labels into probabilities",
-                "set num_classes in the training config (or have the loader yield one-hot/soft labels)",
-            )
-        soft = F.one_hot(y.long(), num_classes)
-    if not x.is_floating_point():
-        x = x.float()
-    soft = soft.to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
-    concentration = torch.tensor(float(alpha))
-    lam = float(torch.distributions.Beta(concentration, concentration).sample())
-    x = lam * x + (1.0 - lam) * x.roll(1, dims=0)
-    soft = lam * soft + (1.0 - lam) * soft.roll(1, dims=0)
-    return x, soft
+MIX_SWITCH_PROB = 0.5  # with both on, the chance a batch uses CutMix rather than mixup (the reference's)
+
+
+def make_mixer(config: TrainConfig) -> Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]] | None:
+    """timm's ``Mixup`` (mixup and/or CutMix per batch) as ``mix(x, y, step) -> (x, probabilities)``, or None when
+    both are off. timm draws from numpy's global RNG; ``mix`` seeds it from ``(config.seed, step)`` and puts the old
+    state back, so a resumed job mixes exactly as the uninterrupted one. Label smoothing stays with the loss
+    (``soft_cross_entropy``): smoothing then mixing equals mixing then smoothing, and it is applied once."""
+    if config.mixup <= 0 and config.cutmix <= 0:
+        return None
+    if config.num_classes is None:
+        raise MonomodError("mixup/CutMix needs the number of classes to turn integer labels into probabilities",
+                           "set num_classes in the training config")
+    from timm.data import Mixup
+
+    from monomod.data import derive_seed, global_rngs_kept
+
+    mixup = Mixup(mixup_alpha=config.mixup, cutmix_alpha=config.cutmix, switch_prob=MIX_SWITCH_PROB,
+                  label_smoothing=0.0, num_classes=config.num_classes)
+
+    def mix(x: Tensor, y: Tensor, step: int) -> tuple[Tensor, Tensor]:
+        if y.is_floating_point():
+            raise MonomodError("mixup/CutMix needs integer class labels, the loader gave probabilities",
+                               "turn mixup and cutmix off for this loader")
+        if x.shape[0] % 2:  # timm mixes sample i with sample B-1-i: an odd batch has no partner for the middle one
+            return x, F.one_hot(y.long(), config.num_classes).float()
+        with global_rngs_kept():
+            np.random.seed(derive_seed(config.seed, step, 3) % 2**32)
+            return mixup(x.float() if not x.is_floating_point() else x, y)
+
+    return mix
 
 
 def _amp_enabled(amp: str, device: torch.device) -> bool:
@@ -282,7 +301,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
     seen = 0
     try:
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
@@ -358,9 +377,9 @@ def train(
 ) -> TrainResult:
     """Optimise ``trainable``'s ``requires_grad`` parameters on ``loss_fn`` for ``config.steps`` steps.
 
-    ``loss_fn(x, y) -> (loss, logits | None)`` sees batches already on the device (mixed when ``config.mixup``, in
-    which case ``y`` holds probabilities: use ``soft_cross_entropy``); logits, when returned, give the training
-    accuracy. ``make_loader(epoch)`` must yield the same batches for the same epoch. ``trainable`` is moved to the
+    ``loss_fn(x, y) -> (loss, logits | None)`` sees batches already on the device (mixed when ``config.mixup`` or
+    ``config.cutmix``, in which case ``y`` holds probabilities: use ``soft_cross_entropy``); logits, when returned,
+    give the training accuracy. ``make_loader(epoch)`` must yield the same batches for the same epoch. ``trainable`` is moved to the
     device and put in train mode; anything else ``loss_fn`` uses (a frozen teacher or meta model) must already be
     on ``resolve_device(config.device)``. ``extra_state()`` tensors are saved in the checkpoint under ``extra.`` (for
     the caller; they are not restored on resume).
@@ -384,6 +403,7 @@ def train(
         device = distributed.device()  # cuda:LOCAL_RANK under torchrun with CUDA
     writer = distributed.is_writer()
     use_amp = _amp_enabled(config.amp, device)
+    mix = make_mixer(config)
 
     seed_everything(config.seed)
     trainable.to(device)
@@ -507,8 +527,8 @@ def train(
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             hard = _hard_labels(y)
-            if config.mixup > 0:
-                x, y = mixup_batch(x, y, config.mixup, config.num_classes)
+            if mix is not None:
+                x, y = mix(x, y, step)
             n = x.shape[0]  # the global batch
             mine, scale = distributed.shard(n)  # under torchrun: this rank's slice (else everything, scale 1)
             if mine.stop - mine.start != n:
