@@ -36,4 +36,7 @@ run nac-m2mkd-reg --to nac --set budgets.m2mkd.mixup=0.8 --set budgets.m2mkd.lab
 run moe-m2mkd-reg --to moe --set budgets.m2mkd.mixup=0.8 --set budgets.m2mkd.label_smoothing=0.1 --reuse "$R/nac" &
 run nac-finetuned-targets --to nac --distill-targets finetuned --reuse "$R/nac" &
 wait
-echo all done >> "$OUT/log.txt"
+echo "all demo runs done" >> "$OUT/log.txt"
+# The data benchmark (loader images/s against timm's at 0/1/2 workers) on this machine's CPU cores.
+timeout 150 python3 -m benchmarks.run --only data > "$R/data.log" 2>&1; echo "data benchmark rc=$?" >> "$OUT/log.txt"
+cp benchmarks/results/data.json "$OUT/data.json" 2>/dev/null; tail -3 "$R/data.log" >> "$OUT/log.txt"
