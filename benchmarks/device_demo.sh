@@ -7,6 +7,7 @@ set -u
 OUT=${OUT:-/tmp/monomod-device}; mkdir -p "$OUT"; R=/tmp/monomod-runs; mkdir -p "$R"
 PP=/tmp/monomod-pp; rm -rf "$PP"; mkdir -p "$PP"
 cp -r monomod "$PP/monomod"; cp -r passes "$PP/monomod/passes"; cp -r recipes "$PP/monomod/recipes"
+cp -r benchmarks "$PP/benchmarks"; cd "$PP"  # not the checkout: its monomod/ lacks the passes package
 export PYTHONPATH=$PP PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
 M="python3 -m monomod.cli"
 run() {  # name, then convert arguments
