@@ -92,7 +92,7 @@ PRESET_BUDGETS: dict[str, dict[str, Any]] = {
     "demo": {
         "img_size": 32, "batch_size": 64, "lr": 1e-3, "weight_decay": 0.05, "label_smoothing": 0.0, "mixup": 0.0,
         "cutmix": 0.0, "auto_augment": None, "color_jitter": 0.0, "reprob": 0.0,
-        "steps": {"teacher": 800, "teacher_ft": 150, "meta": 400, "incubate": 150, "m2mkd": 300, "finetune": 1000},
+        "steps": {"teacher": 800, "teacher_ft": 150, "meta": 400, "incubate": 150, "m2mkd": 250, "finetune": 800},
         "warmup_fraction": 0.1, "kl_norm": "batchmean",
     },
     "paper": {

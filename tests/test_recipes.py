@@ -82,7 +82,7 @@ def test_set_and_explicit_options_override_the_recipe():
     jobs = {j["name"]: j for j in plan["jobs"]}
     assert plan["settings"]["modules"] == 5  # explicit option beats the recipe's 4
     assert jobs["m2mkd:0"]["config"]["loss"]["alpha"] == 0.7  # --set beats the explicit --alpha
-    assert jobs["m2mkd:4"]["config"]["train"]["steps"] == 7 and jobs["finetune"]["config"]["train"]["steps"] == 1000
+    assert jobs["m2mkd:4"]["config"]["train"]["steps"] == 7 and jobs["finetune"]["config"]["train"]["steps"] == 800
     assert jobs["m2mkd:0"]["config"]["stitch"] == "ln_linear"
     bad = convert("--recipe", "demo-nac-digits", "--set", "kd=medium", "--dry-run")
     assert bad.exit_code == 2 and "--set: kd: 'medium' is not allowed" in bad.output
