@@ -26,6 +26,12 @@ BENCHMARKS = {
 }
 
 
+# Collected into RESULTS.md but not run by this script (they need another machine; see each module's docstring).
+COLLECTED = {
+    "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
+}
+
+
 def machine() -> str:
     import torch
 
@@ -65,7 +71,7 @@ def collect() -> None:
     sections = ["# Benchmark results", "",
                 "Numbers from shared 2-core machines are noisy: timings are medians of repeats, and comparisons are "
                 "ratios measured side by side in one run. Regenerate a table with the command under it.", ""]
-    for name, title in BENCHMARKS.items():
+    for name, title in {**BENCHMARKS, **COLLECTED}.items():
         path = HERE / "results" / f"{name}.json"
         if not path.is_file():
             continue
