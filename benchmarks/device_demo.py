@@ -46,15 +46,25 @@ def markdown(result: dict[str, Any]) -> str:
                   "|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['workers']} | {r['monomod']} | {r['timm']} | {r['monomod_vs_timm']} | {r['monomod_vs_0_workers']} |"
                   for r in data["rows"]]
+    loader = result.get("loader")
+    if loader:
+        lines += ["", f"One `paper`-preset m2mKD job on the GPU (`bash benchmarks/device_loader.sh`: vit_small -> vit, "
+                  f"module 0, {loader['steps']} steps of {loader['batch_size']} real 256x320 JPEGs at 224 px with "
+                  "RandAugment, random erasing, mixup/CutMix), loader workers off and on; GPU utilisation sampled "
+                  "every 200 ms by nvidia-smi over the whole command:", "",
+                  "| loader workers | images/s | job (s) | GPU utilisation mean (%) |", "|---:|---:|---:|---:|"]
+        lines += [f"| {r['loader_workers']} | {r['images_per_second']} | {r['job_seconds']} | {r['gpu_util_mean']} |"
+                  for r in loader["rows"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str]) -> int:
     source = Path(argv[0]) if argv else HERE / "results"
     runs = [json.loads(line) for line in (source / "results.jsonl").read_text().splitlines() if line.strip()]
-    data_path = source / "data.json"
+    data_path, loader_path = source / "data.json", source / "loader.json"
     note = argv[1] if len(argv) > 1 else None  # e.g. the budgets the runs had, when the preset has changed since
     result = {"runs": runs, "note": note, "data": json.loads(data_path.read_text()) if data_path.is_file() else None,
+              "loader": json.loads(loader_path.read_text()) if loader_path.is_file() else None,
               "meta": {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "seconds": max(r["seconds"] for r in runs),
                        "command": "OUT=DIR bash benchmarks/device_demo.sh; python -m benchmarks.device_demo DIR"}}
     out = HERE / "results"
