@@ -6,8 +6,9 @@ teacher and insert stitch layers only where token widths differ.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -73,3 +74,22 @@ class StagedModel(nn.Module):
         """Sum of the stages' auxiliary losses from the last forward, or None."""
         losses = [loss for s in self.stages if (loss := s.aux_loss()) is not None]
         return torch.stack(losses).sum() if losses else None
+
+
+Config = TypeVar("Config")
+
+
+def preset_config(presets: Mapping[str, Config], preset: str, overrides: Mapping[str, Any], *, family: str,
+                  also: tuple[str, ...] = ()) -> Config:
+    """A student family's preset config with ``overrides`` (any field of its config dataclass) applied and
+    validated; ``also`` names presets that another builder of the family serves (for the error message)."""
+    if preset not in presets:
+        raise ValueError(f"unknown {family} preset {preset!r}; allowed: {sorted([*presets, *also])}")
+    base = presets[preset]
+    allowed = {f.name for f in dataclasses.fields(base)}  # type: ignore[arg-type]
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {type(base).__name__} field(s) {unknown}; allowed: {sorted(allowed)}")
+    cfg = dataclasses.replace(base, **overrides)  # type: ignore[type-var]
+    cfg.validate()
+    return cfg

@@ -37,7 +37,6 @@ Under perfect balance the CV^2 term is 0 and the Switch term is 1. Gradients flo
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -50,7 +49,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import StagedModel
+from .base import StagedModel, preset_config
 from .vit import ViTStudent, cut_vit, split_depth
 
 MOE_GATES: tuple[str, ...] = ("reference", "vmoe")
@@ -241,15 +240,7 @@ def _block(*, depth: int, moe_at: frozenset[int], moe_layer: Any, **kwargs: Any)
 
 def moe_config(preset: str = "small", **overrides: Any) -> MoEConfig:
     """The preset's config with ``overrides`` (any ``MoEConfig`` field) applied and validated."""
-    if preset not in MOE_PRESETS:
-        raise ValueError(f"unknown MoE preset {preset!r}; choose from {sorted(MOE_PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(MoEConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown MoEConfig field(s) {unknown}; valid: {sorted(fields)}")
-    cfg = dataclasses.replace(MOE_PRESETS[preset], **overrides)
-    cfg.validate()
-    return cfg
+    return preset_config(MOE_PRESETS, preset, overrides, family="MoE")
 
 
 def build_moe(*, modules: int, num_classes: int, img_size: int, in_chans: int = 3, preset: str = "small",

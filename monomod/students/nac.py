@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, GluMlp, LayerScale, trunc_normal_
 from torch import nn
 
-from monomod.students.base import Stage, StagedModel, StageInterface
+from monomod.students.base import Stage, StagedModel, StageInterface, preset_config
 from monomod.students.nac_graph import GRAPH_PRIORS, fit_signatures, prior_fit_loss, prior_graph
 from monomod.students.nac_simple import SIMPLE_PRESETS, build_simple_nac
 
@@ -497,15 +497,7 @@ class NACStudent(StagedModel):
 # ---------------------------------------------------------------------------------------------------------------
 def nac_config(preset: str = "small", **overrides) -> NACConfig:
     """The faithful preset's config with ``overrides`` applied and validated."""
-    if preset not in NAC_PRESETS:
-        raise ValueError(f"unknown NAC preset {preset!r}; allowed: {sorted([*NAC_PRESETS, *SIMPLE_PRESETS])}")
-    allowed = {f.name for f in dataclasses.fields(NACConfig)}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"unknown NACConfig override(s) {unknown}; allowed: {sorted(allowed)}")
-    cfg = dataclasses.replace(NAC_PRESETS[preset], **overrides)
-    cfg.validate()
-    return cfg
+    return preset_config(NAC_PRESETS, preset, overrides, family="NAC", also=(*SIMPLE_PRESETS,))
 
 
 def build_nac(*, modules: int, num_classes: int, img_size: int, in_chans: int = 3, preset: str = "small",

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from monomod.students.base import Stage, StagedModel, StageInterface
+from monomod.students.base import Stage, StagedModel, StageInterface, preset_config
 from monomod.students.nac_graph import GRAPH_PRIORS, fit_signatures, prior_graph
 
 
@@ -396,15 +396,7 @@ class NACReadOut(Stage):
 # ---------------------------------------------------------------------------------------------------------------
 def nac_config(preset: str = "simple", **overrides) -> NACConfig:
     """The preset's config with ``overrides`` applied and validated."""
-    if preset not in SIMPLE_PRESETS:
-        raise ValueError(f"unknown simple-NAC preset {preset!r}; allowed: {sorted(SIMPLE_PRESETS)}")
-    allowed = {f.name for f in dataclasses.fields(NACConfig)}
-    unknown = sorted(set(overrides) - allowed)
-    if unknown:
-        raise ValueError(f"unknown NACConfig override(s) {unknown}; allowed: {sorted(allowed)}")
-    cfg = dataclasses.replace(SIMPLE_PRESETS[preset], **overrides)
-    cfg.validate()
-    return cfg
+    return preset_config(SIMPLE_PRESETS, preset, overrides, family="simple-NAC")
 
 
 def build_simple_nac(*, modules: int, num_classes: int, img_size: int, in_chans: int = 3, preset: str = "simple",
