@@ -213,7 +213,7 @@ def test_convert_cli_dry_run_and_bad_input(tmp_path):
     runner = CliRunner()
     result = runner.invoke(cli, ["convert", "vit_tiny", "--to", "nac", "-k", "4", "--dry-run", "--format", "json"])
     assert result.exit_code == 0, result.output
-    assert [j["name"] for j in json.loads(result.output)["jobs"]][:3] == ["teacher", "meta", "m2mkd:0"]
+    assert [j["name"] for j in json.loads(result.output)["jobs"]][:3] == ["meta", "incubate:0", "incubate:1"]
     cases = [
         (["vit_tiny", "--to", "nac", "-k", "2"], "needs at least 3 modules"),
         (["vit_tiny", "--to", "cnn", "-k", "4"], "unknown student --to 'cnn'"),
@@ -241,7 +241,9 @@ def test_convert_cli_dry_run_and_bad_input(tmp_path):
     assert upcycled.exit_code == 0, upcycled.output
     planned = json.loads(upcycled.output)
     assert planned["settings"]["student_overrides"] == {"embed_dim": 192, "num_heads": 3, "patch_size": 16}
-    assert planned["jobs"][2]["config"]["loss"]["alpha"] == 0.7 and planned["jobs"][2]["config"]["upcycle"] is True
+    m2mkd = next(j for j in planned["jobs"] if j["name"] == "m2mkd:0")
+    assert m2mkd["config"]["loss"]["alpha"] == 0.7 and m2mkd["config"]["upcycle"] is True
+    assert "teacher" in m2mkd["inputs"]  # upcycling reads the teacher's MLPs
     plan_dir = tmp_path / "planned"
     prepare_run_dir(tiny_plan(), plan_dir)
     result = runner.invoke(cli, ["convert", "vit_tiny", "--to", "vit", "-k", "3", "--data", "synthetic", "--out", str(plan_dir)])

@@ -138,7 +138,7 @@ class RunContext:
 
         from monomod.passes.extract import extract
 
-        path = str(self.job_dir(source) / MODEL_FILE)
+        path = str(self.product_path(source))
         if source == "teacher" and self._has_computed_buffers():
             return _frozen(extract(self.partition("cpu"))[i])
         if self._has_computed_buffers():
@@ -240,8 +240,8 @@ class RunContext:
 
     # ----------------------------------------------------------------------------------------- products
 
-    def product(self, name: str) -> dict[str, torch.Tensor]:
-        """Job ``name``'s weights, verified against its done record (size, sha256) before they are read."""
+    def product_path(self, name: str) -> Path:
+        """The path of job ``name``'s weights, verified against its done record (size, sha256)."""
         path = self.job_dir(name) / MODEL_FILE
         if not path.is_file():
             raise MonomodError(f"job {name!r} has not produced {path}", f"run the plan (monomod run {self.run_dir})")
@@ -249,6 +249,11 @@ class RunContext:
         problem = done_problem(self.run_dir, job) if (self.job_dir(name) / DONE_FILE).is_file() else None
         if problem is not None and problem != "finished with another hash":
             raise MonomodError(f"job {name!r}: {problem}", f"run `monomod run {self.run_dir}` to make it again")
+        return path
+
+    def product(self, name: str) -> dict[str, torch.Tensor]:
+        """Job ``name``'s weights, verified before they are read."""
+        path = self.product_path(name)
         try:
             return load_file(str(path))
         except Exception as e:  # noqa: BLE001 - a torn file of a job still running, or without a done record
@@ -277,7 +282,7 @@ def _token_width(values) -> int | None:
 
 def _train_config(ctx: RunContext, job: Job) -> TrainConfig:
     cfg = dict(job.config["train"])
-    cfg.setdefault("num_classes", ctx.settings["num_classes"])
+    cfg.setdefault("num_classes", ctx.distill_classes if job.kind in DISTILL_KINDS else ctx.settings["num_classes"])
     return TrainConfig.from_json(cfg)
 
 
