@@ -22,6 +22,7 @@ from monomod.errors import MonomodError, shorten
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
 JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
+DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
 # Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
 # how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
 UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes")

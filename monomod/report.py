@@ -235,20 +235,24 @@ def module_warnings(modules: list[dict[str, Any]], num_classes: int, teacher_tra
     ]
 
 
+def _module_columns(modules: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the per-module table (the incubated column only when the teacher was incubated)."""
+    keys = ["teacher_hybrid_acc"] + (["incubated_hybrid_acc"] if any("incubated_hybrid_acc" in m for m in modules)
+                                     else []) + ["student_hybrid_acc", "agreement"]
+    names = {"teacher_hybrid_acc": "teacher hybrid", "incubated_hybrid_acc": "incubated hybrid",
+             "student_hybrid_acc": "student hybrid", "agreement": "agreement"}
+    rows = [[str(m["module"])] + [_pct(m.get(key)) for key in keys] for m in modules]
+    return ["module"] + [names[key] for key in keys], rows
+
+
 def modules_markdown(modules: list[dict[str, Any]]) -> list[str]:
     if not modules:
         return []
-    incubated = any("incubated_hybrid_acc" in m for m in modules)
-    head = "| module | teacher hybrid top-1 |" + (" incubated hybrid top-1 |" if incubated else "")
+    header, rows = _module_columns(modules)
+    header = [f"{name} top-1" if name.endswith("hybrid") else name for name in header]
     lines = ["Per module (val split, measured at the end of each m2mKD job; a hybrid is `meta[:i] -> module i -> "
-             "meta[i+1:]`):", "", head + " student hybrid top-1 | agreement |",
-             "|---:|---:|" + ("---:|" if incubated else "") + "---:|---:|"]
-    for m in modules:
-        cells = [str(m["module"]), _pct(m.get("teacher_hybrid_acc"))]
-        cells += [_pct(m.get("incubated_hybrid_acc"))] if incubated else []
-        cells += [_pct(m.get("student_hybrid_acc")), _pct(m.get("agreement"))]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+             "meta[i+1:]`):", "", "| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows] + [""]
 
 
 def _pct(value: float | None) -> str:
@@ -287,15 +291,12 @@ def modules_table(report: dict[str, Any]) -> Table | None:
     modules = report.get("modules") or []
     if not modules:
         return None
-    incubated = any("incubated_hybrid_acc" in m for m in modules)
+    header, rows = _module_columns(modules)
     table = Table(title="modules (val top-1 of each hybrid meta[:i] → module i → meta[i+1:])", title_justify="left")
-    columns = ["module", "teacher hybrid"] + (["incubated hybrid"] if incubated else []) + ["student hybrid", "agreement"]
-    for column in columns:
+    for column in header:
         table.add_column(column, justify="right")
-    for m in modules:
-        cells = [str(m["module"]), _pct(m.get("teacher_hybrid_acc"))]
-        cells += [_pct(m.get("incubated_hybrid_acc"))] if incubated else []
-        table.add_row(*cells, _pct(m.get("student_hybrid_acc")), _pct(m.get("agreement")))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 

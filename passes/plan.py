@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from monomod import __version__
 from monomod.errors import MonomodError, shorten
-from monomod.plan import Job, Plan
+from monomod.plan import DISTILL_KINDS, Job, Plan
 
 STUDENT_KINDS = ("nac", "moe", "vit")
 META_KINDS = ("trained", "teacher")
@@ -111,7 +111,6 @@ BUDGET_KINDS = ("teacher", "meta", "incubate", "m2mkd", "finetune")
 BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_size", "weight_decay",
                "label_smoothing", "mixup", "cutmix", "auto_augment", "color_jitter", "reprob", "min_lr", "grad_clip")
 AUGMENT_KEYS = ("auto_augment", "color_jitter", "reprob")  # the loader's (monomod.data.Augment), every job kind
-DISTILL_KINDS = ("teacher", "meta", "incubate", "m2mkd")  # jobs that train on distill_data
 
 
 def resolve_teacher_training(o: ConvertOptions) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 
 from monomod.errors import MonomodError, first_line
 from monomod.ir import Partition
-from monomod.plan import Job, Plan
+from monomod.plan import DISTILL_KINDS, Job, Plan
 from monomod.runtime.checkpoint import atomic_save_tensors, atomic_write_json
 from monomod.runtime.distributed import barrier, is_writer, world_size
 from monomod.runtime.losses import m2mkd_loss
@@ -136,11 +136,7 @@ class RunContext:
         use one stage). Models with non-persistent buffers (computed at init, absent from files) are built in full."""
         from safetensors import safe_open
 
-        from monomod.passes.extract import extract
-
         path = str(self.product_path(source))
-        if source == "teacher" and self._has_computed_buffers():
-            return _frozen(extract(self.partition("cpu"))[i])
         if self._has_computed_buffers():
             model = self.new_teacher()
             model.load_state_dict(load_file(path), strict=False)
@@ -296,9 +292,6 @@ def _classification(model: nn.Module, label_smoothing: float) -> Callable:
         return (loss + aux if aux is not None else loss), logits
 
     return loss_fn
-
-
-DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
 
 
 def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
