@@ -171,7 +171,7 @@ class Plan:
         return cls.from_dict(data)
 
     def save(self, run_dir: str | Path) -> Path:
-        from monomod.runtime.checkpoint import atomic_write_text
+        from monomod.io import atomic_write_text
 
         path = Path(run_dir) / PLAN_FILE
         path.parent.mkdir(parents=True, exist_ok=True)

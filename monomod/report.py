@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from monomod.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monomod.ir import Partition
+from monomod.rundir import CURVES_PNG, REPORT_JSON, REPORT_MD, RunDir
 
 
 def human(n: float, unit: str = "") -> str:
@@ -171,14 +174,8 @@ def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, floa
 
     Wall times come from each finished job's record; ``running`` adds jobs still going (the one writing this).
     """
-    from monomod.runtime.checkpoint import atomic_write_json, atomic_write_text
-
-    run_dir = Path(run_dir)
-    records: dict[str, dict[str, Any]] = {}
-    for job in plan.jobs:
-        marker = run_dir / "jobs" / job.dir / "done.json"
-        if marker.is_file():
-            records[job.name] = json.loads(marker.read_text())
+    run = RunDir(run_dir)
+    records = {job.name: record for job in plan.jobs if (record := run.done(job)) is not None}
     jobs = {name: record.get("seconds") for name, record in records.items()}
     jobs.update(running or {})
     modules = module_results(records)
@@ -191,9 +188,9 @@ def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, floa
         "total_seconds": round(sum(s for s in jobs.values() if s), 3),
         "settings": plan.settings,
     }
-    atomic_write_json(run_dir / "report.json", report)
-    curves = _plot_curves(run_dir, plan)
-    atomic_write_text(run_dir / "report.md", run_report_markdown(report, curves))
+    atomic_write_json(run.report_file(REPORT_JSON), report)
+    curves = _plot_curves(run, plan)
+    atomic_write_text(run.report_file(REPORT_MD), run_report_markdown(report, curves))
     return report
 
 
@@ -311,20 +308,14 @@ def results_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _plot_curves(run_dir: Path, plan: Any) -> str | None:
+def _plot_curves(run: RunDir, plan: Any) -> str | None:
     """Training loss of every job, and train accuracy of the fine-tuned student against the baseline."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {}
-    for job in plan.jobs:
-        path = run_dir / "jobs" / job.dir / "metrics.jsonl"
-        if path.is_file():
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if rows:
-                series[job.name] = rows
+    series = {job.name: rows for job in plan.jobs if (rows := run.metrics(job))}
     if not series:
         return None
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
@@ -339,12 +330,8 @@ def _plot_curves(run_dir: Path, plan: Any) -> str | None:
     acc_ax.set(title="train accuracy (end-to-end phase)", xlabel="step", ylim=(0, 1))
     acc_ax.legend(fontsize=8)
     fig.tight_layout()
-    import io
-
-    from monomod.runtime.checkpoint import atomic_write_bytes
-
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    atomic_write_bytes(run_dir / "curves.png", buffer.getvalue())
-    return "curves.png"
+    atomic_write_bytes(run.report_file(CURVES_PNG), buffer.getvalue())
+    return CURVES_PNG

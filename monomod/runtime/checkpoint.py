@@ -23,134 +23,18 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
-import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from monomod.io import fsync_dir, fsync_file, owned_cpu_tensors, unique_sibling
+from monomod.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, clean_temporaries  # noqa: F401 TEMP-REEXPORT
+
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
-
-
-# ---------------------------------------------------------------------------------------------------------- fsync
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so renames inside it are durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _unique(path: Path, kind: str) -> Path:
-    return path.parent / f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-# The temporary siblings ``_unique(path, "tmp")`` makes, and the staging folders of ``reuse_finished``.
-_TEMPORARY = re.compile(r"\..+\.(tmp-[0-9]+-[0-9a-f]{8}|reuse)")
-
-
-def clean_temporaries(root: Path) -> list[Path]:
-    """Delete the temporary files and folders that writers killed mid-write left under ``root``.
-
-    Only safe while no writer is at work there: ``execute`` calls it holding RUN_DIR's lock. Aside copies of
-    checkpoints (``.old-``) are kept: they may be the last complete checkpoint (see ``save_checkpoint``)."""
-    removed = []
-    if not root.is_dir():
-        return removed
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in [*dirnames, *filenames]:
-            if _TEMPORARY.fullmatch(name):
-                path = Path(dirpath) / name
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-                removed.append(path)
-        dirnames[:] = [d for d in dirnames if not _TEMPORARY.fullmatch(d)]
-    return removed
-
-
-# ---------------------------------------------------------------------------------------------- small text files
-
-
-def _atomic_replace(path: Path | str, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a uniquely named temporary sibling of ``path``, fsync it, then ``os.replace`` it into
-    place: readers (on this machine or another node of a shared file system) see the old file or the new one,
-    never a torn one, and two writers never share a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _unique(path, "tmp")
-    try:
-        write(tmp)
-        _fsync_file(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (see ``_atomic_replace``)."""
-    _atomic_replace(path, lambda tmp: tmp.write_bytes(data))
-
-
-def atomic_write_text(path: Path | str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` atomically."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_tensors(path: Path | str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a safetensors file atomically."""
-    prepared = _prepare_tensors(tensors)
-    _atomic_replace(path, lambda tmp: save_file(prepared, str(tmp)))
-
-
-def atomic_write_json(path: Path | str, obj: Any) -> None:
-    """``atomic_write_text`` of ``obj`` as indented JSON (with a trailing newline)."""
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-# ------------------------------------------------------------------------------------------------- checkpoints
-
-
-def _prepare_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached, CPU, contiguous tensors that own their storage (safetensors refuses shared or partial storage)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[int] = set()
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"checkpoint tensor {name!r} is a {type(t).__name__}, not a torch.Tensor")
-        t = t.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")  # a fresh copy: owns its storage
-        else:
-            storage = t.untyped_storage()
-            ptr = storage.data_ptr()
-            owns_all = t.is_contiguous() and t.storage_offset() == 0 and storage.nbytes() == t.nbytes
-            if not owns_all or (ptr in seen and t.nbytes > 0):
-                t = t.contiguous().clone()
-            else:
-                seen.add(ptr)
-        out[name] = t
-    return out
 
 
 def _complete(path: Path) -> bool:
@@ -181,7 +65,7 @@ def save_checkpoint(path: Path | str, tensors: dict[str, torch.Tensor], state: d
     """Atomically write (or replace) the checkpoint directory ``path``; see the module docstring for the protocol."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prepared = _prepare_tensors(tensors)
+    prepared = owned_cpu_tensors(tensors)
     state_text = json.dumps(state, indent=2, sort_keys=True, allow_nan=True) + "\n"
 
     # A previous writer killed between the two renames left ``path`` missing and the good copy aside: put it back
@@ -193,23 +77,23 @@ def save_checkpoint(path: Path | str, tensors: dict[str, torch.Tensor], state: d
     for stray in _siblings(path, "tmp") + _siblings(path, "old"):
         shutil.rmtree(stray, ignore_errors=True)
 
-    tmp = _unique(path, "tmp")
+    tmp = unique_sibling(path, "tmp")
     tmp.mkdir()
     try:
         save_file(prepared, str(tmp / TENSORS_FILE))
-        _fsync_file(tmp / TENSORS_FILE)
+        fsync_file(tmp / TENSORS_FILE)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:
             f.write(state_text)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     aside = None
     if path.exists():
-        aside = _unique(path, "old")
+        aside = unique_sibling(path, "old")
         os.replace(path, aside)
     try:
         os.replace(tmp, path)
@@ -218,7 +102,7 @@ def save_checkpoint(path: Path | str, tensors: dict[str, torch.Tensor], state: d
             os.replace(aside, path)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
 
