@@ -19,6 +19,7 @@ import hashlib
 import logging
 import math
 import random
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Corruptions applied to the digits test split to make its OOD split; test image i gets exactly one of them.
 DIGITS_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "low_contrast", "rotation", "shift", "inversion", "occlusion")
 
-_SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH'"
+_SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH' (few labels: 'digits:shots=5', 'imagefolder:PATH,shots=5')"
+_SHOTS_SEED = 20240613  # fixed: every run with the same shots=N trains on the same images, so runs pair up
 MAX_LOADER_WORKERS = 8
 log = logging.getLogger(__name__)
 
@@ -543,20 +545,90 @@ def load_data(
     else:
         raise MonomodError(f"unknown OOD spec {ood!r}", "use 'auto', None or 'imagefolder:PATH'")
 
-    kind, sep, arg = spec.partition(":")
-    if kind == "digits" and not sep:
+    parsed = parse_data_spec(spec)
+    if parsed.kind == "digits":
         bundle = _load_digits(img_size, in_chans, want_ood, augment)
-    elif kind == "synthetic" and not sep:
+    elif parsed.kind == "synthetic":
         bundle = _load_synthetic(img_size, in_chans, want_ood, augment, seed)
-    elif kind == "imagefolder" and sep and arg:
-        bundle = _load_imagefolder(arg, img_size, in_chans, augment, data_config)
-    elif kind == "imagefolder":
-        raise MonomodError("imagefolder data needs a path", "use 'imagefolder:PATH' with PATH/train and PATH/val")
     else:
-        raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+        bundle = _load_imagefolder(parsed.path, img_size, in_chans, augment, data_config)
+    if parsed.shots is not None:
+        bundle.train = few_shot(bundle.train, parsed.shots, bundle.num_classes)
+        bundle.name = f"{bundle.name},shots={parsed.shots}"
     if ood_folder is not None:
         bundle.ood = _load_ood_folder(ood_folder, bundle)
     return bundle
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """A parsed ``--data`` value: the kind, the folder of ``imagefolder``, and ``shots`` (labelled images per class)."""
+
+    kind: str
+    path: str | None = None
+    shots: int | None = None
+
+
+def parse_data_spec(spec: Any) -> DataSpec:
+    """``digits`` | ``synthetic`` | ``imagefolder:PATH``, each optionally keeping N training images per class:
+    ``digits:shots=5``, ``synthetic:shots=5``, ``imagefolder:PATH,shots=5``. Raises a one-line MonomodError."""
+    if not isinstance(spec, str) or not spec:
+        raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+    body, shots = spec, None
+    option = re.fullmatch(r"(.*?)[,:]shots=([^,:]*)", spec)
+    if option:
+        body, value = option.groups()
+        if not value.isdigit() or int(value) < 1:
+            raise MonomodError(f"shots must be a positive whole number, got {value!r} in {spec!r}",
+                               "use e.g. digits:shots=5")
+        shots = int(value)
+        if body.startswith("imagefolder:") and spec[len(body)] != ",":
+            raise MonomodError(f"unknown data spec {spec!r}", "write imagefolder:PATH,shots=N")
+    kind, sep, path = body.partition(":")
+    if kind in ("digits", "synthetic") and not sep:
+        return DataSpec(kind, None, shots)
+    if kind == "imagefolder" and path:
+        return DataSpec(kind, path, shots)
+    if kind == "imagefolder":
+        raise MonomodError("imagefolder data needs a path", "use 'imagefolder:PATH' with PATH/train and PATH/val")
+    raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+
+
+def few_shot(train: Dataset, shots: int, num_classes: int) -> Dataset:
+    """The first ``shots`` images of each class in a fixed-seed shuffle of ``train`` (same images for every run)."""
+    labels = _labels_of(train)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_SHOTS_SEED)).tolist()
+    kept: dict[int, list[int]] = {c: [] for c in range(num_classes)}
+    for i in order:
+        if len(kept.setdefault(labels[i], [])) < shots:
+            kept[labels[i]].append(i)
+    short = {c: len(ix) for c, ix in kept.items() if len(ix) < shots}
+    if short:
+        c, n = next(iter(short.items()))
+        raise MonomodError(f"shots={shots} asks for more training images than class {c} has ({n})",
+                           f"use shots={min(short.values())} or less")
+    return _subset(train, sorted(i for ix in kept.values() for i in ix))
+
+
+def _labels_of(dataset: Dataset) -> list[int]:
+    if isinstance(dataset, TensorImageDataset):
+        return dataset.labels.tolist()
+    return [int(t) for t in dataset.targets]  # type: ignore[attr-defined]
+
+
+def _subset(dataset: Dataset, indices: list[int]) -> Dataset:
+    """The same kind of dataset over ``indices`` (a copy, so transforms and ``train_with`` keep working)."""
+    out = copy.copy(dataset)
+    if isinstance(out, TensorImageDataset):
+        out.images, out.labels = dataset.images[indices], dataset.labels[indices]
+        if dataset.tags is not None:
+            out.tags = [dataset.tags[i] for i in indices]
+    else:
+        out.samples = [dataset.samples[i] for i in indices]  # type: ignore[attr-defined]
+        out.targets = [dataset.targets[i] for i in indices]  # type: ignore[attr-defined]
+        if hasattr(out, "imgs"):
+            out.imgs = out.samples
+    return out
 
 
 def derive_seed(*words: int) -> int:

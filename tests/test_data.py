@@ -441,3 +441,27 @@ def test_rand_augment_top_magnitude_runs_on_this_pillow():
     for seed in range(20):  # posterize is drawn in some of them: timm asks Pillow for 0 bits there
         random.seed(seed)
         assert transform(image).shape == (3, 16, 16)
+
+
+# ------------------------------------------------------------------------------------------------------- few shots
+
+
+def test_digits_shots_keep_n_per_class_the_same_for_every_run(digits_plain):
+    few = load_data("digits:shots=5", img_size=32, in_chans=1, ood="auto")
+    again = load_data("digits:shots=5", img_size=32, in_chans=1, ood="none", seed=7)
+    assert sorted(Counter(few.train.labels.tolist()).values()) == [5] * 10
+    assert torch.equal(few.train.images, again.train.images)  # fixed seed: runs pair up
+    full = {tuple(img.flatten().tolist()) for img in digits_plain.train.images}
+    assert all(tuple(img.flatten().tolist()) in full for img in few.train.images)  # a subset of the full train split
+    assert len(few.val) == len(digits_plain.val) and few.ood is not None  # val and OOD untouched
+    more = load_data("digits:shots=20", img_size=16, in_chans=1, ood="none")
+    assert len(more.train) == 200 and few.name == "digits,shots=5"
+
+
+def test_imagefolder_shots_and_refusals(folder):
+    few = load_data(f"imagefolder:{folder},shots=2", img_size=16, ood=None)
+    assert sorted(Counter(few.train.targets).values()) == [2, 2, 2]
+    assert len(few.train.samples) == 6 and few.train[0][0].shape == (3, 16, 16)
+    assert "class 0 has (3)" in _raises("more training images", spec=f"imagefolder:{folder},shots=4")
+    assert "use e.g. digits:shots=5" in _raises("positive whole number", spec="digits:shots=0")
+    assert "imagefolder:PATH,shots=N" in _raises("unknown data spec", spec=f"imagefolder:{folder}:shots=2")
