@@ -362,7 +362,7 @@ def train(
     metrics = _Metrics(job_dir / "metrics.jsonl", config, device, writer)
     metrics.prepare(state.resumed_from)
 
-    state.started = time.perf_counter()
+    state.started = checkpoints.last_saved = time.perf_counter()
     samples_run = 0
     progress = _ProgressBar(label, config.steps, state.step, disable=not writer)
     with progress, metrics, distributed.data_parallel(trainable, device):
