@@ -73,6 +73,12 @@ def load_model(
     return model.eval()
 
 
+def example_input(in_chans: int, img_size: int, *, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The one-image batch ``(1, in_chans, img_size, img_size)`` a model is traced on; zeros, since tracing reads
+    only shapes (``device="meta"`` allocates nothing)."""
+    return torch.zeros(1, in_chans, img_size, img_size, device=device)
+
+
 def _from_factory(spec: str, kwargs: dict[str, Any]) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     try:

@@ -159,13 +159,14 @@ def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "stude
                 **common, "kind": "student", "input_range": "[0, 1] raw images, normalised inside",
                 "normalisation": normalisation}))
     if "teacher" in what:
+        from monomod.frontend import example_input
         from monomod.passes.partition import partition
         from monomod.passes.trace import trace
         from monomod.runtime.jobs import RunContext
 
         s = run.plan.settings
         ctx = RunContext(run_dir=run.path, plan=run.plan)
-        example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"])
+        example = example_input(s["in_chans"], s["img_size"])
         traced = trace(ctx.teacher(), example, name=s["teacher"])  # the adapted teacher's own weights, on the CPU
         items += teacher_exportables(partition(traced, s["modules"]), {**common, "source": f"{run.path.name}:teacher"})
     return items

@@ -268,3 +268,10 @@ def test_teacher_module_loads_only_its_own_weights(tmp_path):
             y, x = lean(x), full[i](x)
             torch.testing.assert_close(y, x, rtol=0, atol=0)
     assert ctx.partition("meta").to_json() == ctx.partition("cpu").to_json()
+
+
+def test_every_job_kind_has_one_runner():
+    from monomod.plan import JOB_KINDS
+    from monomod.runtime.jobs import RUNNERS
+
+    assert set(RUNNERS) == set(JOB_KINDS)

@@ -168,8 +168,32 @@ def _execute(
         raise MonomodError(f"--executor {executor} cannot run under torchrun", "under torchrun use the local executor (the default)")
     if executor != "local":
         _check_saved_plan(plan, run_dir)
-    selected = set(only) if only else None
-    order = {job.name: i for i, job in enumerate(plan.jobs)}
+    statuses, done, pending = _sort_jobs(plan, run_dir, set(only) if only else None, console)
+    if not pending:
+        return statuses
+
+    with distributed.session():
+        runner = make_executor(executor, run_dir.resolve(), plan, workers=workers, ray_address=ray_address,
+                               loader_workers=loader_workers)
+        board = JobBoard(plan, run_dir, console, live=runner.live_view and console.is_terminal and distributed.is_writer(),
+                         quiet=not distributed.is_writer())
+        scheduler = _Scheduler(plan, run_dir, runner, board, pending, done, max_retries=max_retries, on_job=on_job)
+        try:
+            with board:
+                scheduler.run()
+        finally:
+            runner.close()
+    statuses = sorted(statuses + scheduler.statuses, key=lambda s: scheduler.order[s.name])
+    if scheduler.failed:
+        raise JobFailed(_failure_message(plan, run_dir, scheduler.failed, scheduler.attempts, scheduler.blocked))
+    return statuses
+
+
+def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None,
+               console: Console) -> tuple[list[JobStatus], set[str], list[Job]]:
+    """The cached statuses of the selected finished jobs, the names of every finished job and the selected jobs
+    to run (plan order). A job runs again when its inputs do; each job to run must have its inputs finished or
+    to run."""
     statuses: list[JobStatus] = []
     done: set[str] = set()
     pending = []
@@ -192,64 +216,86 @@ def _execute(
         missing = [name for name in job.inputs if name not in done and name not in will_run]
         if missing:
             raise MonomodError(f"job {job.name!r} needs {', '.join(missing)} first", f"run the whole plan: monomod run {run_dir}")
-    if not pending:
-        return statuses
+    return statuses, done, pending
 
-    with distributed.session():
-        runner = make_executor(executor, run_dir.resolve(), plan, workers=workers, ray_address=ray_address,
-                               loader_workers=loader_workers)
-        board = JobBoard(plan, run_dir, console, live=runner.live_view and console.is_terminal and distributed.is_writer(),
-                         quiet=not distributed.is_writer())
-        failed: dict[str, str] = {}
-        blocked: list[str] = []
-        attempts: dict[str, int] = {}
-        running: set[str] = set()
-        try:
-            with board:
-                while pending or running:
-                    for job in list(pending):
-                        if len(running) >= runner.capacity:
-                            break
-                        if any(name in failed or name in blocked for name in job.inputs):
-                            pending.remove(job)
-                            blocked.append(job.name)
-                        elif all(name in done for name in job.inputs):
-                            pending.remove(job)
-                            attempts[job.name] = attempts.get(job.name, 0) + 1
-                            runner.start(job)
-                            running.add(job.name)
-                            board.started(job, attempts[job.name], runner.workers().get(job.name, ""))
-                    if not running:
-                        break
-                    outcomes = runner.wait(timeout=0.5)
-                    for outcome in outcomes:
-                        running.discard(outcome.name)
-                        job = plan.job(outcome.name)
-                        if outcome.ok and not is_done(run_dir, job):
-                            outcome.ok, outcome.error = False, "the job ended without its done marker or outputs"
-                        if outcome.ok:
-                            done.add(job.name)
-                            status = JobStatus(job.name, "done", outcome.seconds)
-                            board.finished(job, outcome)
-                        elif attempts[job.name] <= max_retries:
-                            board.failed(job, outcome, retry=f"{attempts[job.name]}/{max_retries}")
-                            pending.append(job)
-                            pending.sort(key=lambda j: order[j.name])
-                            continue
-                        else:
-                            failed[job.name] = outcome.error or "unknown error"
-                            status = JobStatus(job.name, "failed", outcome.seconds)
-                            board.failed(job, outcome)
-                        statuses.append(status)
-                        if on_job:
-                            on_job(status)
-                    board.refresh(runner.workers())
-        finally:
-            runner.close()
-    statuses.sort(key=lambda s: order[s.name])
-    if failed:
-        raise JobFailed(_failure_message(plan, run_dir, failed, attempts, blocked))
-    return statuses
+
+class _Scheduler:
+    """Runs the pending jobs on an executor in dependency order.
+
+    A job starts once its inputs are done and the executor has room; a failed attempt goes back to the pending
+    jobs until it has had ``max_retries`` retries; the jobs that depend on a failed job are blocked, the others
+    keep going."""
+
+    def __init__(self, plan: Plan, run_dir: Path, runner, board: "JobBoard", pending: list[Job], done: set[str], *,
+                 max_retries: int, on_job: Callable[[JobStatus], None] | None) -> None:
+        self.plan, self.run_dir, self.runner, self.board = plan, run_dir, runner, board
+        self.pending, self.done, self.max_retries, self.on_job = pending, done, max_retries, on_job
+        self.order = {job.name: i for i, job in enumerate(plan.jobs)}
+        self.running: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.failed: dict[str, str] = {}  # name -> error of its last attempt
+        self.blocked: list[str] = []      # not run: an input failed
+        self.statuses: list[JobStatus] = []
+
+    def run(self) -> None:
+        while self.pending or self.running:
+            self.launch_ready()
+            if not self.running:
+                break
+            for outcome in self.runner.wait(timeout=0.5):
+                self.collect(outcome)
+            self.board.refresh(self.runner.workers())
+
+    def ready(self, job: Job) -> bool:
+        return all(name in self.done for name in job.inputs)
+
+    def _is_blocked(self, job: Job) -> bool:
+        return any(name in self.failed or name in self.blocked for name in job.inputs)
+
+    def launch_ready(self) -> None:
+        """Start the pending jobs whose inputs are done, in plan order, while the executor has room."""
+        for job in list(self.pending):
+            if len(self.running) >= self.runner.capacity:
+                break
+            if self._is_blocked(job):
+                self.pending.remove(job)
+                self.blocked.append(job.name)
+            elif self.ready(job):
+                self.pending.remove(job)
+                self.launch(job)
+
+    def launch(self, job: Job) -> None:
+        self.attempts[job.name] = self.attempts.get(job.name, 0) + 1
+        self.runner.start(job)
+        self.running.add(job.name)
+        self.board.started(job, self.attempts[job.name], self.runner.workers().get(job.name, ""))
+
+    def collect(self, outcome) -> None:
+        """One finished attempt: done (its marker and outputs verified), retried, or failed."""
+        self.running.discard(outcome.name)
+        job = self.plan.job(outcome.name)
+        if outcome.ok and not is_done(self.run_dir, job):
+            outcome.ok, outcome.error = False, "the job ended without its done marker or outputs"
+        if outcome.ok:
+            self.done.add(job.name)
+            self.board.finished(job, outcome)
+            self._record(JobStatus(job.name, "done", outcome.seconds))
+        elif self.attempts[job.name] <= self.max_retries:
+            self._retry(job, outcome)
+        else:
+            self.failed[job.name] = outcome.error or "unknown error"
+            self.board.failed(job, outcome)
+            self._record(JobStatus(job.name, "failed", outcome.seconds))
+
+    def _retry(self, job: Job, outcome) -> None:
+        self.board.failed(job, outcome, retry=f"{self.attempts[job.name]}/{self.max_retries}")
+        self.pending.append(job)
+        self.pending.sort(key=lambda j: self.order[j.name])
+
+    def _record(self, status: JobStatus) -> None:
+        self.statuses.append(status)
+        if self.on_job:
+            self.on_job(status)
 
 
 def _check_saved_plan(plan: Plan, run_dir: Path) -> None:

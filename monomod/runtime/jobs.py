@@ -156,11 +156,12 @@ class RunContext:
         from monomod.passes.extract import extract
 
         if self._has_computed_buffers():
+            from monomod.frontend import example_input
             from monomod.passes.partition import partition
             from monomod.passes.trace import trace
 
             s = self.settings
-            example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"])
+            example = example_input(s["in_chans"], s["img_size"])
             return extract(partition(trace(model, example, name=s["teacher"]), s["modules"]))[i]
         module = self._empty_module(i)
         weights = model.state_dict()
@@ -305,6 +306,15 @@ def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: Tr
             "samples_per_second": result.samples_per_second}
 
 
+def _train_classifier(ctx: RunContext, job: Job, model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """What the teacher, meta, fine-tune and baseline jobs share: ``model`` trained on the classification loss of
+    its data, then saved as the job's product."""
+    seed_everything(cfg.seed)
+    info = _fit(ctx, job, model, _classification(model, cfg.label_smoothing), cfg)
+    ctx.save_product(job.name, model)
+    return info
+
+
 def run_teacher(ctx: RunContext, job: Job) -> dict[str, Any]:
     """The teacher trained end to end, kept as given (``skip_training``), or, under Deep Incubation, its incubated
     modules assembled into one network and fine-tuned end to end (the FT phase)."""
@@ -313,11 +323,10 @@ def run_teacher(ctx: RunContext, job: Job) -> dict[str, Any]:
     model = ctx.new_teacher()
     if job.config.get("from") == "incubate":
         _load_incubated(ctx, model, job.inputs)
-    info: dict[str, Any] = {}
-    if not job.config.get("skip_training"):
-        info = _fit(ctx, job, model, _classification(model, cfg.label_smoothing), cfg)
-    ctx.save_product(job.name, model)
-    return info
+    if job.config.get("skip_training"):
+        ctx.save_product(job.name, model)
+        return {}
+    return _train_classifier(ctx, job, model, cfg)
 
 
 def _load_incubated(ctx: RunContext, model: nn.Module, incubated: list[str]) -> None:
@@ -340,10 +349,7 @@ def run_meta(ctx: RunContext, job: Job) -> dict[str, Any]:
     cfg = _train_config(ctx, job)
     ctx.partition()  # first, so that how the partition is found never shifts the meta model's random init
     seed_everything(cfg.seed)
-    meta = ctx.new_meta()
-    info = _fit(ctx, job, meta, _classification(meta, cfg.label_smoothing), cfg)
-    ctx.save_product(job.name, meta)
-    return info
+    return _train_classifier(ctx, job, ctx.new_meta(), cfg)
 
 
 def run_incubate(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -461,20 +467,14 @@ def run_finetune(ctx: RunContext, job: Job) -> dict[str, Any]:
     cfg = _train_config(ctx, job)
     student = ctx.assembled_student()
     student.load_state_dict(ctx.product("assemble"))
-    seed_everything(cfg.seed)
-    info = _fit(ctx, job, student, _classification(student, cfg.label_smoothing), cfg)
-    ctx.save_product(job.name, student)
-    return info
+    return _train_classifier(ctx, job, student, cfg)
 
 
 def run_baseline(ctx: RunContext, job: Job) -> dict[str, Any]:
     """The same student trained from scratch with the fine-tune budget: what m2mKD has to beat."""
     cfg = _train_config(ctx, job)
     student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False))
-    seed_everything(cfg.seed)
-    info = _fit(ctx, job, student, _classification(student, cfg.label_smoothing), cfg)
-    ctx.save_product(job.name, student)
-    return info
+    return _train_classifier(ctx, job, student, cfg)
 
 
 def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -511,10 +511,21 @@ def _accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, di
     return results
 
 
-TRAINING_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd", "finetune", "baseline"})  # jobs that call train()
-RUNNERS: dict[str, Callable[[RunContext, Job], dict[str, Any]]] = {
-    "teacher": run_teacher, "meta": run_meta, "incubate": run_incubate, "m2mkd": run_m2mkd, "assemble": run_assemble,
-    "finetune": run_finetune, "baseline": run_baseline, "evaluate": run_evaluate,
+@dataclass(frozen=True)
+class JobKind:
+    run: Callable[[RunContext, Job], dict[str, Any]]
+    trains: bool  # calls train(): under torchrun every rank runs it, the others run on rank 0 alone
+
+
+RUNNERS: dict[str, JobKind] = {  # one entry per monomod.plan.JOB_KINDS
+    "teacher": JobKind(run_teacher, trains=True),
+    "meta": JobKind(run_meta, trains=True),
+    "incubate": JobKind(run_incubate, trains=True),
+    "m2mkd": JobKind(run_m2mkd, trains=True),
+    "assemble": JobKind(run_assemble, trains=False),
+    "finetune": JobKind(run_finetune, trains=True),
+    "baseline": JobKind(run_baseline, trains=True),
+    "evaluate": JobKind(run_evaluate, trains=False),
 }
 
 
@@ -545,10 +556,11 @@ def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     Under torchrun every rank trains (data parallel); jobs that do not train run on rank 0 alone; only rank 0
     writes, and all ranks meet at a barrier before the next job, so no rank reads a product before it exists."""
     started = time.perf_counter()
-    if world_size() > 1 and job.kind not in TRAINING_KINDS and not is_writer():
+    kind = RUNNERS[job.kind]
+    if world_size() > 1 and not kind.trains and not is_writer():
         result: dict[str, Any] = {}
     else:
-        result = RUNNERS[job.kind](ctx, job)
+        result = kind.run(ctx, job)
     seconds = time.perf_counter() - started
     record = {"name": job.name, "hash": job.hash, "seconds": round(seconds, 3), "result": result}
     if world_size() > 1:

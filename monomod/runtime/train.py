@@ -30,7 +30,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -313,56 +313,7 @@ def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: 
     return float(correct) / seen if seen else 0.0
 
 
-# ----------------------------------------------------------------------------------------------- progress bar
-
-
-def _progress(label: str, steps: int, completed: int, *, disable: bool = False):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-    )
-
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TextColumn("acc {task.fields[acc]}"),
-        TextColumn("{task.fields[speed]} samples/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=False,
-        disable=disable,
-    )
-    task = progress.add_task(label, total=steps, completed=completed, loss="-", acc="-", speed="-")
-    return progress, task
-
-
 # ------------------------------------------------------------------------------------------------------ loop
-
-
-def _batches_of_epoch(make_loader: Callable[[int], Iterable], epoch: int) -> Iterator:
-    return iter(make_loader(epoch))
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Keep only the metrics lines of steps <= last_step (drops lines a killed run wrote after its checkpoint)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
-
-
-def _comparable(config_json: dict) -> dict:
-    return {k: v for k, v in config_json.items() if k not in RESUME_INSENSITIVE}
 
 
 def train(
@@ -396,217 +347,168 @@ def train(
     """
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = job_dir / "checkpoint"
-    metrics_path = job_dir / "metrics.jsonl"
-    device = resolve_device(config.device)
-    if config.device == "auto" and distributed.device() is not None:
-        device = distributed.device()  # cuda:LOCAL_RANK under torchrun with CUDA
+    device = _train_device(config)
     writer = distributed.is_writer()
-    use_amp = _amp_enabled(config.amp, device)
     mix = make_mixer(config)
 
     seed_everything(config.seed)
     trainable.to(device)
     trainable.train()
-    groups = param_groups(trainable, config.weight_decay)
-    if not groups:
-        raise MonomodError(
-            f"training job '{label}' has no trainable parameters",
-            "pass the module whose parameters should be optimised (with requires_grad=True)",
-        )
-    params = [p for g in groups for p in g["params"]]
-    # fused AdamW on CUDA (one kernel for all parameters); the reference for-loop implementation on CPU.
-    optimizer = torch.optim.AdamW(
-        groups, lr=learning_rate(0, config), weight_decay=config.weight_decay, fused=device.type == "cuda" or None,
-    )
+    optimizer = _make_optimizer(trainable, config, device, label)
+    checkpoints = _Checkpoints(job_dir / "checkpoint", trainable, optimizer, config, label, extra_state, writer)
+    state = checkpoints.resume()
+    step_once = _Stepper(loss_fn, optimizer, config, device, mix, label, checkpoints.path)
+    batches = _Batches(make_loader, state, label)
+    metrics = _Metrics(job_dir / "metrics.jsonl", config, device, writer)
+    metrics.prepare(state.resumed_from)
 
-    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
-    last_loss, last_acc = float("nan"), None
-    epoch_rng: tuple[dict[str, Tensor], dict] | None = None
-    resume_rng: tuple[dict[str, Tensor], dict] | None = None
-    resumed_from = 0
-
-    if checkpoint_exists(ckpt_dir):
-        tensors, state = load_checkpoint(ckpt_dir)
-        saved_config = state.get("config", {})
-        if state.get("format") == CHECKPOINT_FORMAT and _comparable(saved_config) == _comparable(config.to_json()):
-            model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-            try:
-                trainable.load_state_dict(model_state, strict=True)
-                optimizer.load_state_dict(optimizer_state_from_tensors(tensors, state["optimizer"]))
-            except (RuntimeError, ValueError, KeyError) as e:
-                raise MonomodError(
-                    f"training job '{label}': the checkpoint in {ckpt_dir} does not fit the model being trained ({e})",
-                    f"delete {ckpt_dir} to restart the job from scratch",
-                ) from None
-            step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-            elapsed_before = state.get("elapsed", 0.0)
-            last_loss, last_acc = state.get("last_loss", float("nan")), state.get("last_acc")
-            epoch_rng = (tensors, state["epoch_rng"])
-            resume_rng = (tensors, state["rng"])
-            resumed_from = step
-            if writer:
-                _truncate_metrics(metrics_path, step)
-        else:
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"[yellow]{label}: the checkpoint in {ckpt_dir} was made with a different config; starting afresh"
-            )
-    if writer and resumed_from == 0 and metrics_path.exists():
-        atomic_write_text(metrics_path, "")
-
-    def save() -> None:
-        if not writer:
-            return
-        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in trainable.state_dict().items()}
-        if extra_state is not None:
-            tensors.update({f"extra.{k}": v for k, v in extra_state().items()})
-        opt_tensors, opt_meta = optimizer_state_to_tensors(optimizer.state_dict())
-        rng_tensors, rng_meta = capture_rng_state("rng.")
-        tensors.update(opt_tensors)
-        tensors.update(rng_tensors)
-        tensors.update({f"epoch_rng.{k[len('rng.'):]}": v for k, v in epoch_rng[0].items() if k.startswith("rng.")})
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "label": label,
-            "step": step,
-            "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch,
-            "config": config.to_json(),
-            "optimizer": opt_meta,
-            "scheduler": {"kind": "warmup_cosine", "step": step, "next_lr": learning_rate(step, config)},
-            "rng": rng_meta,
-            "epoch_rng": epoch_rng[1],
-            "elapsed": elapsed_before + (time.perf_counter() - start),
-            "last_loss": last_loss,
-            "last_acc": last_acc,
-        }
-        save_checkpoint(ckpt_dir, tensors, state)
-
-    start = time.perf_counter()
-    last_saved = start
+    state.started = checkpoints.last_saved = time.perf_counter()
     samples_run = 0
-    window_loss, window_steps, window_samples = 0.0, 0, 0
-    window_correct = torch.zeros((), dtype=torch.long, device=device)
-    window_labelled = 0
-    window_start = start
-    batches: Iterator | None = None
+    progress = _ProgressBar(label, config.steps, state.step, disable=not writer)
+    with progress, metrics, distributed.data_parallel(trainable, device):
+        while state.step < config.steps:
+            stepped = step_once(*batches.next(), state.step)
+            state.step += 1
+            samples_run += stepped.samples
+            metrics.add(stepped)
+            record = metrics.log(state) if metrics.due(state.step) else None
+            progress.show(state.step, record)
+            if state.step < config.steps and checkpoints.due(state.step):
+                checkpoints.save(state)
+        if state.resumed_from < config.steps:
+            checkpoints.save(state)
+    return _finish(job_dir, label, state, samples_run, writer)
 
-    progress, task = _progress(label, config.steps, step, disable=not writer)
-    with progress, _open_metrics(metrics_path, writer) as metrics, distributed.data_parallel(trainable, device):
-        while step < config.steps:
-            if batches is None:
-                if resume_rng is not None:
-                    # Rebuild the interrupted epoch exactly: epoch-start RNG, same loader, skip consumed batches,
-                    # then the RNG state of the checkpointed step.
-                    restore_rng_state(epoch_rng[0], epoch_rng[1], "epoch_rng.")
-                    epoch_rng = capture_rng_state("rng.")
-                    batches = _batches_of_epoch(make_loader, epoch)
-                    for _ in range(batch_in_epoch):
-                        next(batches, None)
-                    restore_rng_state(resume_rng[0], resume_rng[1], "rng.")
-                    resume_rng = None
-                else:
-                    epoch_rng = capture_rng_state("rng.")
-                    batches = _batches_of_epoch(make_loader, epoch)
-                    batch_in_epoch = 0
-            try:
-                x, y = next(batches)
-            except StopIteration:
-                if batch_in_epoch == 0:
-                    raise MonomodError(
-                        f"training job '{label}': the loader of epoch {epoch} yielded no batches",
-                        "check the dataset path and that batch_size is not larger than the dataset with drop_last",
-                    ) from None
-                epoch += 1
-                batches = None
-                continue
-            batch_in_epoch += 1
 
-            x = x.to(device, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            hard = _hard_labels(y)
-            if mix is not None:
-                x, y = mix(x, y, step)
-            n = x.shape[0]  # the global batch
-            mine, scale = distributed.shard(n)  # under torchrun: this rank's slice (else everything, scale 1)
-            if mine.stop - mine.start != n:
-                x, y, hard = x[mine], y[mine], hard[mine]
-            lr = learning_rate(step, config)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+def _train_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto" and distributed.device() is not None:
+        return distributed.device()  # cuda:LOCAL_RANK under torchrun with CUDA
+    return resolve_device(config.device)
 
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-                loss, logits = loss_fn(x, y)
-            loss_value = float(loss.detach())
-            if distributed.active():  # the global batch's mean loss, identical on every rank
-                loss_value = distributed.all_sum([loss_value * x.shape[0]], device)[0] / n
-            if not math.isfinite(loss_value):
-                raise _non_finite(label, loss_value, step, lr, config, ckpt_dir)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * scale if scale != 1.0 else loss).backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            step += 1
 
-            samples_run += n
-            window_samples += n
-            window_loss += loss_value
-            window_steps += 1
-            if logits is not None:
-                window_correct += (logits.detach().argmax(dim=-1) == hard).sum()
-                window_labelled += hard.shape[0]
-
-            if step % config.log_every == 0 or step == config.steps:
-                if distributed.active():  # accuracy over the whole global batches
-                    correct, labelled = distributed.all_sum([float(window_correct), float(window_labelled)], device)
-                    window_correct.fill_(int(correct))
-                    window_labelled = int(labelled)
-                now = time.perf_counter()
-                last_loss = window_loss / window_steps
-                last_acc = float(window_correct) / window_labelled if window_labelled else None
-                speed = window_samples / max(now - window_start, 1e-9)
-                record = {
-                    "step": step,
-                    "loss": last_loss,
-                    "acc": last_acc,
-                    "lr": lr,
-                    "samples_per_second": speed,
-                    "seconds": elapsed_before + (now - start),
-                }
-                if metrics is not None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                progress.update(
-                    task, completed=step, loss=f"{last_loss:.4f}",
-                    acc="-" if last_acc is None else f"{last_acc:.3f}", speed=f"{speed:.0f}",
-                )
-                window_loss, window_steps, window_samples, window_labelled = 0.0, 0, 0, 0
-                window_correct.zero_()
-                window_start = now
-            else:
-                progress.update(task, completed=step)
-
-            if step < config.steps and _checkpoint_due(step, config, last_saved):
-                save()
-                last_saved = time.perf_counter()
-        if resumed_from < config.steps:
-            save()
-
-    seconds = time.perf_counter() - start
+def _finish(job_dir: Path, label: str, state: "_State", samples_run: int, writer: bool) -> TrainResult:
+    seconds = time.perf_counter() - state.started
     result = TrainResult(
-        steps=step,
-        final_loss=last_loss,
-        train_acc=last_acc,
+        steps=state.step,
+        final_loss=state.last_loss,
+        train_acc=state.last_acc,
         seconds=seconds,
         samples_per_second=samples_run / seconds if seconds > 0 else 0.0,
-        resumed_from=resumed_from,
+        resumed_from=state.resumed_from,
     )
     if writer:
         atomic_write_json(job_dir / "result.json", {"label": label, **dataclasses.asdict(result)})
     return result
+
+
+# ----------------------------------------------------------------------------------------- state and resume
+
+RngState = tuple[dict[str, Tensor], dict]
+
+
+@dataclass
+class _State:
+    """Where a job stands: what a checkpoint records and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_before: float = 0.0              # wall time of earlier, interrupted runs
+    last_loss: float = float("nan")          # of the last logging window
+    last_acc: float | None = None
+    epoch_rng: RngState | None = None        # the RNG at the start of the current epoch
+    resume_rng: RngState | None = None       # the RNG after the checkpointed step, until its epoch is rebuilt
+    resumed_from: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # when this call started training
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.elapsed_before + ((time.perf_counter() if now is None else now) - self.started)
+
+
+def _comparable(config_json: dict) -> dict:
+    return {k: v for k, v in config_json.items() if k not in RESUME_INSENSITIVE}
+
+
+@dataclass
+class _Checkpoints:
+    """The job's resume checkpoint: loaded when it was made with this config, saved on the loop's cadence."""
+
+    path: Path
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    label: str
+    extra_state: Callable[[], dict[str, Tensor]] | None
+    writer: bool
+    last_saved: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def resume(self) -> _State:
+        """The checkpointed state with the weights and AdamW moments loaded, or a fresh state."""
+        if not checkpoint_exists(self.path):
+            return _State()
+        tensors, saved = load_checkpoint(self.path)
+        comparable = _comparable(saved.get("config", {})) == _comparable(self.config.to_json())
+        if saved.get("format") != CHECKPOINT_FORMAT or not comparable:
+            from rich.console import Console
+
+            Console(stderr=True).print(
+                f"[yellow]{self.label}: the checkpoint in {self.path} was made with a different config; starting afresh"
+            )
+            return _State()
+        self._load_weights(tensors, saved)
+        return _State(
+            step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
+            elapsed_before=saved.get("elapsed", 0.0),
+            last_loss=saved.get("last_loss", float("nan")), last_acc=saved.get("last_acc"),
+            epoch_rng=(tensors, saved["epoch_rng"]), resume_rng=(tensors, saved["rng"]), resumed_from=saved["step"],
+        )
+
+    def _load_weights(self, tensors: dict[str, Tensor], saved: dict) -> None:
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.trainable.load_state_dict(model_state, strict=True)
+            self.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, saved["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise MonomodError(
+                f"training job '{self.label}': the checkpoint in {self.path} does not fit the model being trained ({e})",
+                f"delete {self.path} to restart the job from scratch",
+            ) from None
+
+    def due(self, step: int) -> bool:
+        return _checkpoint_due(step, self.config, self.last_saved)
+
+    def save(self, state: _State) -> None:
+        """Weights, AdamW, the position in the epoch and both RNG states (only rank 0 writes)."""
+        if self.writer:
+            tensors, meta = self._tensors(state)
+            save_checkpoint(self.path, tensors, {**self._position(state), **meta})
+        self.last_saved = time.perf_counter()
+
+    def _tensors(self, state: _State) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.trainable.state_dict().items()}
+        if self.extra_state is not None:
+            tensors.update({f"extra.{k}": v for k, v in self.extra_state().items()})
+        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
+        rng_tensors, rng_meta = capture_rng_state("rng.")
+        tensors.update(opt_tensors)
+        tensors.update(rng_tensors)
+        epoch_tensors, epoch_meta = state.epoch_rng
+        tensors.update({f"epoch_rng.{k[len('rng.'):]}": v for k, v in epoch_tensors.items() if k.startswith("rng.")})
+        return tensors, {"optimizer": opt_meta, "rng": rng_meta, "epoch_rng": epoch_meta}
+
+    def _position(self, state: _State) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "label": self.label,
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "config": self.config.to_json(),
+            "scheduler": {"kind": "warmup_cosine", "step": state.step, "next_lr": learning_rate(state.step, self.config)},
+            "elapsed": state.elapsed(),
+            "last_loss": state.last_loss,
+            "last_acc": state.last_acc,
+        }
 
 
 def _checkpoint_due(step: int, config: TrainConfig, last_saved: float) -> bool:
@@ -615,6 +517,124 @@ def _checkpoint_due(step: int, config: TrainConfig, last_saved: float) -> bool:
     by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
     by_time = config.checkpoint_minutes and time.perf_counter() - last_saved >= 60 * config.checkpoint_minutes
     return bool(by_steps or by_time)
+
+
+# ------------------------------------------------------------------------------------------------------ batches
+
+
+def _batches_of_epoch(make_loader: Callable[[int], Iterable], epoch: int) -> Iterator:
+    return iter(make_loader(epoch))
+
+
+class _Batches:
+    """The loader's batches, epoch after epoch, counted in ``state``; a resumed job's epoch is rebuilt exactly."""
+
+    def __init__(self, make_loader: Callable[[int], Iterable], state: _State, label: str) -> None:
+        self.make_loader, self.state, self.label = make_loader, state, label
+        self.batches: Iterator | None = None
+
+    def next(self) -> tuple[Tensor, Tensor]:
+        while True:
+            if self.batches is None:
+                self.batches = self._resumed_epoch() if self.state.resume_rng is not None else self._new_epoch()
+            try:
+                x, y = next(self.batches)
+            except StopIteration:
+                self._end_epoch()
+                continue
+            self.state.batch_in_epoch += 1
+            return x, y
+
+    def _new_epoch(self) -> Iterator:
+        self.state.epoch_rng = capture_rng_state("rng.")
+        self.state.batch_in_epoch = 0
+        return _batches_of_epoch(self.make_loader, self.state.epoch)
+
+    def _resumed_epoch(self) -> Iterator:
+        """The interrupted epoch: epoch-start RNG, same loader, consumed batches skipped, then the RNG state of the
+        checkpointed step."""
+        state = self.state
+        restore_rng_state(*state.epoch_rng, "epoch_rng.")
+        state.epoch_rng = capture_rng_state("rng.")
+        batches = _batches_of_epoch(self.make_loader, state.epoch)
+        for _ in range(state.batch_in_epoch):
+            next(batches, None)
+        restore_rng_state(*state.resume_rng, "rng.")
+        state.resume_rng = None
+        return batches
+
+    def _end_epoch(self) -> None:
+        if self.state.batch_in_epoch == 0:
+            raise MonomodError(
+                f"training job '{self.label}': the loader of epoch {self.state.epoch} yielded no batches",
+                "check the dataset path and that batch_size is not larger than the dataset with drop_last",
+            ) from None
+        self.state.epoch += 1
+        self.batches = None
+
+
+# ------------------------------------------------------------------------------------------------------ one step
+
+
+def _make_optimizer(trainable: nn.Module, config: TrainConfig, device: torch.device, label: str) -> torch.optim.AdamW:
+    groups = param_groups(trainable, config.weight_decay)
+    if not groups:
+        raise MonomodError(
+            f"training job '{label}' has no trainable parameters",
+            "pass the module whose parameters should be optimised (with requires_grad=True)",
+        )
+    # fused AdamW on CUDA (one kernel for all parameters); the reference for-loop implementation on CPU.
+    return torch.optim.AdamW(
+        groups, lr=learning_rate(0, config), weight_decay=config.weight_decay, fused=device.type == "cuda" or None,
+    )
+
+
+class _Stepped(NamedTuple):
+    loss: float                 # the global batch's mean loss
+    samples: int                # the global batch's size
+    logits: Tensor | None       # this rank's
+    labels: Tensor              # this rank's hard labels
+    lr: float
+
+
+class _Stepper:
+    """One optimisation step: the batch to the device, mixing, this rank's slice, the scheduled learning rate, the
+    loss under autocast, the non-finite check, backward, clipping and AdamW."""
+
+    def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
+                 mix: Callable | None, label: str, ckpt_dir: Path) -> None:
+        self.loss_fn, self.optimizer, self.config, self.device = loss_fn, optimizer, config, device
+        self.mix, self.label, self.ckpt_dir = mix, label, ckpt_dir
+        self.use_amp = _amp_enabled(config.amp, device)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+
+    def __call__(self, x: Tensor, y: Tensor, step: int) -> _Stepped:
+        x = x.to(self.device, non_blocking=True)
+        y = y.to(self.device, non_blocking=True)
+        hard = _hard_labels(y)
+        if self.mix is not None:
+            x, y = self.mix(x, y, step)
+        n = x.shape[0]  # the global batch
+        mine, scale = distributed.shard(n)  # under torchrun: this rank's slice (else everything, scale 1)
+        if mine.stop - mine.start != n:
+            x, y, hard = x[mine], y[mine], hard[mine]
+        lr = learning_rate(step, self.config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_amp):
+            loss, logits = self.loss_fn(x, y)
+        loss_value = float(loss.detach())
+        if distributed.active():  # the global batch's mean loss, identical on every rank
+            loss_value = distributed.all_sum([loss_value * x.shape[0]], self.device)[0] / n
+        if not math.isfinite(loss_value):
+            raise _non_finite(self.label, loss_value, step, lr, self.config, self.ckpt_dir)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * scale if scale != 1.0 else loss).backward()
+        if self.config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+        self.optimizer.step()
+        return _Stepped(loss_value, n, logits, hard, lr)
 
 
 def _non_finite(label: str, loss: float, step: int, lr: float, config: TrainConfig, ckpt_dir: Path) -> MonomodError:
@@ -630,8 +650,131 @@ def _non_finite(label: str, loss: float, step: int, lr: float, config: TrainConf
     )
 
 
-def _open_metrics(path: Path, writer: bool):
-    """The metrics log opened for appending (a null context on ranks that do not write)."""
-    from contextlib import nullcontext
+# ------------------------------------------------------------------------------------------------------ metrics
 
-    return open(path, "a", encoding="utf-8") if writer else nullcontext(None)
+
+class _Metrics:
+    """``metrics.jsonl``: the steps since the last line accumulate in a window, written as one line every
+    ``log_every`` steps and at the last step (only rank 0 writes)."""
+
+    def __init__(self, path: Path, config: TrainConfig, device: torch.device, writer: bool) -> None:
+        self.path, self.config, self.device, self.writer = path, config, device, writer
+        self.file = None
+        self._reset(time.perf_counter())
+
+    def prepare(self, resumed_from: int) -> None:
+        """A resumed job keeps the lines up to its checkpoint; a fresh one starts an empty log."""
+        if not self.writer:
+            return
+        if resumed_from:
+            _truncate_metrics(self.path, resumed_from)
+        elif self.path.exists():
+            atomic_write_text(self.path, "")
+
+    def __enter__(self) -> "_Metrics":
+        if self.writer:
+            self.file = open(self.path, "a", encoding="utf-8")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+    def _reset(self, now: float) -> None:
+        self.loss, self.steps, self.samples, self.labelled, self.start = 0.0, 0, 0, 0, now
+        self.correct = torch.zeros((), dtype=torch.long, device=self.device)
+
+    def add(self, stepped: _Stepped) -> None:
+        self.samples += stepped.samples
+        self.loss += stepped.loss
+        self.steps += 1
+        self.lr = stepped.lr
+        if stepped.logits is not None:
+            self.correct += (stepped.logits.detach().argmax(dim=-1) == stepped.labels).sum()
+            self.labelled += stepped.labels.shape[0]
+
+    def due(self, step: int) -> bool:
+        return step % self.config.log_every == 0 or step == self.config.steps
+
+    def log(self, state: _State) -> dict[str, Any]:
+        """Close the window: its record (written, and kept in ``state`` as the last loss and accuracy)."""
+        correct, labelled = float(self.correct), self.labelled
+        if distributed.active():  # accuracy over the whole global batches
+            correct, labelled = distributed.all_sum([correct, float(labelled)], self.device)
+            correct, labelled = int(correct), int(labelled)
+        now = time.perf_counter()
+        state.last_loss = self.loss / self.steps
+        state.last_acc = float(correct) / labelled if labelled else None
+        record = {
+            "step": state.step,
+            "loss": state.last_loss,
+            "acc": state.last_acc,
+            "lr": self.lr,
+            "samples_per_second": self.samples / max(now - self.start, 1e-9),
+            "seconds": state.elapsed(now),
+        }
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        self._reset(now)
+        return record
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep only the metrics lines of steps <= last_step (drops lines a killed run wrote after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))
+
+
+# ----------------------------------------------------------------------------------------------- progress bar
+
+
+class _ProgressBar:
+    """The rich bar of one job (disabled on ranks that do not write)."""
+
+    def __init__(self, label: str, steps: int, completed: int, *, disable: bool = False) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+        )
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}"),
+            TextColumn("{task.fields[speed]} samples/s"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+            transient=False,
+            disable=disable,
+        )
+        self.task = self.progress.add_task(label, total=steps, completed=completed, loss="-", acc="-", speed="-")
+
+    def __enter__(self) -> "_ProgressBar":
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.progress.__exit__(*exc)
+
+    def show(self, step: int, record: dict[str, Any] | None = None) -> None:
+        """Advance to ``step``; with a metrics record, also show its loss, accuracy and speed."""
+        if record is None:
+            self.progress.update(self.task, completed=step)
+            return
+        acc = "-" if record["acc"] is None else f"{record['acc']:.3f}"
+        self.progress.update(self.task, completed=step, loss=f"{record['loss']:.4f}", acc=acc,
+                             speed=f"{record['samples_per_second']:.0f}")

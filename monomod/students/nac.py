@@ -29,14 +29,14 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, GluMlp, LayerScale, trunc_normal_
 from torch import nn
 
 from monomod.students.base import Stage, StagedModel, StageInterface, preset_config
-from monomod.students.nac_graph import GRAPH_PRIORS, fit_signatures, prior_fit_loss, prior_graph
+from monomod.students.nac_graph import GRAPH_PRIORS, check_graph_fields, fit_signatures, prior_fit_loss
+from monomod.students.nac_graph import prior_adjacency as graph_adjacency
 from monomod.students.nac_simple import SIMPLE_PRESETS, build_simple_nac
 
 CUT = -1e4  # log link weight of a truncated link: its exp is exactly 0 in float32, yet a fully cut row stays finite
@@ -94,14 +94,11 @@ class NACConfig:
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent values, so a bad config fails at build time, not mid-training."""
-        if self.graph_prior not in GRAPH_PRIORS:
-            raise ValueError(f"unknown graph_prior {self.graph_prior!r}; allowed: {list(GRAPH_PRIORS)}")
+        check_graph_fields(self)
         if not 0.0 < self.kernel_truncation <= 2.0:
             raise ValueError(f"kernel_truncation is a distance 1 - cos in (0, 2]; got {self.kernel_truncation}")
         if self.kernel_bandwidth <= 0 or self.link_temperature <= 0:
             raise ValueError("kernel_bandwidth and link_temperature must be > 0")
-        if min(self.num_input_latents, self.num_mediator_latents, self.num_output_latents) < 1:
-            raise ValueError("every latent count must be >= 1")
 
 
 NAC_PRESETS: dict[str, NACConfig] = {
@@ -147,8 +144,7 @@ def _mediator_fit(cfg: NACConfig) -> torch.Tensor:
 
 def prior_adjacency(cfg: NACConfig) -> torch.Tensor:
     """``[L_med, L_med]`` 0/1 adjacency of the graph prior over the mediators."""
-    n = cfg.num_mediator_latents
-    return torch.from_numpy(nx.to_numpy_array(prior_graph(cfg, n), nodelist=range(n))).float()
+    return graph_adjacency(cfg, cfg.num_mediator_latents)
 
 
 def fixed_shared_code(cfg: NACConfig) -> torch.Tensor:

@@ -47,6 +47,20 @@ def prior_graph(cfg: Any, n_cells: int | None = None) -> nx.Graph:
     return nx.Graph(graph)  # plain Graph with nodes 0..n-1
 
 
+def check_graph_fields(cfg: Any) -> None:
+    """Raise ValueError on an unknown graph prior or an empty set of latents (the checks both NAC configs share)."""
+    if cfg.graph_prior not in GRAPH_PRIORS:
+        raise ValueError(f"unknown graph_prior {cfg.graph_prior!r}; allowed: {list(GRAPH_PRIORS)}")
+    if min(cfg.num_input_latents, cfg.num_mediator_latents, cfg.num_output_latents) < 1:
+        raise ValueError("every latent count must be >= 1")
+
+
+def prior_adjacency(cfg: Any, n_cells: int | None = None) -> torch.Tensor:
+    """``[n, n]`` 0/1 adjacency of ``prior_graph(cfg, n_cells)``."""
+    n = cfg.n_cells if n_cells is None else n_cells
+    return torch.from_numpy(nx.to_numpy_array(prior_graph(cfg, n), nodelist=range(n))).float()
+
+
 def prior_fit_loss(signatures: torch.Tensor, adjacency: torch.Tensor, threshold: float,
                    margin: float) -> torch.Tensor:
     """Hinge of the signatures against a prior graph: linked cells should reach cosine >= threshold + margin,

@@ -39,13 +39,12 @@ import functools
 import math
 from dataclasses import dataclass
 
-import networkx as nx
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from monomod.students.base import Stage, StagedModel, StageInterface, preset_config
-from monomod.students.nac_graph import GRAPH_PRIORS, fit_signatures, prior_graph
+from monomod.students.nac_graph import GRAPH_PRIORS, check_graph_fields, fit_signatures, prior_adjacency, prior_graph
 
 
 @dataclass
@@ -96,16 +95,13 @@ class NACConfig:
 
     def validate(self) -> None:
         """Raise ValueError on inconsistent values, so a bad config fails at build time, not mid-training."""
-        if self.graph_prior not in GRAPH_PRIORS:
-            raise ValueError(f"unknown graph_prior {self.graph_prior!r}; allowed: {list(GRAPH_PRIORS)}")
+        check_graph_fields(self)
         if self.head_dim is None and self.dim % self.num_heads:
             raise ValueError(f"dim={self.dim} is not divisible by num_heads={self.num_heads}; set head_dim")
         if not 0.0 < self.kernel_truncation <= 1.0:
             raise ValueError(f"kernel_truncation must be in (0, 1]; got {self.kernel_truncation}")
         if self.kernel_bandwidth <= 0 or self.gumbel_temperature <= 0:
             raise ValueError("kernel_bandwidth and gumbel_temperature must be > 0")
-        if min(self.num_input_latents, self.num_mediator_latents, self.num_output_latents) < 1:
-            raise ValueError("every latent count must be >= 1")
 
 
 SIMPLE_PRESETS: dict[str, NACConfig] = {
@@ -132,8 +128,7 @@ def prior_signatures(cfg: NACConfig) -> torch.Tensor:
 @functools.lru_cache(maxsize=4)
 def _prior_signatures_cached(values: tuple) -> torch.Tensor:
     cfg = NACConfig(*values)  # the config is unhashable; its field values are the cache key
-    adjacency = torch.from_numpy(nx.to_numpy_array(prior_graph(cfg), nodelist=range(cfg.n_cells))).float()
-    return fit_signatures(adjacency, cfg, kernel_cos_threshold(cfg))
+    return fit_signatures(prior_adjacency(cfg), cfg, kernel_cos_threshold(cfg))
 
 
 # ---------------------------------------------------------------------------------------------------------------
