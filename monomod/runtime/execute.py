@@ -2,7 +2,6 @@
 executor (local, process pool, Ray; see executors.py), with one live view of the jobs in flight."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -14,9 +13,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from monomod.errors import JobFailed, MonomodError, shorten
+from monomod.io import clean_temporaries
 from monomod.plan import PLAN_FILE, Job, Plan
-from monomod.runtime.jobs import DONE_FILE, done_problem, is_done
-from monomod.runtime.lock import LOCK_FILE, run_dir_lock
+from monomod.rundir import CHECKPOINT_DIR, LOCK_FILE, RunDir
+from monomod.runtime.lock import run_dir_lock
 
 
 @dataclass
@@ -36,7 +36,7 @@ def prepare_run_dir(plan: Plan, run_dir: str | Path, *, force: bool = False) -> 
     if run_dir.exists() and not run_dir.is_dir():
         raise MonomodError(f"--out {shorten(str(run_dir))!r} is a file", "choose a directory for the run")
     plan.check_paths(run_dir)
-    if (run_dir / PLAN_FILE).exists():
+    if RunDir(run_dir).plan_file.exists():
         existing = Plan.load(run_dir)
         changed = _differences(existing, plan)
         if changed and not force:
@@ -63,19 +63,19 @@ def reuse_finished(plan: Plan, run_dir: str | Path, sources: list[str | Path]) -
     Products, logs and the done marker are copied, not the resume checkpoint; each job lands whole or not at all.
     Returns the names of the reused jobs.
     """
-    run_dir = Path(run_dir)
+    run = RunDir(run_dir)
     check_reuse_sources(sources)
     reused = []
     for job in plan.jobs:
-        if is_done(run_dir, job) or not all(out.startswith(f"jobs/{job.dir}/") for out in job.outputs):
+        if run.is_done(job) or not all(out.startswith(f"jobs/{job.dir}/") for out in job.outputs):
             continue
-        for source in map(Path, sources):
-            if source.resolve() == run_dir.resolve() or not is_done(source, job):
+        for source in map(RunDir, sources):
+            if source.root.resolve() == run.root.resolve() or not source.is_done(job):
                 continue
-            target = run_dir / "jobs" / job.dir
-            staging = run_dir / "jobs" / f".{job.dir}.reuse"
+            target = run.job_dir(job)
+            staging = target.with_name(f".{job.dir}.reuse")
             shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(source / "jobs" / job.dir, staging, ignore=shutil.ignore_patterns("checkpoint"))
+            shutil.copytree(source.job_dir(job), staging, ignore=shutil.ignore_patterns(CHECKPOINT_DIR))
             shutil.rmtree(target, ignore_errors=True)  # an unfinished attempt of this job
             os.replace(staging, target)
             reused.append(job.name)
@@ -86,7 +86,7 @@ def reuse_finished(plan: Plan, run_dir: str | Path, sources: list[str | Path]) -
 def check_reuse_sources(sources: list[str | Path]) -> None:
     """Each ``--reuse`` folder is a run whose plan reads (checked at compile time, in a dry run too)."""
     for source in map(Path, sources):
-        if not (source / PLAN_FILE).is_file():
+        if not RunDir(source).plan_file.is_file():
             raise MonomodError(f"--reuse {shorten(str(source))!r} is not a monomod run (no {PLAN_FILE})",
                                "pass the RUN_DIR of an earlier `monomod convert`")
         try:
@@ -107,8 +107,6 @@ def _differences(old: Plan, new: Plan) -> list[str]:
 def execute(plan: Plan, run_dir: str | Path, **options) -> list[JobStatus]:
     """``_execute`` (see there) while holding RUN_DIR's lock, after checking that every path stays inside RUN_DIR,
     every training config is valid and the temporary files of killed writers are gone."""
-    from monomod.runtime.checkpoint import clean_temporaries
-
     plan.check_paths(run_dir)
     check_train_configs(plan)
     with run_dir_lock(run_dir):
@@ -198,7 +196,7 @@ def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None,
     done: set[str] = set()
     pending = []
     for job in plan.jobs:
-        problem = done_problem(run_dir, job)
+        problem = RunDir(run_dir).done_problem(job)
         stale_inputs = [name for name in job.inputs if name not in done]
         if problem is None and stale_inputs:  # an input runs again (a product failed verification): so must this
             problem = f"its input {stale_inputs[0]} runs again"
@@ -207,7 +205,7 @@ def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None,
             if selected is None or job.name in selected:
                 statuses.append(JobStatus(job.name, "cached"))
             continue
-        if (run_dir / "jobs" / job.dir / DONE_FILE).is_file() and problem not in ("finished with another hash", "not finished"):
+        if RunDir(run_dir).done_file(job).is_file() and problem not in ("finished with another hash", "not finished"):
             console.print(f"[yellow]{job.name}: {escape(problem)}; running it again[/yellow]", highlight=False)
         if selected is None or job.name in selected:
             pending.append(job)
@@ -274,7 +272,7 @@ class _Scheduler:
         """One finished attempt: done (its marker and outputs verified), retried, or failed."""
         self.running.discard(outcome.name)
         job = self.plan.job(outcome.name)
-        if outcome.ok and not is_done(self.run_dir, job):
+        if outcome.ok and not RunDir(self.run_dir).is_done(job):
             outcome.ok, outcome.error = False, "the job ended without its done marker or outputs"
         if outcome.ok:
             self.done.add(job.name)
@@ -307,18 +305,16 @@ def _check_saved_plan(plan: Plan, run_dir: Path) -> None:
     # a job's hash covers its kind, config, the run's settings and its inputs' hashes
     same = saved is not None and [(j.name, j.hash) for j in saved.jobs] == [(j.name, j.hash) for j in plan.jobs]
     if not same:
-        raise MonomodError(f"{run_dir / PLAN_FILE} is not the plan being executed, and workers read it from there",
+        raise MonomodError(f"{RunDir(run_dir).plan_file} is not the plan being executed, and workers read it from there",
                            "save the plan to RUN_DIR first (prepare_run_dir or Plan.save)")
 
 
 def _failure_message(plan: Plan, run_dir: Path, failed: dict[str, str], attempts: dict[str, int],
                      blocked: list[str]) -> str:
-    from monomod.runtime.executors import log_path
-
     parts = []
     for name, error in failed.items():
         tries = f" after {attempts[name]} attempts" if attempts.get(name, 1) > 1 else ""
-        parts.append(f"job {name!r} failed{tries}: {error} (log: {log_path(run_dir, plan.job(name).dir)})")
+        parts.append(f"job {name!r} failed{tries}: {error} (log: {RunDir(run_dir).log(name)})")
     text = "; ".join(parts)
     if len(failed) > 1:
         text = f"{len(failed)} jobs failed: {text}"
@@ -384,18 +380,16 @@ class JobBoard:
         self._print(f"[green]✓ {job.name}[/green] in {seconds:.1f} s{where}")
 
     def failed(self, job: Job, outcome, retry: str | None = None) -> None:
-        from monomod.runtime.executors import log_path
-
         self._stop(job)
         then = f", retrying ({retry})" if retry else ""
         self._print(f"[red]✗ {job.name} failed[/red]: {escape(outcome.error or '')} "
-                    f"(log: {log_path(self.run_dir, job.dir)}){then}")
+                    f"(log: {RunDir(self.run_dir).log(job)}){then}")
 
     def refresh(self, workers: dict[str, str]) -> None:
         if self.progress is None:
             return
         for name, task in self.tasks.items():
-            step, loss = _latest_metrics(self.run_dir / "jobs" / self.plan.job(name).dir / "metrics.jsonl")
+            step, loss = _step_and_loss(RunDir(self.run_dir).latest_metrics(name))
             fields: dict = {"worker": workers.get(name, "")}
             if step is not None:
                 fields["completed"] = step
@@ -404,22 +398,9 @@ class JobBoard:
             self.progress.update(task, **fields)
 
 
-def _latest_metrics(path: Path) -> tuple[int | None, float | None]:
-    """Step and loss of the last complete line of a job's metrics.jsonl (a torn last line is skipped)."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, 2)
-            size = f.tell()
-            f.seek(max(0, size - 4096))
-            tail = f.read().decode("utf-8", "replace")
-    except OSError:
+def _step_and_loss(record: dict | None) -> tuple[int | None, float | None]:
+    """Step and loss of a metrics record (None for what it lacks)."""
+    if record is None or not isinstance(record.get("step"), int):
         return None, None
-    for line in reversed(tail.splitlines()):
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            loss = record.get("loss")
-            return record["step"], float(loss) if isinstance(loss, (int, float)) else None
-    return None, None
+    loss = record.get("loss")
+    return record["step"], float(loss) if isinstance(loss, (int, float)) else None

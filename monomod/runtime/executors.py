@@ -14,7 +14,6 @@ must live on storage every node can reach, at the same path.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -27,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from monomod.errors import MonomodError
+from monomod.io import atomic_write_json, read_json
+from monomod.rundir import RunDir
 
 EXECUTORS = ("local", "process", "ray")
-LOG_FILE = "log.txt"
-WORKER_FILE = "worker.json"
 DEFAULT_PROCESS_WORKERS = 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
                     "VECLIB_MAXIMUM_THREADS")
@@ -67,10 +66,6 @@ def one_line(error: BaseException) -> str:
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         text = f"{type(error).__name__}: {first}" if first else type(error).__name__
     return " ".join(text.split())
-
-
-def log_path(run_dir: str | Path, job_dir: str) -> Path:
-    return Path(run_dir) / "jobs" / job_dir / LOG_FILE
 
 
 def _append(path: Path, text: str) -> None:
@@ -110,7 +105,6 @@ def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: 
     job's output appended to ``RUN_DIR/jobs/<dir>/log.txt`` (``loader_workers``: see ``RunContext``). Never raises for a failing job: returns
     ``{"ok": bool, "seconds": float | None, "error": one line | None, "worker": label}``."""
     from monomod.plan import Plan
-    from monomod.runtime.checkpoint import atomic_write_json
 
     worker = worker or f"{socket.gethostname()} pid {os.getpid()}"
     started = time.perf_counter()
@@ -119,15 +113,15 @@ def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: 
         job = plan.job(name)
     except MonomodError as e:
         return {"ok": False, "seconds": None, "error": one_line(e), "worker": worker}
-    job_dir = Path(run_dir) / "jobs" / job.dir
-    job_dir.mkdir(parents=True, exist_ok=True)
+    run = RunDir(run_dir)
+    run.job_dir(job).mkdir(parents=True, exist_ok=True)
     if expected_hash is not None and job.hash != expected_hash:
-        error = (f"{Path(run_dir) / 'plan.yaml'} changed while the run was going (job {name!r} has hash {job.hash}, "
+        error = (f"{run.plan_file} changed while the run was going (job {name!r} has hash {job.hash}, "
                  f"expected {expected_hash}); run `monomod run {run_dir}` again")
         return {"ok": False, "seconds": None, "error": error, "worker": worker}
-    atomic_write_json(job_dir / WORKER_FILE, {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
+    atomic_write_json(run.worker_file(job), {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
                                               "threads": threads, "started": time.time()})
-    with _output_to(job_dir / LOG_FILE):
+    with _output_to(run.log(job)):
         print(f"[{_stamp()}] {name}: started on {worker}" + (f" with {threads} thread(s)" if threads else ""),
               flush=True)
         try:
@@ -371,7 +365,7 @@ class RayExecutor:
     def workers(self) -> dict[str, str]:
         labels = {}
         for name in self.running:
-            info = _read_json(self.run_dir / "jobs" / name.replace(":", "-") / WORKER_FILE)
+            info = read_json(RunDir(self.run_dir).worker_file(name))
             labels[name] = info.get("worker", "") if info else ""  # known once the task has started
         return labels
 
@@ -404,13 +398,6 @@ class RayExecutor:
         self.running.clear()
         if self.owns_ray:
             self.ray.shutdown()
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = None, ray_address: str | None = None,

@@ -7,7 +7,6 @@ loop's resume state and ``jobs/<dir>/metrics.jsonl`` its log.
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -20,16 +19,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from monomod.errors import MonomodError, first_line
+from monomod.io import atomic_save_tensors
 from monomod.ir import Partition
 from monomod.plan import DISTILL_KINDS, Job, Plan
-from monomod.runtime.checkpoint import atomic_save_tensors, atomic_write_json
+from monomod.rundir import RunDir
 from monomod.runtime.distributed import barrier, is_writer, world_size
 from monomod.runtime.losses import m2mkd_loss
 from monomod.runtime.train import TrainConfig, evaluate, resolve_device, seed_everything, soft_cross_entropy, train
 from monomod.students.base import StagedModel
 
-MODEL_FILE = "model.safetensors"
-DONE_FILE = "done.json"
 
 
 @dataclass
@@ -45,8 +43,12 @@ class RunContext:
     def settings(self) -> dict[str, Any]:
         return self.plan.settings
 
+    @cached_property
+    def dirs(self) -> RunDir:
+        return RunDir(self.run_dir)
+
     def job_dir(self, name: str) -> Path:
-        return self.run_dir / "jobs" / name.replace(":", "-")
+        return self.dirs.job_dir(name)
 
     @cached_property
     def data(self):
@@ -239,11 +241,11 @@ class RunContext:
 
     def product_path(self, name: str) -> Path:
         """The path of job ``name``'s weights, verified against its done record (size, sha256)."""
-        path = self.job_dir(name) / MODEL_FILE
+        path = self.dirs.product(name)
         if not path.is_file():
             raise MonomodError(f"job {name!r} has not produced {path}", f"run the plan (monomod run {self.run_dir})")
         job = self.plan.job(name)
-        problem = done_problem(self.run_dir, job) if (self.job_dir(name) / DONE_FILE).is_file() else None
+        problem = self.dirs.done_problem(job) if self.dirs.done_file(job).is_file() else None
         if problem is not None and problem != "finished with another hash":
             raise MonomodError(f"job {name!r}: {problem}", f"run `monomod run {self.run_dir}` to make it again")
         return path
@@ -260,7 +262,7 @@ class RunContext:
     def save_product(self, name: str, module: nn.Module) -> None:
         if not is_writer():
             return  # under torchrun only rank 0 writes products
-        atomic_save_tensors(self.job_dir(name) / MODEL_FILE, dict(module.state_dict()))
+        atomic_save_tensors(self.dirs.product(name), dict(module.state_dict()))
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -529,27 +531,6 @@ RUNNERS: dict[str, JobKind] = {  # one entry per monomod.plan.JOB_KINDS
 }
 
 
-def is_done(run_dir: Path, job: Job) -> bool:
-    """Finished with the current hash, and its products still as they were written (see ``done_problem``)."""
-    return done_problem(run_dir, job) is None
-
-
-def done_problem(run_dir: Path, job: Job) -> str | None:
-    """None when ``job`` is finished and its products verify; else why not, in one line."""
-    from monomod.runtime import integrity
-
-    marker = Path(run_dir) / "jobs" / job.dir / DONE_FILE
-    if not marker.is_file():
-        return "not finished"
-    try:
-        done = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError):
-        return f"{marker} cannot be read"
-    if not isinstance(done, dict) or done.get("hash") != job.hash:
-        return "finished with another hash"
-    return integrity.problem(Path(run_dir), job.outputs, done.get("products"))
-
-
 def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     """Run one job and record it as done (hash, wall time, result) with an atomic marker.
 
@@ -566,9 +547,6 @@ def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     if world_size() > 1:
         record["world_size"] = world_size()
     if is_writer():
-        from monomod.runtime.integrity import describe
-
-        record["products"] = describe(ctx.run_dir, job.outputs)
-        atomic_write_json(ctx.job_dir(job.name) / DONE_FILE, record)
+        record = ctx.dirs.write_done(job, record)
     barrier()
     return record

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from monomod.errors import MonomodError, shorten
+from monomod.rundir import LOCK_FILE
 
-LOCK_FILE = "monomod.lock"
 _held: dict[Path, int] = {}  # lock path -> nesting depth, in this process
 
 

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 
 from monomod.errors import MonomodError, shorten
 from monomod.runtime import distributed
+from monomod.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
+from monomod.rundir import CHECKPOINT_DIR, METRICS_FILE, RESULT_FILE
 from monomod.runtime.checkpoint import (
-    atomic_write_json,
-    atomic_write_text,
     capture_rng_state,
     checkpoint_exists,
     load_checkpoint,
@@ -355,11 +355,11 @@ def train(
     trainable.to(device)
     trainable.train()
     optimizer = _make_optimizer(trainable, config, device, label)
-    checkpoints = _Checkpoints(job_dir / "checkpoint", trainable, optimizer, config, label, extra_state, writer)
+    checkpoints = _Checkpoints(job_dir / CHECKPOINT_DIR, trainable, optimizer, config, label, extra_state, writer)
     state = checkpoints.resume()
     step_once = _Stepper(loss_fn, optimizer, config, device, mix, label, checkpoints.path)
     batches = _Batches(make_loader, state, label)
-    metrics = _Metrics(job_dir / "metrics.jsonl", config, device, writer)
+    metrics = _Metrics(job_dir / METRICS_FILE, config, device, writer)
     metrics.prepare(state.resumed_from)
 
     state.started = checkpoints.last_saved = time.perf_counter()
@@ -397,7 +397,7 @@ def _finish(job_dir: Path, label: str, state: "_State", samples_run: int, writer
         resumed_from=state.resumed_from,
     )
     if writer:
-        atomic_write_json(job_dir / "result.json", {"label": label, **dataclasses.asdict(result)})
+        atomic_write_json(job_dir / RESULT_FILE, {"label": label, **dataclasses.asdict(result)})
     return result
 
 
@@ -715,8 +715,7 @@ class _Metrics:
             "seconds": state.elapsed(now),
         }
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+            append_jsonl(self.file, record)
         self._reset(now)
         return record
 
@@ -725,15 +724,8 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     """Keep only the metrics lines of steps <= last_step (drops lines a killed run wrote after its checkpoint)."""
     if not path.exists():
         return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= last_step:
-            kept.append(line + "\n")
-    atomic_write_text(path, "".join(kept))
+    kept = [r for r in read_jsonl(path) if isinstance(r.get("step"), int) and r["step"] <= last_step]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 # ----------------------------------------------------------------------------------------------- progress bar
