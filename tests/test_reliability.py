@@ -20,9 +20,10 @@ from torch import nn
 
 from monomod.cli import cli
 from monomod.errors import MonomodError
-from monomod.passes.plan import ConvertOptions
+from monomod.compiler import ConvertOptions
 from monomod.plan import Plan
-from monomod.runtime.api import compile_options, load_student, set_checkpointing
+from monomod.api import load_student
+from monomod.compiler import compile_options, set_checkpointing
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.jobs import RunContext, done_problem, is_done
 from monomod.runtime.lock import LOCK_FILE, run_dir_lock
@@ -131,7 +132,7 @@ def test_code_named_by_a_plan_file_runs_only_with_trust_code(plan_dict, tmp_path
     _write_plan(run_dir, data)
     line = _one_line_error(_cli("run", run_dir))
     assert "plan.yaml names Python code as its teacher ('os:system')" in line and "--trust-code" in line
-    from monomod.runtime.api import run
+    from monomod.api import run
 
     with pytest.raises(MonomodError, match="trust_code=True"):
         run(run_dir)
