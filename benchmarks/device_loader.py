@@ -36,8 +36,8 @@ def _utilisation(command: list[str]) -> tuple[list[int], float]:
 
 
 def main(out: Path) -> int:
-    from monomod.passes.plan import ConvertOptions
-    from monomod.runtime.api import compile_options
+    from monomod.compiler import ConvertOptions
+    from monomod.compiler import compile_options
     from monomod.runtime.execute import execute, prepare_run_dir
 
     root = Path("/tmp/monomod-loader")

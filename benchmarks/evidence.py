@@ -27,8 +27,9 @@ from typing import Any
 
 from rich.console import Console
 
-from monomod.passes.plan import ConvertOptions
-from monomod.runtime.api import compile_options, load_run
+from monomod.compiler import ConvertOptions
+from monomod.api import load_run
+from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
 from monomod.runtime.jobs import RunContext
 from monomod.runtime.train import evaluate

@@ -14,8 +14,8 @@ from typing import Any
 
 from rich.console import Console
 
-from monomod.passes.plan import ConvertOptions
-from monomod.runtime.api import compile_options
+from monomod.compiler import ConvertOptions
+from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 
 

@@ -1,8 +1,7 @@
 """monomod: compile a monolithic vision transformer into a modular student by module-to-module distillation."""
 from __future__ import annotations
 
-__version__ = "0.1.0"  # first, so modules imported below may read it
-
+from monomod.api import Run, convert, load_run, load_student
 from monomod.errors import MonomodError
 from monomod.frontend import load_model
 from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedModel
@@ -11,10 +10,10 @@ from monomod.passes.partition import partition
 from monomod.passes.stitch import Stitched, stitch
 from monomod.passes.trace import trace
 from monomod.plan import Job, Plan
-from monomod.runtime.api import Run, convert, load_run, load_student
 from monomod.students import STUDENT_KINDS, StagedModel, StageInterface, build_student
 from monomod.students.hybrid import Hybrid, hybrid
 from monomod.students.meta import build_meta
+from monomod.version import __version__
 
 
 __all__ = [

@@ -46,6 +46,14 @@ def cli() -> None:
     """
 
 
+def _convert_options_from_spec(command):
+    """One click option per flag of the option spec (``monomod.compiler.options.OPTIONS``), each passed under
+    its option's name."""
+    from monomod.compiler.options import click_options
+
+    return click_options(command)
+
+
 def _executor_options(command):
     """--executor, --workers, --ray-address, --max-retries and --loader-workers, handed to the command as one
     ``run_options`` dict."""
@@ -74,25 +82,6 @@ def _executor_options(command):
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
-
-
-class _Seed(click.ParamType):
-    """An integer seed in [0, 2**63): a 5000-digit one is one short line, not Python's int-size error echoed."""
-
-    name = "integer"
-
-    def convert(self, value, param, ctx) -> int:
-        from monomod.errors import shorten
-        from monomod.runtime.checks import MAX_SEED
-
-        try:
-            seed = value if isinstance(value, int) else int(str(value).strip())
-        except ValueError:
-            seed = None
-        if seed is None or not 0 <= seed <= MAX_SEED:
-            raise MonomodError(f"--seed must be an integer in [0, {MAX_SEED}], got {shorten(str(value))}",
-                               "pass a smaller seed, e.g. --seed 0")
-        return seed
 
 
 def _run_dir_options(command):
@@ -224,40 +213,9 @@ def _dash(value: int | None) -> str:
 
 
 @cli.command()
-@click.argument("model", required=False)
-@click.option("--to", "student", help="Student family: nac, moe or vit (required without --recipe).")
-@click.option("-k", "--modules", "k", type=int, help="Number of modules (stages) to distil (required without --recipe).")
-@click.option("--data", default="digits", show_default=True, help="digits | synthetic | imagefolder:PATH (train/ and val/).")
-@click.option("--ood", default="auto", show_default=True, help="OOD split: auto, none, or imagefolder:PATH.")
-@click.option("--preset", type=click.Choice(["demo", "paper"]), default="demo", show_default=True, help="Training budgets.")
-@click.option("--meta", type=click.Choice(["trained", "teacher"]), default="trained", show_default=True,
-              help="Context for the module pairs: a trained meta model, or the teacher's own modules.")
+@click.argument("teacher", metavar="MODEL", required=False)
+@_convert_options_from_spec
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), help="RUN_DIR (default: runs/MODEL-STUDENT-kK).")
-@click.option("--img-size", type=int, help="Input resolution (default: the preset's, else the teacher's).")
-@click.option("--in-chans", type=int, help="Input channels (default: the teacher's).")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local teacher weights (.safetensors or .pth).")
-@click.option("--pretrained", is_flag=True, help="Download the teacher's pretrained weights through timm (needs network).")
-@click.option("--teacher-trained", is_flag=True, help="The teacher already knows this data (same as --teacher-training none).")
-@click.option("--teacher-training", type=click.Choice(["incubate", "end-to-end", "none"]),
-              help="How the teacher is trained: Deep Incubation in the meta model (default with --meta trained), end "
-              "to end and apart (default with --meta teacher), or not at all (a given teacher).")
-@click.option("--distill-targets", type=click.Choice(["incubated", "finetuned"]), default="incubated", show_default=True,
-              help="Under incubation: distil the incubated modules (their hybrids measured better), or the fine-tuned "
-              "teacher's modules (as the reference).")
-@click.option("--distill-data", help="Data of the teacher, meta, incubate and m2mKD jobs (default: --data); "
-              "fine-tune, baseline and evaluation use --data.")
-@click.option("--student-preset", help="Student preset (see `monomod student KIND --help`).")
-@click.option("--stitch", type=click.Choice(["linear", "ln_linear"]), help="Stitch layers (default: the reference's per family).")
-@click.option("--keep-stitches", is_flag=True, help="Keep the stitch layers as adapters in the assembled student.")
-@click.option("--upcycle", is_flag=True, help="MoE: initialise experts from the teacher's MLPs (beyond the paper).")
-@click.option("--alpha", type=float, default=0.5, show_default=True, help="Weight of the distillation term.")
-@click.option("--tau", type=float, default=1.0, show_default=True, help="Distillation temperature.")
-@click.option("--kd", type=click.Choice(["soft", "hard"]), default="soft", show_default=True)
-@click.option("--kl-norm", type=click.Choice(["batchmean", "reference"]),
-              help="KL averaging: per sample (demo default), or per sample and class as the reference code does "
-              "(paper default).")
-@click.option("--feature-loss", type=float, default=0.0, show_default=True, help="Weight of a boundary MSE loss (beyond the paper).")
-@click.option("--seed", type=_Seed(), default=0, show_default=True)
 @click.option("--recipe", help="Start from a recipe (`monomod recipes list`, or a .yaml path); options given on the "
               "command line override it.")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
@@ -270,13 +228,9 @@ def _dash(value: int | None) -> str:
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 @_run_dir_options
 @_executor_options
-def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, meta: str, out_dir: str | None,
-            img_size: int | None, in_chans: int | None, weights: str | None, pretrained: bool, teacher_trained: bool,
-            teacher_training: str | None, distill_targets: str, distill_data: str | None,
-            student_preset: str | None, stitch: str | None, keep_stitches: bool, upcycle: bool, alpha: float, tau: float,
-            kd: str, kl_norm: str | None, feature_loss: float, seed: int, recipe: str | None, sets: tuple[str, ...],
-            dry_run: bool, force: bool, reuse: tuple[str, ...], fmt: str, trust_code: bool,
-            checkpoint_every: int | None, checkpoint_minutes: float | None, run_options: dict | None = None) -> None:
+def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_run: bool, force: bool,
+            reuse: tuple[str, ...], fmt: str, trust_code: bool, checkpoint_every: int | None,
+            checkpoint_minutes: float | None, run_options: dict | None = None, **given: object) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
     \b
@@ -286,19 +240,15 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
       monomod convert vit_huge --to nac --modules 10 --data imagefolder:tiny-imagenet --preset paper --dry-run
       monomod convert --recipe demo-moe-digits --set alpha=0.7 --set budgets.m2mkd.steps=200
       monomod convert vit_tiny --to moe --modules 4 --reuse runs/vit_tiny-nac-k4   # same teacher: not trained again
+      monomod convert vit_tiny --to vit --cuts blocks.4,blocks.8 --dry-run          # teacher cut by hand
 
     With --recipe, precedence is: the recipe, then options given explicitly on the command line, then --set.
+    The teacher's cuts (searched, or --cuts) are recorded in RUN_DIR/plan.yaml; every job replays them.
     """
-    from monomod.runtime.api import compile_options
+    from monomod.compiler import compile_options
     from monomod.runtime.execute import check_reuse_sources, prepare_run_dir, reuse_finished
     from monomod.runtime.lock import run_dir_lock
 
-    given = dict(teacher=model, student=student, modules=k, data=data, ood=ood, preset=preset, meta=meta,
-                 img_size=img_size, in_chans=in_chans, weights=weights, pretrained=pretrained,
-                 teacher_trained=teacher_trained, teacher_training=teacher_training, distill_targets=distill_targets,
-                 distill_data=distill_data, student_preset=student_preset, stitch=stitch,
-                 keep_stitches=keep_stitches, upcycle=upcycle, alpha=alpha, tau=tau, kd=kd, kl_norm=kl_norm,
-                 feature_loss=feature_loss, seed=seed)
     options, data_info = _convert_options(click.get_current_context(), given, recipe, sets, trust_code)
     options = _with_checkpointing(options, checkpoint_every, checkpoint_minutes)
     check_reuse_sources(list(reuse))  # in a dry run too
@@ -314,6 +264,7 @@ def convert(model: str, student: str, k: int, data: str, ood: str, preset: str, 
             click.echo(json.dumps(plan.to_dict(), indent=2))
         else:
             out.print(plan_table(plan, run_dir))
+            out.print(partition_line(plan))
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
     run_options = dict(run_options or {})
@@ -349,16 +300,17 @@ def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpo
       monomod run runs/vit_tiny-nac-k4 --job m2mkd:2
       torchrun --nproc_per_node 2 -m monomod.cli run runs/vit_tiny-nac-k4 --job m2mkd:2   # data parallel
     """
+    from monomod.compiler import set_checkpointing
     from monomod.frontend import check_trusted
     from monomod.plan import Plan
-    from monomod.runtime.api import set_checkpointing
+    from monomod.rundir import RunDir
     from monomod.runtime.execute import check_train_configs
     from monomod.runtime.lock import run_dir_lock
 
     plan = Plan.load(run_dir)
     for name in jobs:
         plan.job(name)  # unknown names fail here, before any work
-    check_trusted(plan.settings, str(Path(run_dir) / "plan.yaml"), trust_code)
+    check_trusted(plan.settings, str(RunDir(run_dir).plan_file), trust_code)
     check_train_configs(plan)  # an edited plan.yaml fails here, before the table is printed
     plan.check_paths(run_dir)
     with run_dir_lock(run_dir):
@@ -376,14 +328,17 @@ def plan() -> None:
 @click.argument("run_dir", type=click.Path(file_okay=False))
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "yaml"]), default="table", show_default=True)
 def plan_show(run_dir: str, fmt: str) -> None:
-    """Print RUN_DIR's plan: jobs, dependencies, hashes and which are finished.
+    """Print RUN_DIR's plan: where the teacher is cut, the jobs, their dependencies, hashes and which are finished.
+
+    The cuts are plan.yaml's settings.partition.cuts: edit them there and `monomod run` re-runs exactly the jobs
+    that use the teacher's modules.
 
     \b
     Example:
       monomod plan show runs/vit_tiny-nac-k4
     """
     from monomod.plan import Plan
-    from monomod.runtime.jobs import done_problem
+    from monomod.rundir import RunDir
 
     loaded = Plan.load(run_dir)
     if fmt == "yaml":
@@ -391,13 +346,27 @@ def plan_show(run_dir: str, fmt: str) -> None:
     elif fmt == "json":
         data = loaded.to_dict()
         for job in data["jobs"]:
-            problem = done_problem(Path(run_dir), loaded.job(job["name"]))
+            problem = RunDir(run_dir).done_problem(loaded.job(job["name"]))
             job["done"] = problem is None
             if problem is not None and problem not in ("not finished", "finished with another hash"):
                 job["problem"] = problem
         click.echo(json.dumps(data, indent=2))
     else:
         out.print(plan_table(loaded, Path(run_dir)))
+        out.print(partition_line(loaded))
+
+
+def partition_line(plan) -> str:
+    """The recorded partition in one line: ``cuts blocks.4, blocks.8 (cost flops, tolerance 0.25, balance 1.02)``."""
+    from rich.markup import escape
+
+    record = plan.settings.get("partition")
+    if not isinstance(record, dict):
+        return "[yellow]no recorded partition: recompile the plan with `monomod convert ... --force`[/yellow]"
+    cuts = ", ".join(map(str, record.get("cuts") or [])) or "none (one module)"
+    balance = record.get("balance")
+    return escape(f"cuts {cuts} (cost {record.get('cost')}, tolerance {record.get('tolerance')}, balance "
+                  f"{'-' if balance is None else f'{balance:.2f}'})")
 
 
 def plan_table(plan, run_dir: Path):
@@ -420,9 +389,9 @@ def _job_state(run_dir: Path, job) -> str:
     """done, pending, or why a finished job's products no longer verify (it runs again)."""
     from rich.markup import escape
 
-    from monomod.runtime.jobs import done_problem
+    from monomod.rundir import RunDir
 
-    problem = done_problem(run_dir, job) if run_dir.exists() else "not finished"
+    problem = RunDir(run_dir).done_problem(job) if run_dir.exists() else "not finished"
     if problem is None:
         return "[green]done[/green]"
     if problem in ("not finished", "finished with another hash") or problem.startswith("its input"):
@@ -434,6 +403,7 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
                         workers: int | None = None, ray_address: str | None = None, max_retries: int = 0,
                         loader_workers: int | None = None) -> None:
     from monomod import report
+    from monomod.rundir import RunDir
     from monomod.runtime.execute import execute
 
     if executor == "ray":
@@ -449,7 +419,7 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
     elapsed = time.perf_counter() - started
     if not talk:
         return
-    summary = json.loads((run_dir / "report.json").read_text()) if (run_dir / "report.json").is_file() else None
+    summary = RunDir(run_dir).report()
     if fmt == "json":
         click.echo(json.dumps({"run_dir": str(run_dir), "seconds": round(elapsed, 3), "report": summary,
                                "jobs": [s.__dict__ for s in statuses]}, indent=2))
@@ -604,10 +574,6 @@ def recipes_show(name: str) -> None:
     click.echo(load_recipe(name).path.read_text(), nl=False)
 
 
-# convert's parameter names -> ConvertOptions fields, where they differ
-_CONVERT_PARAMS = {"teacher": "model", "student": "student", "modules": "k"}
-
-
 def _with_checkpointing(options, every: int | None, minutes: float | None):
     """Options with the command line's checkpoint settings (None: the recipe's or the default)."""
     from dataclasses import replace
@@ -621,29 +587,31 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
     """ConvertOptions from the command line, or from a recipe overridden by explicit options and then ``--set``.
 
     Returns ``(options, data_info)``; ``data_info`` (a recipe's declared data facts) lets a dry run plan without
-    the data folder.
+    the data folder. The values are checked by the option spec once, when the plan is compiled.
     """
-    from monomod.passes.plan import ConvertOptions
     from monomod.recipes import check, load_recipe, parse_sets, to_convert_options
 
+    if sets:
+        check(parse_sets(sets), "--set", partial=True)
     if recipe is None:
+        values = parse_sets(sets, given) if sets else dict(given)
+        if values.get("modules") is None and values.get("cuts"):
+            values["modules"] = len(values["cuts"]) + 1  # K follows from the cuts
         missing = [flag for flag, key in (("MODEL", "teacher"), ("--to", "student"), ("--modules", "modules"))
-                   if given[key] is None]
+                   if values.get(key) is None]
         if missing:
             raise MonomodError(f"convert needs {', '.join(missing)}", "pass them, or start from a --recipe")
-        if not sets:
-            return ConvertOptions(**dict(given, ood=None if given["ood"] == "none" else given["ood"])), None
-        return to_convert_options(check(parse_sets(sets, given), "--set", partial=True)), None
+        return to_convert_options(values), None
 
     from monomod.frontend import check_trusted
 
     loaded = load_recipe(recipe)
     explicit = {key: value for key, value in given.items()
-                if ctx.get_parameter_source(_CONVERT_PARAMS.get(key, key)) == click.core.ParameterSource.COMMANDLINE}
+                if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE}
     typed = {text.partition("=")[0].strip() for text in sets} | set(explicit)  # the user's own choices
     check_trusted({k: v for k, v in loaded.values.items() if k not in typed}, f"recipe {loaded.path.name}", trust_code)
     values = check(dict(loaded.values, **explicit), "command line", partial=True)
-    values = check(parse_sets(sets, values), "--set", partial=True)
+    values = parse_sets(sets, values)
     values.setdefault("description", loaded.description)
     check(values, f"{loaded.path.name} with overrides")
     return loaded.convert_options({k: v for k, v in values.items() if k != "data_info"}), values.get("data_info")
@@ -669,7 +637,7 @@ def _split(text: str | None) -> list[str] | None:
 
 def _write_atomic(path: str | os.PathLike, text: str) -> None:
     """Write a whole file or nothing: readers never see half a page."""
-    from monomod.runtime.checkpoint import atomic_write_text
+    from monomod.io import atomic_write_text
 
     target = Path(path)
     if not target.parent.exists():

@@ -26,6 +26,9 @@ DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that
 # Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
 # how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
 UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes")
+# Of the recorded partition (settings key ``partition``) only the cuts say what a job computes; cost, tolerance and
+# balance say how the cuts were found, so they stay out of job hashes.
+HASHED_PARTITION_KEYS = ("cuts",)
 
 
 def job_name_pattern() -> re.Pattern[str]:
@@ -38,13 +41,45 @@ def job_name_pattern() -> re.Pattern[str]:
 # one reads a setting outside its scope, so a scope cannot silently go stale.
 _DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
 _TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", *_DISTILL_DATA, "monomod")
+# ``partition`` (the recorded cuts) is read by every job that uses the teacher's modules: meta and incubate here,
+# m2mkd, assemble, finetune and evaluate through their full scope, the teacher that assembles incubated modules
+# through its inputs' hashes. The baseline and a teacher trained end to end never see it.
 SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
     "teacher": _TEACHER_SETTINGS,
-    "meta": (*_TEACHER_SETTINGS, "modules"),
-    "incubate": (*_TEACHER_SETTINGS, "modules", "meta"),
+    "meta": (*_TEACHER_SETTINGS, "modules", "partition"),
+    "incubate": (*_TEACHER_SETTINGS, "modules", "meta", "partition"),
     "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", "data", "ood", "num_classes",
                  *_TEACHER_SETTINGS),
 }
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    """Where the teacher is cut, as the plan records it (settings key ``partition``): jobs replay these cuts through
+    the partition pass's manual path and never search again. Editing the cuts in plan.yaml re-runs the jobs that
+    use the teacher's modules, and only those."""
+
+    cuts: tuple[str, ...]  # where each module after the first begins: module paths or fx node names
+    cost: str = "flops"  # what the modules are balanced by
+    tolerance: float = 0.25  # the imbalance the search allowed
+    balance: float | None = None  # max/mean cost of the modules (1.0: perfect)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"cuts": list(self.cuts), "cost": self.cost, "tolerance": self.tolerance, "balance": self.balance}
+
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any]) -> PartitionRecord:
+        """The record of a plan's settings; one line naming the fix when it is missing or malformed."""
+        record = settings.get("partition")
+        if record is None:
+            raise MonomodError("the plan records no partition (it predates recorded cuts)",
+                               "recompile it: monomod convert ... --force")
+        cuts = record.get("cuts") if isinstance(record, dict) else None
+        if not isinstance(cuts, list) or not all(isinstance(c, str) and c for c in cuts):
+            raise MonomodError(f"plan: partition.cuts must be a list of module paths or node names, got "
+                               f"{shorten(repr(cuts))}", "fix the edit, e.g. cuts: [blocks.3, blocks.6]")
+        return cls(cuts=tuple(cuts), cost=record.get("cost", "flops"), tolerance=record.get("tolerance", 0.25),
+                   balance=record.get("balance"))
 
 
 @dataclass
@@ -99,7 +134,7 @@ class Plan:
         hashes: dict[str, str] = {}
         for job in self.jobs:
             job.hash = _digest({
-                "kind": job.kind, "config": _hashed_config(job.config), "settings": _digest(self.settings_of(job.kind)),
+                "kind": job.kind, "config": _hashed_config(job.config), "settings": _digest(_hashed_settings(self.settings_of(job.kind))),
                 "inputs": [hashes[name] for name in job.inputs],
             })
             hashes[job.name] = job.hash
@@ -211,6 +246,13 @@ def _inside_run_dir(path: Any) -> bool:
         return False
     normal = os.path.normpath(path)
     return not (os.path.isabs(path) or normal == "." or normal == ".." or normal.startswith(".." + os.sep))
+
+
+def _hashed_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    record = settings.get("partition")
+    if not isinstance(record, dict):
+        return settings
+    return {**settings, "partition": {k: v for k, v in record.items() if k in HASHED_PARTITION_KEYS}}
 
 
 def _hashed_config(config: dict[str, Any]) -> dict[str, Any]:

@@ -13,7 +13,7 @@ What a run exports (``what``):
     ``student.onnx``, which is what a pipeline-parallel server needs; the stitches only exist for distillation.
     Boundaries are named so that consecutive files fit together: ``images -> tokens_1 -> ... -> logits``.
 ``student``
-    ``student.onnx``: the same student wrapped as ``monomod.runtime.api.DeployedStudent``: it takes **raw images
+    ``student.onnx``: the same student wrapped as ``monomod.api.DeployedStudent``: it takes **raw images
     in [0, 1]** and normalises them itself with the data set's mean/std (recorded in the metadata). We export this
     rather than the bare student because it is what ``monomod.load_student`` returns, and a server then needs no
     knowledge of the training data. ``stage_0.onnx`` takes *normalised* images (its metadata says so).
@@ -47,7 +47,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import nn
 
-from monomod import __version__
+from monomod.version import __version__
 from monomod.errors import MonomodError, first_line, shorten
 
 EXPORT_WHATS: tuple[str, ...] = ("stages", "student", "teacher")
@@ -137,7 +137,7 @@ def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "stude
     """The modules of a finished RUN_DIR to export (see the module docstring for what each kind is); a teacher the
     plan names as Python code is built only with ``trust_code``."""
     from monomod.frontend import check_trusted
-    from monomod.runtime.api import load_run
+    from monomod.api import load_run
 
     if source not in ("finetune", "assemble"):
         raise MonomodError(f"unknown export source {source!r}", "use finetune or assemble")

@@ -4,7 +4,7 @@ This package *is* ``monomod.recipes`` (pyproject maps it onto ``recipes/``, so t
 together; a ``monomod/recipes.py`` module would be shadowed by this package). One schema for every recipe::
 
     description: one line shown by `monomod recipes list`          (required)
-    teacher: vit_huge            # the ConvertOptions fields, same names and meaning (monomod.passes.plan)
+    teacher: vit_huge            # the convert options, same names and meaning (monomod.compiler.options.OPTIONS)
     student: nac                 # teacher, student and modules are required
     modules: 10
     data: imagefolder:data/tiny-imagenet-200
@@ -16,20 +16,22 @@ together; a ``monomod/recipes.py`` module would be shadowed by this package). On
       finetune: {epochs: 400}
     data_info: {num_classes: 200, train_size: 100000}   # optional: lets --dry-run plan without the data folder
 
-Every key and value is checked when the recipe is loaded; a bad one raises a one-line ``MonomodError`` naming the
+``SCHEMA`` is the option spec itself (``monomod.compiler.options.SPEC``): the flags of ``monomod convert``, the recipe
+keys and their checks come from one table. Every key and value is checked when the recipe is loaded; a bad one raises a one-line ``MonomodError`` naming the
 file, the key and what is allowed. ``--set key=value`` overrides (values parsed as YAML, dotted keys reach into
 mappings: ``--set budgets.m2mkd.epochs=1``) go through the same checks.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
+from monomod.compiler.options import REQUIRED as OPTION_REQUIRED
+from monomod.compiler.options import SPEC, convert_options, validate
 from monomod.errors import MonomodError, shorten
 
 RECIPE_DIR = Path(__file__).resolve().parent
@@ -44,10 +46,6 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
-
-_PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
-               "vit": ("monomod.students.vit", "VIT_PRESETS")}
-
 
 @dataclass(frozen=True)
 class Recipe:
@@ -67,129 +65,25 @@ class Recipe:
 
 # --------------------------------------------------------------------------------------------------- the schema
 
-
-def _is_int(v: Any, minimum: int = 1) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and v >= minimum
-
-
-def _is_num(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _data_spec(v: Any) -> bool:
-    return isinstance(v, str) and (v in ("digits", "synthetic") or (v.startswith("imagefolder:") and len(v) > 12))
-
-
-def _ood_spec(v: Any) -> bool:
-    return v is None or v in ("auto", "none") or (isinstance(v, str) and v.startswith("imagefolder:") and len(v) > 12)
-
-
-def _choice(*allowed: Any) -> tuple[Callable[[Any], bool], str]:
-    return (lambda v: v in allowed), "one of " + ", ".join("null" if a is None else str(a) for a in allowed)
-
-
-# key -> (check, what is allowed). Keys are ConvertOptions fields, plus description, budgets and data_info.
-SCHEMA: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "description": (lambda v: isinstance(v, str) and v.strip() != "" and "\n" not in v.strip(), "a one-line string"),
-    "teacher": (lambda v: isinstance(v, str) and v != "", "a model name (timm name, alias or pkg.mod:factory)"),
-    "student": _choice("nac", "moe", "vit"),
-    "modules": (lambda v: _is_int(v, 2), "an integer >= 2"),
-    "data": (_data_spec, "digits, synthetic or imagefolder:PATH"),
-    "ood": (_ood_spec, "auto, none, null or imagefolder:PATH"),
-    "preset": _choice("demo", "paper"),
-    "meta": _choice("trained", "teacher"),
-    "meta_width": (lambda v: v is None or _is_int(v), "a positive integer or null"),
-    "img_size": (lambda v: v is None or _is_int(v), "a positive integer or null"),
-    "in_chans": (lambda v: v is None or _is_int(v), "a positive integer or null"),
-    "weights": (lambda v: v is None or (isinstance(v, str) and v != ""), "a path to .safetensors/.pth, or null"),
-    "pretrained": (lambda v: isinstance(v, bool), "true or false"),
-    "teacher_trained": (lambda v: isinstance(v, bool), "true or false"),
-    "teacher_training": _choice(None, "incubate", "end-to-end", "none"),
-    "distill_targets": _choice("incubated", "finetuned"),
-    "distill_data": (lambda v: v is None or _data_spec(v), "null, digits, synthetic or imagefolder:PATH"),
-    "student_preset": (lambda v: v is None or isinstance(v, str), "a preset of the student family, or null"),
-    "student_overrides": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
-                          "a mapping of student config fields"),
-    "stitch": _choice(None, "linear", "ln_linear"),
-    "keep_stitches": (lambda v: isinstance(v, bool), "true or false"),
-    "upcycle": (lambda v: isinstance(v, bool), "true or false"),
-    "alpha": (lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]"),
-    "tau": (lambda v: _is_num(v) and v > 0, "a number > 0"),
-    "kd": _choice("soft", "hard"),
-    "kl_norm": _choice(None, "batchmean", "reference"),
-    "feature_loss": (lambda v: _is_num(v) and v >= 0, "a number >= 0"),
-    "seed": (lambda v: _is_int(v, 0) and v < 2**63 - 1000, "an integer >= 0 (below 2**63)"),
-    "checkpoint_every": (lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
-    "checkpoint_minutes": (lambda v: _is_num(v) and 0 <= v < float("inf"), "a number >= 0 (minutes; 0 = by steps only)"),
-    "budgets": (lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
-    "loader_workers": (lambda v: v is None or _is_int(v, 0), "an integer >= 0 (data-loader workers per job) or null"),
-    "data_info": (lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}
-                  and all(_is_int(x) for x in v.values()), "a mapping with num_classes and train_size (integers)"),
-}
-REQUIRED = ("description", "teacher", "student", "modules")
+REQUIRED = ("description", *OPTION_REQUIRED)
 
 
 def check(values: Any, source: str, *, partial: bool = False) -> dict[str, Any]:
-    """Check recipe ``values`` (from ``source``, a file name or ``--set``); returns them unchanged.
-
-    ``partial`` skips the required-key check (for ``--set`` overrides, checked again once merged).
-    """
-    from monomod.passes.plan import BUDGET_KEYS, BUDGET_KINDS
-
+    """Check recipe ``values`` (from ``source``, a file name or ``--set``) against the option spec; returns them
+    unchanged. ``partial`` checks each value alone (for ``--set`` overrides, checked again once merged)."""
     if not isinstance(values, dict):
         raise MonomodError(f"{source}: a recipe is a YAML mapping of keys to values", "see `monomod recipes show`")
-    for key, value in values.items():
-        if key not in SCHEMA:
-            raise MonomodError(f"{source}: unknown key {key!r}", f"allowed keys: {', '.join(SCHEMA)}")
-        ok, allowed = SCHEMA[key]
-        if not ok(value):
-            raise MonomodError(f"{source}: {key}: {shorten(repr(value))} is not allowed", f"use {allowed}")
-    for kind, override in (values.get("budgets") or {}).items():
-        if kind not in BUDGET_KINDS:
-            raise MonomodError(f"{source}: budgets.{kind}: unknown job kind", f"use {', '.join(BUDGET_KINDS)}")
-        if not isinstance(override, dict):
-            raise MonomodError(f"{source}: budgets.{kind}: {override!r} is not a mapping",
-                               f"give a mapping of {', '.join(BUDGET_KEYS)}")
-        for key in override:
-            if key not in BUDGET_KEYS:
-                raise MonomodError(f"{source}: budgets.{kind}.{key}: unknown key", f"use {', '.join(BUDGET_KEYS)}")
     if not partial:
         missing = [k for k in REQUIRED if k not in values]
         if missing:
             raise MonomodError(f"{source}: missing key(s) {', '.join(missing)}", f"every recipe sets {', '.join(REQUIRED)}")
-        _check_student_preset(values, source)
-        try:  # the plan pass's own checks (budget values, modules per family, ...), under this file's name
-            from monomod.passes.plan import validate_options
-
-            validate_options(to_convert_options(values))
-        except MonomodError as e:
-            raise MonomodError(f"{source}: {e.problem}", e.fix) from None
+    validate(values, source, partial=partial)
     return values
 
 
-def _check_student_preset(values: dict[str, Any], source: str) -> None:
-    import importlib
-
-    preset = values.get("student_preset")
-    if preset is None:
-        return
-    module, attr = _PRESETS_OF[values["student"]]
-    presets = getattr(importlib.import_module(module), attr)
-    if preset not in presets:
-        raise MonomodError(f"{source}: student_preset: {preset!r} is not a {values['student']} preset",
-                           f"use one of {', '.join(sorted(presets))}")
-
-
 def to_convert_options(values: dict[str, Any]):
-    from monomod.passes.plan import ConvertOptions
-
-    fields = {f.name for f in dataclasses.fields(ConvertOptions)}
-    kwargs = {k: v for k, v in values.items() if k in fields}
-    if kwargs.get("ood") == "none":
-        kwargs["ood"] = None
-    kwargs["budgets"] = {k: dict(v) for k, v in (kwargs.get("budgets") or {}).items()}
-    kwargs["student_overrides"] = dict(kwargs.get("student_overrides") or {})
-    return ConvertOptions(**kwargs)
+    """The ConvertOptions of recipe values (checked): the keys that are options, ``ood: none`` as no OOD split."""
+    return convert_options(values)
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -245,6 +139,8 @@ def parse_sets(assignments: list[str] | tuple[str, ...], base: dict[str, Any] | 
         target[leaf] = value
     return values
 
+
+SCHEMA = SPEC  # recipe key -> its Option (what it allows, in words: ``SCHEMA[key].allowed``)
 
 __all__ = ["REQUIRED", "RECIPE_DIR", "Recipe", "SCHEMA", "check", "list_recipes", "load_recipe", "parse_sets",
            "recipe_names", "to_convert_options"]

@@ -408,7 +408,7 @@ def test_imagefolder_convert_end_to_end(tmp_path):
     """The digits as PNG files in train/, val/ and a rotated OOD folder, through `monomod convert` at tiny budgets."""
     from sklearn.datasets import load_digits
 
-    from monomod.runtime.api import convert
+    from monomod.api import convert
 
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):

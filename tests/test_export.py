@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from monomod.cli import cli
 from monomod.passes import export as ex
-from monomod.runtime.api import load_run
+from monomod.api import load_run
 from monomod.runtime.execute import execute, prepare_run_dir
 from test_runtime import tiny_plan
 

@@ -8,9 +8,11 @@ from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
 import monomod
-from monomod.passes.plan import ConvertOptions, DataInfo, compile_plan
+from monomod.compiler import ConvertOptions
+from monomod.passes.schedule import DataInfo
+from plan_helpers import compile_plan
 from monomod.report import module_warnings
-from monomod.runtime.api import compile_options
+from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.jobs import RunContext, measure_hybrids
 from monomod.runtime.losses import m2mkd_loss

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 import monomod
-from monomod.passes.plan import ConvertOptions, DataInfo, compile_plan
+from monomod.compiler import ConvertOptions
+from monomod.passes.schedule import DataInfo
+from plan_helpers import compile_plan
 from monomod.plan import Job, Plan
 from monomod.runtime.losses import m2mkd_loss
 

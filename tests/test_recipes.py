@@ -7,7 +7,9 @@ from click.testing import CliRunner
 
 import monomod
 from monomod.cli import cli
-from monomod.passes.plan import ConvertOptions, DataInfo, compile_plan
+from monomod.compiler import ConvertOptions
+from monomod.passes.schedule import DataInfo
+from plan_helpers import compile_plan
 from monomod.recipes import load_recipe, parse_sets, recipe_names
 
 SHIPPED = ["demo-moe-digits", "demo-nac-digits", "paper-nac-tinyimagenet", "paper-vmoe-imagenet", "vit_base-nac8"]

@@ -20,11 +20,13 @@ from torch import nn
 
 from monomod.cli import cli
 from monomod.errors import MonomodError
-from monomod.passes.plan import ConvertOptions
+from monomod.compiler import ConvertOptions
 from monomod.plan import Plan
-from monomod.runtime.api import compile_options, load_student, set_checkpointing
+from monomod.api import load_student
+from monomod.compiler import compile_options, set_checkpointing
 from monomod.runtime.execute import execute, prepare_run_dir
-from monomod.runtime.jobs import RunContext, done_problem, is_done
+from monomod.rundir import RunDir
+from monomod.runtime.jobs import RunContext
 from monomod.runtime.lock import LOCK_FILE, run_dir_lock
 from monomod.runtime.train import TrainConfig, train
 
@@ -131,7 +133,7 @@ def test_code_named_by_a_plan_file_runs_only_with_trust_code(plan_dict, tmp_path
     _write_plan(run_dir, data)
     line = _one_line_error(_cli("run", run_dir))
     assert "plan.yaml names Python code as its teacher ('os:system')" in line and "--trust-code" in line
-    from monomod.runtime.api import run
+    from monomod.api import run
 
     with pytest.raises(MonomodError, match="trust_code=True"):
         run(run_dir)
@@ -224,8 +226,8 @@ def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan
     product = run_dir / "jobs/teacher/model.safetensors"
     assert record["products"]["jobs/teacher/model.safetensors"]["size"] == product.stat().st_size
     product.write_bytes(product.read_bytes()[:1000])  # truncated
-    assert not is_done(run_dir, plan.job("teacher"))
-    assert "model.safetensors has 1000 bytes" in done_problem(run_dir, plan.job("teacher"))
+    assert not RunDir(run_dir).is_done(plan.job("teacher"))
+    assert "model.safetensors has 1000 bytes" in RunDir(run_dir).done_problem(plan.job("teacher"))
     with pytest.raises(MonomodError, match="teacher/model.safetensors has 1000 bytes"):
         RunContext(run_dir=run_dir, plan=plan).product("teacher")
     shown = _cli("plan", "show", run_dir, "--format", "json")
@@ -233,7 +235,7 @@ def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan
     assert teacher["done"] is False and "model.safetensors" in teacher["problem"]
     statuses = execute(plan, run_dir, only=["teacher", "meta", "m2mkd:0"])
     assert [(s.name, s.state) for s in statuses] == [("teacher", "done"), ("meta", "cached"), ("m2mkd:0", "done")]
-    assert is_done(run_dir, plan.job("teacher"))
+    assert RunDir(run_dir).is_done(plan.job("teacher"))
 
 
 def test_load_student_names_a_corrupt_product(plan_dict, tmp_path):

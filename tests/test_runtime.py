@@ -13,9 +13,10 @@ from safetensors.torch import load_file
 
 import monomod
 from monomod.cli import cli
-from monomod.passes.plan import ConvertOptions
+from monomod.compiler import ConvertOptions
 from monomod.plan import Plan
-from monomod.runtime.api import compile_options, load_run, load_student
+from monomod.api import load_run, load_student
+from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.jobs import RunContext
 

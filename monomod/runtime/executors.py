@@ -170,7 +170,7 @@ class LocalExecutor:
         if not self.queue:
             return []
         job = self.queue.pop(0)
-        log = log_path(self.run_dir, job.dir)
+        log = RunDir(self.run_dir).log(job)
         if is_writer():
             _append(log, f"[{_stamp()}] {job.name}: started in pid {os.getpid()} (local executor)\n")
         try:

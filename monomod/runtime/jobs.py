@@ -115,12 +115,11 @@ class RunContext:
         return self._cache["teacher"]
 
     def partition(self, device: str = "meta") -> Partition:
-        """The teacher's partition. Traced on the meta device by default: shapes and costs need no weights."""
+        """The teacher's partition, replayed from the cuts the plan records (never searched again). Traced on the
+        meta device by default: shapes and costs need no weights."""
         key = f"partition-{device}"
         if key not in self._cache:
             from monomod.frontend import load_model
-            from monomod.passes.partition import partition
-            from monomod.passes.trace import trace
 
             s = self.settings
             if device == "meta":
@@ -128,9 +127,21 @@ class RunContext:
                                    num_classes=self.distill_classes, **s.get("teacher_kwargs", {}))
             else:
                 model = self.teacher()
-            example = torch.zeros(1, s["in_chans"], s["img_size"], s["img_size"], device=device)
-            self._cache[key] = partition(trace(model, example, name=s["teacher"]), s["modules"])
+            self._cache[key] = self._replay_cuts(model, device)
         return self._cache[key]
+
+    def _replay_cuts(self, model: nn.Module, device: str) -> Partition:
+        """``model`` traced on the run's input and cut where the plan's recorded partition cuts it."""
+        from monomod.frontend import example_input
+        from monomod.passes.partition import partition
+        from monomod.passes.trace import trace
+        from monomod.plan import PartitionRecord
+
+        s = self.settings
+        record = PartitionRecord.from_settings(s)
+        example = example_input(s["in_chans"], s["img_size"], device=device)
+        return partition(trace(model, example, name=s["teacher"]), s["modules"], cost=record.cost,
+                         cuts=record.cuts)
 
     def teacher_module(self, i: int, source: str = "teacher") -> nn.Module:
         """Teacher module i, frozen, with only its own weights read from job ``source``'s product (the teacher, or
@@ -158,13 +169,7 @@ class RunContext:
         from monomod.passes.extract import extract
 
         if self._has_computed_buffers():
-            from monomod.frontend import example_input
-            from monomod.passes.partition import partition
-            from monomod.passes.trace import trace
-
-            s = self.settings
-            example = example_input(s["in_chans"], s["img_size"])
-            return extract(partition(trace(model, example, name=s["teacher"]), s["modules"]))[i]
+            return extract(self._replay_cuts(model, "cpu"))[i]
         module = self._empty_module(i)
         weights = model.state_dict()
         module.load_state_dict({key: weights[key] for key in module.state_dict()})

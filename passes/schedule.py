@@ -1,4 +1,5 @@
-"""Plan pass: conversion options -> the Plan (a DAG of jobs) that carries out m2mKD end to end.
+"""Schedule pass: conversion options, data facts and the recorded partition -> the Plan (a DAG of jobs) that
+carries out m2mKD end to end. Pure: it runs nothing and checks nothing (``monomod.compiler`` validates first).
 
 With ``teacher_training="incubate"`` (the default when monomod trains the teacher) the teacher comes out of
 Deep Incubation, in the same meta model that m2mKD then uses (METHOD.md):
@@ -17,59 +18,18 @@ m2mKD jobs (and the teacher) train on ``distill_data``; fine-tune, baseline and 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from monomod import __version__
-from monomod.errors import MonomodError, shorten
-from monomod.plan import DISTILL_KINDS, Job, Plan
+from monomod.plan import DISTILL_KINDS, Job, PartitionRecord, Plan
+from monomod.version import __version__
 
-STUDENT_KINDS = ("nac", "moe", "vit")
 META_KINDS = ("trained", "teacher")
 PRESETS = ("demo", "paper")
 TEACHER_TRAININGS = ("incubate", "end-to-end", "none")
 DISTILL_TARGETS = ("finetuned", "incubated")
 # Stitch layers as the references use them: NAC plain Linear, V-MoE LayerNorm + Linear.
 DEFAULT_STITCH = {"nac": "linear", "moe": "ln_linear", "vit": "linear"}
-
-
-@dataclass
-class ConvertOptions:
-    """Everything `monomod convert` is asked for; `compile_plan` turns it into jobs."""
-
-    teacher: str
-    student: str
-    modules: int
-    data: str = "digits"
-    ood: str | None = "auto"
-    preset: str = "demo"
-    meta: str = "trained"
-    img_size: int | None = None
-    in_chans: int | None = None
-    weights: str | None = None
-    pretrained: bool = False
-    teacher_trained: bool = False  # the teacher already knows this data: same as teacher_training="none"
-    teacher_training: str | None = None  # incubate | end-to-end | none (default: see resolve_teacher_training)
-    distill_targets: str = "incubated"  # under incubation: which teacher modules m2mKD distils (finetuned | incubated)
-    distill_data: str | None = None  # data of the teacher, meta, incubate and m2mKD jobs (default: data)
-    student_preset: str | None = None
-    student_overrides: dict[str, Any] = field(default_factory=dict)
-    stitch: str | None = None
-    keep_stitches: bool = False
-    upcycle: bool = False
-    alpha: float = 0.5
-    tau: float = 1.0
-    kd: str = "soft"
-    kl_norm: str | None = None  # batchmean | reference (default: the preset's)
-    feature_loss: float = 0.0
-    seed: int = 0
-    meta_width: int | None = None  # width of the trained meta model (default: the teacher's boundary width)
-    budgets: dict[str, dict[str, Any]] = field(default_factory=dict)  # per job kind, over the preset's (BUDGET_KEYS)
-    # How often training jobs checkpoint (how a job runs, not what it computes: kept out of job hashes)
-    checkpoint_every: int = 0  # steps; 0 = by time only
-    checkpoint_minutes: float = 10.0  # wall-clock minutes; 0 = by steps only
-    loader_workers: int | None = None  # data-loader workers per job (None: the job's cores, at most 8); how fast, not
-    # what is computed, so it never enters the plan or a job hash: the executor hands it to the jobs at run time
 
 
 @dataclass(frozen=True)
@@ -113,21 +73,22 @@ BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_
 AUGMENT_KEYS = ("auto_augment", "color_jitter", "reprob")  # the loader's (monomod.data.Augment), every job kind
 
 
-def resolve_teacher_training(o: ConvertOptions) -> str:
+def resolve_teacher_training(teacher_training: str | None, teacher_trained: bool, meta: str) -> str:
     """incubate where monomod trains the teacher and has a meta model to incubate it in; none for a teacher that
     already knows the data (``teacher_trained``); end-to-end with the teacher as its own meta model."""
-    if o.teacher_training is not None:
-        return o.teacher_training
-    if o.teacher_trained:
+    if teacher_training is not None:
+        return teacher_training
+    if teacher_trained:
         return "none"
-    return "incubate" if o.meta == "trained" else "end-to-end"
+    return "incubate" if meta == "trained" else "end-to-end"
 
 
-def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
-    """Check the options and lay out the jobs. Pure: the same options and data give the same plan."""
-    validate_options(options)
+def schedule(options: Any, data: DataInfo, partition: PartitionRecord) -> Plan:
+    """Lay out the jobs of ``options`` (a validated ``monomod.compiler.ConvertOptions``). Pure: the same options,
+    data facts and partition give the same plan. The partition is recorded in the plan's settings: jobs replay its
+    cuts, and the jobs that use the teacher's modules hash them (``monomod.plan.SETTINGS_SCOPE``)."""
     budget = PRESET_BUDGETS[options.preset]
-    training = resolve_teacher_training(options)
+    training = resolve_teacher_training(options.teacher_training, options.teacher_trained, options.meta)
     distill_classes = data.distill_num_classes or data.num_classes
     settings = {
         "teacher": options.teacher, "weights": options.weights, "pretrained": options.pretrained,
@@ -136,7 +97,7 @@ def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
         "distill_data": options.distill_data or options.data, "distill_num_classes": distill_classes,
         "img_size": options.img_size or budget["img_size"], "in_chans": options.in_chans or data.in_chans,
         "num_classes": data.num_classes, "meta": options.meta, "preset": options.preset, "seed": options.seed,
-        "teacher_training": training,
+        "teacher_training": training, "partition": partition.to_dict(),
         "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
     }
     train = _budget_maker(options, data)
@@ -155,7 +116,7 @@ def compile_plan(options: ConvertOptions, data: DataInfo) -> Plan:
     return Plan(settings=settings, jobs=jobs)
 
 
-def _teacher_jobs(o: ConvertOptions, training: str, train: Callable[[str, int], dict[str, Any]]) -> list[Job]:
+def _teacher_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any]]) -> list[Job]:
     """The teacher, the meta model and, under Deep Incubation, one incubate job per module."""
     meta = [Job("meta", "meta", [], ["jobs/meta/model.safetensors"], {"train": train("meta", 2), "width": o.meta_width})]
     if o.meta == "teacher":
@@ -173,7 +134,7 @@ def _teacher_jobs(o: ConvertOptions, training: str, train: Callable[[str, int], 
     return [teacher, *meta]
 
 
-def _m2mkd_jobs(o: ConvertOptions, training: str, train: Callable[[str, int], dict[str, Any]]) -> list[Job]:
+def _m2mkd_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any]]) -> list[Job]:
     """One m2mKD job per module; its target is the fine-tuned teacher's module i or incubated module i."""
     incubated = o.meta == "trained" and (training == "none" or (training == "incubate" and o.distill_targets == "incubated"))
     context = [] if o.meta == "teacher" else ["meta"]
@@ -191,7 +152,7 @@ def _m2mkd_jobs(o: ConvertOptions, training: str, train: Callable[[str, int], di
     return jobs
 
 
-def _budget_maker(o: ConvertOptions, data: DataInfo) -> Callable[[str, int], dict[str, Any]]:
+def _budget_maker(o: Any, data: DataInfo) -> Callable[[str, int], dict[str, Any]]:
     """``train(kind, seed_offset)``: the training config of a job kind, from the preset and ``o.budgets``."""
     budget = PRESET_BUDGETS[o.preset]
 
@@ -226,82 +187,3 @@ def _budget_maker(o: ConvertOptions, data: DataInfo) -> Callable[[str, int], dic
         return config
 
     return train
-
-
-def validate_options(o: ConvertOptions) -> None:
-    if o.student not in STUDENT_KINDS:
-        raise MonomodError(f"unknown student --to {o.student!r}", f"use one of {', '.join(STUDENT_KINDS)}")
-    minimum = 3 if o.student == "nac" else 2
-    if not isinstance(o.modules, int) or o.modules < 1:
-        raise MonomodError(f"--modules must be at least 1, got {shorten(repr(o.modules))}",
-                           f"a {o.student} student needs --modules {minimum} or more")
-    if o.modules < minimum:
-        detail = "tokenizer+read-in, >=1 propagator, read-out" if o.student == "nac" else "a first and a last stage"
-        raise MonomodError(f"a {o.student} student needs at least {minimum} modules ({detail}); got K={o.modules}",
-                           f"pass --modules {minimum} or more")
-    if o.meta not in META_KINDS:
-        raise MonomodError(f"unknown --meta {o.meta!r}", f"use one of {', '.join(META_KINDS)}")
-    if o.preset not in PRESETS:
-        raise MonomodError(f"unknown --preset {o.preset!r}", f"use one of {', '.join(PRESETS)}")
-    if o.kd not in ("soft", "hard"):
-        raise MonomodError(f"unknown distillation target {o.kd!r}", "use soft or hard")
-    _validate_teacher_training(o)
-    if o.kl_norm not in (None, "batchmean", "reference"):
-        raise MonomodError(f"unknown KL normalisation {o.kl_norm!r}", "use batchmean or reference")
-    if not 0.0 <= o.alpha <= 1.0 or o.tau <= 0:
-        raise MonomodError(f"alpha={o.alpha}, tau={o.tau} are out of range", "use 0 <= alpha <= 1 and tau > 0")
-    if o.upcycle and o.student != "moe":
-        raise MonomodError(f"--upcycle initialises MoE experts; a {o.student} student has none", "drop --upcycle or use --to moe")
-    if o.feature_loss and o.student == "nac":
-        raise MonomodError("--feature-loss needs the student's boundaries to carry the teacher's tokens; a NAC's carry "
-                           "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")
-    if o.feature_loss < 0:
-        raise MonomodError(f"--feature-loss must be 0 or more, got {o.feature_loss}", "pass a weight >= 0")
-    if o.stitch not in (None, "linear", "ln_linear"):
-        raise MonomodError(f"unknown --stitch {o.stitch!r}", "use linear or ln_linear")
-    if o.loader_workers is not None and (not isinstance(o.loader_workers, int) or o.loader_workers < 0):
-        raise MonomodError(f"loader_workers={o.loader_workers!r} is invalid", "give 0 (load in the job's process) or more")
-    if o.meta_width is not None and (not isinstance(o.meta_width, int) or o.meta_width < 1 or o.meta == "teacher"):
-        raise MonomodError(f"meta_width={o.meta_width!r} is invalid here", "give a positive integer, with meta=trained")
-    for kind, override in (o.budgets or {}).items():
-        if kind not in BUDGET_KINDS:
-            raise MonomodError(f"budgets has an unknown job kind {kind!r}", f"use {', '.join(BUDGET_KINDS)}")
-        unknown = sorted(set(override) - set(BUDGET_KEYS)) if isinstance(override, dict) else ["(not a mapping)"]
-        if unknown:
-            raise MonomodError(f"budgets.{kind} has unknown key(s) {', '.join(unknown)}", f"use {', '.join(BUDGET_KEYS)}")
-        for pair in (("steps", "epochs"), ("warmup_steps", "warmup_epochs")):
-            if all(key in override for key in pair):
-                raise MonomodError(f"budgets.{kind} gives both {pair[0]} and {pair[1]}", "keep one of them")
-        for key, value in override.items():
-            if key in ("steps", "epochs", "warmup_steps", "warmup_epochs", "batch_size"):
-                good = isinstance(value, int) and not isinstance(value, bool) and value >= (0 if "warmup" in key else 1)
-            elif key == "grad_clip":
-                good = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0)
-            elif key == "auto_augment":
-                good = value is None or (isinstance(value, str) and value != "")
-            else:
-                good = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < math.inf
-            if not good:
-                raise MonomodError(f"budgets.{kind}.{key}={shorten(repr(value))} is invalid",
-                                   "give a finite non-negative number (an integer >= 1 for steps, epochs and batch_size)")
-
-
-def _validate_teacher_training(o: ConvertOptions) -> None:
-    if o.teacher_training not in (None, *TEACHER_TRAININGS):
-        raise MonomodError(f"unknown --teacher-training {o.teacher_training!r}", f"use one of {', '.join(TEACHER_TRAININGS)}")
-    if o.distill_targets not in DISTILL_TARGETS:
-        raise MonomodError(f"unknown distill_targets {o.distill_targets!r}", f"use one of {', '.join(DISTILL_TARGETS)}")
-    training = resolve_teacher_training(o)
-    if o.teacher_trained and training != "none":
-        raise MonomodError(f"--teacher-trained says the teacher needs no training, but --teacher-training is {training}",
-                           "drop --teacher-trained, or use --teacher-training none")
-    if training == "incubate" and o.meta == "teacher":
-        raise MonomodError("Deep Incubation trains the teacher's modules inside a trained meta model, but --meta is teacher",
-                           "use --meta trained, or --teacher-training end-to-end|none")
-    if training == "none" and not (o.weights or o.pretrained or o.teacher_trained):
-        raise MonomodError("--teacher-training none keeps the teacher as it is, but no trained weights are given",
-                           "pass --weights FILE or --pretrained, or use --teacher-training incubate")
-
-
-def options_to_dict(options: ConvertOptions) -> dict[str, Any]:
-    return asdict(options)

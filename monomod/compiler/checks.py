@@ -14,20 +14,9 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError, first_line, shorten
+from monomod.ir import TracedModel
 
-MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def check_scalars(options: Any) -> None:
-    """Sizes, seed and checkpoint settings that the plan pass takes on trust."""
-    for flag, value in (("--img-size", options.img_size), ("--in-chans", options.in_chans)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-            raise MonomodError(f"{flag} must be at least 1, got {shorten(repr(value))}", f"pass {flag} 1 or more")
-    if not isinstance(options.seed, int) or not 0 <= options.seed <= MAX_SEED:
-        raise MonomodError(f"--seed must be an integer in [0, {MAX_SEED}], got {shorten(repr(options.seed))}",
-                           "pass a smaller seed, e.g. --seed 0")
-    check_checkpointing(getattr(options, "checkpoint_every", 0), getattr(options, "checkpoint_minutes", None))
 
 
 def check_checkpointing(every: Any, minutes: Any) -> None:
@@ -40,18 +29,20 @@ def check_checkpointing(every: Any, minutes: Any) -> None:
                            "pass 0 (by steps only) or e.g. 10")
 
 
-def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: int, in_chans: int) -> None:
+def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: int, in_chans: int) -> TracedModel:
     """Trace the (meta) teacher on the run's input: an image size or channel count it cannot take, or more modules
-    than it has places to cut, fail here in one line."""
+    than it has places to cut, fail here in one line. Returns the trace, for the partition pass."""
+    from monomod.frontend import example_input
     from monomod.passes.partition import max_modules
     from monomod.passes.trace import trace
 
-    example = torch.zeros(1, in_chans, img_size, img_size, device="meta")
+    example = example_input(in_chans, img_size, device="meta")
     traced = trace(teacher, example, name=name)
     limit = max_modules(traced)
     if modules > limit:
         raise MonomodError(f"--modules {shorten(str(modules))} is more than {name} can be cut into ({limit} at most)",
                            f"pass --modules {limit} or fewer")
+    return traced
 
 
 def check_student_builds(options: Any, num_classes: int) -> None:

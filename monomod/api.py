@@ -1,0 +1,113 @@
+"""The user-facing entry points: convert (compile the options with ``monomod.compiler``, then execute), run a
+RUN_DIR, and read a finished run and its student back."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monomod.errors import MonomodError
+from monomod.plan import Plan
+from monomod.rundir import RunDir
+from monomod.runtime.jobs import RunContext
+
+
+def convert(teacher: str, *, to: str, modules: int | None = None, out: str | Path, force: bool = False,
+            reuse: list[str | Path] | None = None, **options: Any) -> "Run":
+    """Compile and execute a whole m2mKD conversion, like ``monomod convert``; returns the finished Run.
+
+    ``options`` are the fields of ``monomod.compiler.ConvertOptions``, one per convert option (data, preset, meta,
+    alpha, cuts, cost, tolerance, checkpoint_every, ...); ``reuse`` lists earlier RUN_DIRs whose finished jobs with the same
+    hash are copied instead of run again. ``teacher`` is the caller's own choice, so a factory runs without asking.
+    """
+    from monomod.compiler import compile_options, convert_options
+    from monomod.runtime.execute import check_reuse_sources, execute, prepare_run_dir, reuse_finished
+    from monomod.runtime.lock import run_dir_lock
+
+    check_reuse_sources(list(reuse or []))
+    converted = convert_options(dict(options, teacher=teacher, student=to, modules=modules))
+    plan = compile_options(converted)
+    with run_dir_lock(out):
+        run_dir = prepare_run_dir(plan, out, force=force)
+        if reuse:
+            reuse_finished(plan, run_dir, list(reuse))
+        execute(plan, run_dir, loader_workers=converted.loader_workers)
+    return load_run(run_dir)
+
+
+def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int | None = None,
+        checkpoint_minutes: float | None = None, **execute_options: Any) -> "Run":
+    """Execute (or resume) RUN_DIR's plan, like ``monomod run``. A teacher the plan file names as Python code
+    (``pkg.module:factory``) runs only with ``trust_code=True``."""
+    from monomod.compiler import set_checkpointing
+    from monomod.frontend import check_trusted
+    from monomod.runtime.execute import execute
+    from monomod.runtime.lock import run_dir_lock
+
+    path = Path(run_dir)
+    plan = Plan.load(path)
+    check_trusted(plan.settings, str(RunDir(path).plan_file), trust_code)
+    with run_dir_lock(path):
+        if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
+            plan.save(path)  # workers read the plan from RUN_DIR; the hashes stay the same
+        execute(plan, path, **execute_options)
+    return Run(path=path, plan=plan, trust_code=trust_code)
+
+
+class DeployedStudent(nn.Module):
+    """A trained student that takes raw images in [0, 1], shaped ``(B, *input_size)``, and normalises them itself."""
+
+    def __init__(self, student: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], input_size: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.student = student
+        self.input_size = input_size
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student((images - self.mean) / self.std)
+
+
+@dataclass
+class Run:
+    """A RUN_DIR: its plan, which jobs are finished, and the report once there is one."""
+
+    path: Path
+    plan: Plan
+    trust_code: bool = False  # whether a teacher the plan names as code may be built (see frontend.check_trusted)
+
+    @property
+    def report(self) -> dict[str, Any] | None:
+        return RunDir(self.path).report()
+
+    def status(self) -> dict[str, bool]:
+        return {job.name: RunDir(self.path).is_done(job) for job in self.plan.jobs}
+
+    def student(self, which: str = "finetune") -> DeployedStudent:
+        """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
+        from monomod.frontend import check_trusted
+
+        if which != "baseline" and self.plan.job("assemble").config.get("keep_stitches"):
+            check_trusted(self.plan.settings, str(RunDir(self.path).plan_file), self.trust_code)  # stitches trace it
+        problem = RunDir(self.path).done_problem(self.plan.job(which))
+        if problem is not None:
+            raise MonomodError(f"job {which!r} of {str(self.path)!r}: {problem}", f"run it first: monomod run {self.path}")
+        ctx = RunContext(run_dir=self.path, plan=self.plan)
+        model = ctx.new_student(self.plan.settings["seed"]) if which == "baseline" else ctx.assembled_student()
+        model.load_state_dict(ctx.product(which))
+        s = self.plan.settings
+        data = ctx.data
+        return DeployedStudent(model, data.mean, data.std, (s["in_chans"], s["img_size"], s["img_size"])).eval()
+
+
+def load_run(run_dir: str | Path, *, trust_code: bool = False) -> Run:
+    path = Path(run_dir)
+    return Run(path=path, plan=Plan.load(path), trust_code=trust_code)
+
+
+def load_student(run_dir: str | Path, *, trust_code: bool = False) -> DeployedStudent:
+    """The run's fine-tuned student, ready for raw [0, 1] images of shape ``(B, *student.input_size)``."""
+    return load_run(run_dir, trust_code=trust_code).student()
