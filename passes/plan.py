@@ -179,7 +179,7 @@ def _m2mkd_jobs(o: ConvertOptions, training: str, train: Callable[[str, int], di
     context = [] if o.meta == "teacher" else ["meta"]
     loss = {"alpha": o.alpha, "tau": o.tau, "kd": o.kd, "kl_norm": o.kl_norm or PRESET_BUDGETS[o.preset]["kl_norm"],
             "feature_loss": o.feature_loss}
-    stitch = o.stitch or DEFAULT_STITCH[o.student]
+    stitch = o.stitch or DEFAULT_STITCH.get(o.student, "linear")
     jobs = []
     for i in range(o.modules):
         target = f"incubate:{i}" if incubated else "teacher"
@@ -229,8 +229,9 @@ def _budget_maker(o: ConvertOptions, data: DataInfo) -> Callable[[str, int], dic
 
 
 def validate_options(o: ConvertOptions) -> None:
-    if o.student not in STUDENT_KINDS:
-        raise MonomodError(f"unknown student --to {o.student!r}", f"use one of {', '.join(STUDENT_KINDS)}")
+    from monomod.students.custom import check_student_kind  # families, timm names, pkg.module:factory
+
+    check_student_kind(o.student)
     minimum = 3 if o.student == "nac" else 2
     if not isinstance(o.modules, int) or o.modules < 1:
         raise MonomodError(f"--modules must be at least 1, got {shorten(repr(o.modules))}",

@@ -54,16 +54,17 @@ def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: i
                            f"pass --modules {limit} or fewer")
 
 
-def check_student_builds(options: Any, num_classes: int) -> None:
+def check_student_builds(options: Any, num_classes: int, teacher: nn.Module | None = None) -> None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
-    cannot take fail here, not in the first m2mKD job."""
+    cannot take fail here, not in the first m2mKD job; with the (meta) ``teacher``, so does a boundary that no
+    stitch layer joins to the teacher's."""
     from monomod.students import build_student
 
     try:
         with torch.device("meta"):
-            build_student(options.student, modules=options.modules, num_classes=num_classes,
-                          img_size=options.img_size, in_chans=options.in_chans, preset=options.student_preset,
-                          **options.student_overrides)
+            student = build_student(options.student, modules=options.modules, num_classes=num_classes,
+                                    img_size=options.img_size, in_chans=options.in_chans,
+                                    preset=options.student_preset, **options.student_overrides)
     except MonomodError as e:
         raise MonomodError(f"the {options.student} student: {e.problem}", e.fix or "fix student_overrides") from None
     except (TypeError, ValueError, AssertionError) as e:
@@ -75,6 +76,23 @@ def check_student_builds(options: Any, num_classes: int) -> None:
             return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
         raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
                            "fix the student_overrides, --img-size or --in-chans") from None
+    if teacher is not None:
+        _check_stitches(options, student, teacher)
+
+
+def _check_stitches(options: Any, student: nn.Module, teacher: nn.Module) -> None:
+    """Every boundary of the (meta) student joins the teacher's through a stitch layer, or one line says which."""
+    from monomod.passes.partition import partition
+    from monomod.passes.trace import trace
+    from monomod.students.stitching import boundary_shapes, check_student_stitches
+
+    try:
+        boundary_shapes(student)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return  # a stage that cannot run on the meta device: the first m2mKD job measures it for real
+    example = torch.zeros(1, options.in_chans, options.img_size, options.img_size, device="meta")
+    cut = partition(trace(teacher, example, name=str(options.teacher)), options.modules)
+    check_student_stitches(student, cut)
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
