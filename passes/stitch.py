@@ -60,7 +60,7 @@ def layout(shape: Sequence[int] | None) -> Layout | None:
 
 
 def describe(shape: Sequence[int | str] | None) -> str:
-    return "a value of no known shape" if shape is None else "B×" + "×".join(str(d) for d in shape)
+    return "multi-value" if shape is None else "B×" + "×".join(str(d) for d in shape)
 
 
 def check_stitchable(src: Sequence[int] | None, dst: Sequence[int] | None) -> tuple[Layout, Layout]:

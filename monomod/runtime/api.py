@@ -48,7 +48,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
-    checks.check_student_builds(options, facts[0], probe)
+    checks.check_student_builds(options, facts[0], distill[0] if distill else facts[0])
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
     plan = compile_plan(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],

@@ -54,10 +54,10 @@ def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: i
                            f"pass --modules {limit} or fewer")
 
 
-def check_student_builds(options: Any, num_classes: int, teacher: nn.Module | None = None) -> None:
+def check_student_builds(options: Any, num_classes: int, teacher_classes: int | None = None) -> None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
-    cannot take fail here, not in the first m2mKD job; with the (meta) ``teacher``, so does a boundary that no
-    stitch layer joins to the teacher's."""
+    cannot take fail here, not in the first m2mKD job; given the teacher's class count (that of the distillation
+    data), so does a boundary that no stitch layer joins to the teacher's."""
     from monomod.students import build_student
 
     try:
@@ -76,12 +76,14 @@ def check_student_builds(options: Any, num_classes: int, teacher: nn.Module | No
             return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
         raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
                            "fix the student_overrides, --img-size or --in-chans") from None
-    if teacher is not None:
-        _check_stitches(options, student, teacher)
+    if teacher_classes is not None:
+        _check_stitches(options, student, teacher_classes)
 
 
-def _check_stitches(options: Any, student: nn.Module, teacher: nn.Module) -> None:
-    """Every boundary of the (meta) student joins the teacher's through a stitch layer, or one line says which."""
+def _check_stitches(options: Any, student: nn.Module, num_classes: int) -> None:
+    """Every boundary of the (meta) student joins the teacher's (cut as the run cuts it, with the run's classes)
+    through a stitch layer, or one line says which."""
+    from monomod.frontend import load_model
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
     from monomod.students.stitching import boundary_shapes, check_student_stitches
@@ -90,6 +92,8 @@ def _check_stitches(options: Any, student: nn.Module, teacher: nn.Module) -> Non
         boundary_shapes(student)
     except (RuntimeError, NotImplementedError, TypeError):
         return  # a stage that cannot run on the meta device: the first m2mKD job measures it for real
+    teacher = load_model(options.teacher, device="meta", img_size=options.img_size, in_chans=options.in_chans,
+                         num_classes=num_classes)
     example = torch.zeros(1, options.in_chans, options.img_size, options.img_size, device="meta")
     cut = partition(trace(teacher, example, name=str(options.teacher)), options.modules)
     check_student_stitches(student, cut)
