@@ -316,7 +316,7 @@ def _load_incubated(ctx: RunContext, model: nn.Module, incubated: list[str]) -> 
     """Load every incubated module's weights into the full teacher; each parameter must come from one of them."""
     covered: set[str] = set()
     for name in incubated:
-        state = ctx.product(name)
+        state = {k: v for k, v in ctx.product(name).items() if not k.startswith("_tensor_constant")}  # fx-made (Swin)
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise MonomodError(f"{name}'s weights do not fit the teacher ({', '.join(unexpected[:3])})",
