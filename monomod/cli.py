@@ -225,7 +225,7 @@ def _dash(value: int | None) -> str:
 
 @cli.command()
 @click.argument("model", required=False)
-@click.option("--to", "student", help="Student family: nac, moe or vit (required without --recipe).")
+@click.option("--to", "student", help="Student: nac, moe, vit, a timm model name or pkg.module:factory (required without --recipe).")
 @click.option("-k", "--modules", "k", type=int, help="Number of modules (stages) to distil (required without --recipe).")
 @click.option("--data", default="digits", show_default=True, help="digits | synthetic | imagefolder:PATH (train/ and val/).")
 @click.option("--ood", default="auto", show_default=True, help="OOD split: auto, none, or imagefolder:PATH.")
