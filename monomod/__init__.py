@@ -7,13 +7,13 @@ from monomod.frontend import load_model
 from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedModel
 from monomod.passes.extract import Chain, extract
 from monomod.passes.partition import partition
-from monomod.passes.stitch import Stitched, stitch
 from monomod.passes.trace import trace
 from monomod.plan import Job, Plan
 from monomod.students import STUDENT_KINDS, StagedModel, StageInterface, build_student
 from monomod.students.hybrid import Hybrid, hybrid
 from monomod.students.meta import build_meta
 from monomod.version import __version__
+from monomod.students.stitching import Stitched, stitch
 
 
 __all__ = [

@@ -87,12 +87,18 @@ def test_mean_pooling_without_prefix_tokens():
     assert meta(torch.randn(B, 3, IMG, IMG)).shape == (B, NC)
 
 
-def test_cnn_partition_needs_teacher_as_meta():
+def test_cnn_partition_gets_a_map_meta_or_the_teacher_as_meta():
     cnn = timm.create_model("resnet18", pretrained=False, num_classes=NC).eval()
     cnn_part = partition(trace(cnn, torch.randn(1, 3, IMG, IMG)), 3)
-    with pytest.raises(MonomodError, match=r"needs token boundaries.*use the teacher as meta"):
-        build_meta(cnn_part)
-    meta = build_meta(cnn_part, kind="teacher")  # the suggested fix works
+    trained = build_meta(cnn_part)  # stages follow the teacher's feature maps
+    x = torch.randn(B, 3, IMG, IMG)
+    for stage, cut in zip(trained.stages, cnn_part.cuts):
+        x = stage(x)
+        assert list(x.shape[1:]) == cut[0].shape[1:]
+    assert trained.stages[-1](x).shape == (B, NC)
+    with pytest.raises(MonomodError, match="meta width applies to token boundaries"):
+        build_meta(cnn_part, 64)
+    meta = build_meta(cnn_part, kind="teacher")
     assert meta.interfaces[1].width_in is None  # not a token boundary: nothing to stitch to
     with torch.no_grad():
         assert meta(torch.randn(B, 3, IMG, IMG)).shape == (B, NC)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from monomod.passes.stitch import stitch
+from monomod.students.stitching import stitch
 from monomod.students.nac import (
     CUT, CodeConditionedReadIn, ConfidencePooling, ModLinear, NACPropagator, NACReadOut, NACStudent, SignatureKernel,
     build_nac, nac_config,

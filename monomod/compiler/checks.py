@@ -45,16 +45,17 @@ def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: i
     return traced
 
 
-def check_student_builds(options: Any, num_classes: int) -> None:
+def check_student_builds(options: Any, num_classes: int, teacher_classes: int | None = None) -> None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
-    cannot take fail here, not in the first m2mKD job."""
+    cannot take fail here, not in the first m2mKD job; given the teacher's class count (that of the distillation
+    data), so does a boundary that no stitch layer joins to the teacher's."""
     from monomod.students import build_student
 
     try:
         with torch.device("meta"):
-            build_student(options.student, modules=options.modules, num_classes=num_classes,
-                          img_size=options.img_size, in_chans=options.in_chans, preset=options.student_preset,
-                          **options.student_overrides)
+            student = build_student(options.student, modules=options.modules, num_classes=num_classes,
+                                    img_size=options.img_size, in_chans=options.in_chans,
+                                    preset=options.student_preset, **options.student_overrides)
     except MonomodError as e:
         raise MonomodError(f"the {options.student} student: {e.problem}", e.fix or "fix student_overrides") from None
     except (TypeError, ValueError, AssertionError) as e:
@@ -66,6 +67,27 @@ def check_student_builds(options: Any, num_classes: int) -> None:
             return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
         raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
                            "fix the student_overrides, --img-size or --in-chans") from None
+    if teacher_classes is not None:
+        _check_stitches(options, student, teacher_classes)
+
+
+def _check_stitches(options: Any, student: nn.Module, num_classes: int) -> None:
+    """Every boundary of the (meta) student joins the teacher's (cut as the run cuts it, with the run's classes)
+    through a stitch layer, or one line says which."""
+    from monomod.frontend import load_model
+    from monomod.passes.partition import partition
+    from monomod.passes.trace import trace
+    from monomod.students.stitching import boundary_shapes, check_student_stitches
+
+    try:
+        boundary_shapes(student)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return  # a stage that cannot run on the meta device: the first m2mKD job measures it for real
+    teacher = load_model(options.teacher, device="meta", img_size=options.img_size, in_chans=options.in_chans,
+                         num_classes=num_classes)
+    example = torch.zeros(1, options.in_chans, options.img_size, options.img_size, device="meta")
+    cut = partition(trace(teacher, example, name=str(options.teacher)), options.modules)
+    check_student_stitches(student, cut)
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -106,9 +128,11 @@ def check_weights(teacher: nn.Module, path: str | Path) -> None:
 
 def check_image_folders(spec: Any) -> None:
     """An ``imagefolder:`` training split where a class folder holds no image is refused, naming the folder."""
+    from monomod.data import parse_data_spec
+
     if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
         return
-    train = Path(spec.split(":", 1)[1]) / "train"
+    train = Path(parse_data_spec(spec).path) / "train"
     if not train.is_dir():
         return  # load_data says what is missing
     for folder in sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")):

@@ -20,7 +20,9 @@ from monomod.passes.schedule import (
     BUDGET_KEYS, BUDGET_KINDS, DEFAULT_STITCH, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS,
     resolve_teacher_training,
 )
+from monomod.data import parse_data_spec
 from monomod.students import STUDENT_KINDS
+from monomod.students.custom import resolve_student
 
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
 _PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
@@ -66,7 +68,19 @@ def _is_num(v: Any) -> bool:
 
 
 def _data_spec(v: Any) -> bool:
-    return isinstance(v, str) and (v in ("digits", "synthetic") or (v.startswith("imagefolder:") and len(v) > 12))
+    return _accepted(parse_data_spec, v)
+
+
+def _student_spec(v: Any) -> bool:
+    return isinstance(v, str) and _accepted(resolve_student, v)
+
+
+def _accepted(parse: Callable[[Any], Any], v: Any) -> bool:
+    try:
+        parse(v)
+    except MonomodError:
+        return False
+    return True
 
 
 def _parse_int(text: str) -> Any:
@@ -98,9 +112,9 @@ OPTIONS: tuple[Option, ...] = (
            "a one-line string", field=False),
     Option("teacher", None, lambda v: isinstance(v, str) and v != "",
            "a model name (timm name, alias or pkg.mod:factory)", label="MODEL"),
-    Option("student", None, lambda v: v in STUDENT_KINDS, "one of " + ", ".join(STUDENT_KINDS),
-           "Student family: nac, moe or vit (required without --recipe).", flag="--to", choices=STUDENT_KINDS,
-           cli_choice=False, label="student --to"),
+    Option("student", None, _student_spec, "one of " + ", ".join(STUDENT_KINDS) + ", a timm model name or "
+           "pkg.module:factory", "Student: nac, moe, vit, a timm model name or pkg.module:factory (required "
+           "without --recipe).", flag="--to", choices=STUDENT_KINDS, cli_choice=False, label="student --to"),
     Option("modules", None, lambda v: _is_int(v, 1), "an integer >= 2 (>= 3 for nac)",
            "Number of modules (stages) to distil (required without --recipe and --cuts).", flag="--modules",
            short="-k", kind=int, must="at least 1", fix="a nac student needs --modules 3 or more, moe and vit 2"),
@@ -114,8 +128,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("tolerance", 0.25, lambda v: _is_num(v) and v >= 0, "a number >= 0",
            "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
            kind=float),
-    Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH",
-           "digits | synthetic | imagefolder:PATH (train/ and val/).", flag="--data"),
+    Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH (optionally with shots=N)",
+           "digits | synthetic | imagefolder:PATH (train/ and val/); few labels: digits:shots=5, "
+           "imagefolder:PATH,shots=5.", flag="--data"),
     Option("ood", "auto", lambda v: v is None or v in ("auto", "none") or (isinstance(v, str) and v.startswith(
         "imagefolder:") and len(v) > 12), "auto, none, null or imagefolder:PATH",
            "OOD split: auto, none, or imagefolder:PATH.", flag="--ood"),
@@ -238,6 +253,9 @@ def _check_combinations(o: Mapping[str, Any]) -> None:
                            "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")
     if o["meta_width"] is not None and o["meta"] == "teacher":
         raise MonomodError(f"meta_width={o['meta_width']!r} is invalid here", "give a positive integer, with meta=trained")
+    if o["student_preset"] is not None and student not in _PRESETS_OF:
+        raise MonomodError(f"student_preset: {student!r} has no presets (they belong to nac, moe and vit)",
+                           "drop student_preset, or set the model's own arguments with student_overrides")
     if o["student_preset"] is not None:
         module, attr = _PRESETS_OF[student]
         presets = getattr(importlib.import_module(module), attr)

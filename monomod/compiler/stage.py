@@ -50,7 +50,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
-    checks.check_student_builds(options, facts[0])
+    checks.check_student_builds(options, facts[0], distill[0] if distill else facts[0])
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
     plan = schedule(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
@@ -142,12 +142,13 @@ def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None
 def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_run: bool,
                 data_info: dict[str, int] | None, notes: list[str]) -> tuple[int, int]:
     """(num_classes, train_size) of the data set, read from the data unless a dry run lacks the folders."""
-    from monomod.data import load_data
+    from monomod.data import load_data, parse_data_spec
 
     def missing(spec: str | None) -> str | None:
-        if isinstance(spec, str) and spec.startswith("imagefolder:") and not Path(spec.split(":", 1)[1]).exists():
-            return spec.split(":", 1)[1]
-        return None
+        if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
+            return None
+        path = parse_data_spec(spec).path if spec != "imagefolder:" else None
+        return path if path and not Path(path).exists() else None
 
     if dry_run and missing(data):
         if not data_info or not {"num_classes", "train_size"} <= set(data_info):

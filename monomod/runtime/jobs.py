@@ -225,13 +225,10 @@ class RunContext:
         return student
 
     def stitched(self, student: StagedModel, i: int, kind: str):
-        """Student stage i between stitch layers to and from the teacher's boundary widths."""
-        from monomod.passes.stitch import stitch
+        """Student stage i between stitch layers to and from the teacher's boundaries, chosen by their shapes."""
+        from monomod.students.stitching import stitch_student
 
-        spec = self.partition().modules[i]
-        width_in = _token_width(spec.inputs) if i > 0 else None
-        width_out = _token_width(spec.outputs) if i < len(student.stages) - 1 else None
-        return stitch(student.stages[i], width_in, width_out, kind)
+        return stitch_student(student, self.partition(), i, kind)
 
     def assembled_student(self) -> StagedModel:
         """The student structure the assemble job produced (stitches kept as adapters when asked)."""
@@ -274,11 +271,6 @@ def _frozen(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module.eval()
-
-
-def _token_width(values) -> int | None:
-    """The width of a boundary that is one ``[B, T, D]`` tensor, else None."""
-    return values[0].token_width if len(values) == 1 else None
 
 
 # ------------------------------------------------------------------------------------------------ the jobs
@@ -340,7 +332,7 @@ def _load_incubated(ctx: RunContext, model: nn.Module, incubated: list[str]) -> 
     """Load every incubated module's weights into the full teacher; each parameter must come from one of them."""
     covered: set[str] = set()
     for name in incubated:
-        state = ctx.product(name)
+        state = {k: v for k, v in ctx.product(name).items() if not k.startswith("_tensor_constant")}  # fx-made (Swin)
         unexpected = model.load_state_dict(state, strict=False).unexpected_keys
         if unexpected:
             raise MonomodError(f"{name}'s weights do not fit the teacher ({', '.join(unexpected[:3])})",

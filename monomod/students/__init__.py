@@ -1,4 +1,5 @@
-"""Student families behind one entry point, ``build_student(kind, ...)``.
+"""Student families behind one entry point, ``build_student(kind, ...)``: the built-in families (nac, moe, vit),
+and any student a user brings (a timm model name, or ``pkg.module:factory``; see ``monomod.students.custom``).
 
 The families are imported lazily so that ``import monomod`` (and every CLI start) stays free of timm.
 """
@@ -15,7 +16,8 @@ STUDENT_KINDS: tuple[str, ...] = ("nac", "moe", "vit")
 
 def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, in_chans: int = 3,
                   preset: str | None = None, **overrides: Any) -> StagedModel:
-    """Build a K-stage student of family ``kind`` (one of ``STUDENT_KINDS``).
+    """Build a K-stage student of family ``kind`` (one of ``STUDENT_KINDS``), a timm model name or
+    ``pkg.module:factory`` (cut into K stages unless it builds a StagedModel; ``preset`` does not apply).
 
     ``preset=None`` takes the family's CPU-sized preset; ``overrides`` are the family's config fields. Invalid
     input (unknown kind or preset, K too small for the family, bad override) raises MonomodError, so the CLI
@@ -27,8 +29,16 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
         from monomod.students.moe import build_moe as build
     elif kind == "vit":
         from monomod.students.vit import build_vit as build
+    elif isinstance(kind, str) and (":" in kind or _is_timm(kind)):
+        from monomod.students.custom import build_custom
+
+        model = build_custom(kind, modules=modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
+                             **overrides)
+        model.preset = preset  # plain attribute, for reports
+        return model
     else:
-        raise MonomodError(f"unknown student kind {kind!r}", f"choose one of {', '.join(STUDENT_KINDS)}")
+        raise MonomodError(f"unknown student kind {kind!r}",
+                           f"choose one of {', '.join(STUDENT_KINDS)}, a timm model name or pkg.module:factory")
     if preset is None:
         preset = inspect.signature(build).parameters["preset"].default  # the family's own default, not a copy
     try:
@@ -38,6 +48,12 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
         raise MonomodError(str(e)) from None
     model.preset = preset  # plain attribute, for reports
     return model
+
+
+def _is_timm(name: str) -> bool:
+    from monomod.students.custom import is_timm_model
+
+    return is_timm_model(name)
 
 
 __all__ = ["STUDENT_KINDS", "Stage", "StageInterface", "StagedModel", "build_student"]

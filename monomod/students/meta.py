@@ -9,6 +9,9 @@ Two kinds:
 * ``"trained"`` (Deep Incubation): one transformer block per stage, of an internal ``width`` that may differ from
   the teacher's boundary width D (linear maps D -> width -> D keep the boundaries teacher-shaped). Stage 0 also
   embeds the image, the last stage pools and classifies. It must be trained end to end before use.
+  Where the boundaries are feature maps of varying C/H/W (CNN, Swin and other hierarchical teachers), the stages
+  follow them instead: a patchify stem, then per stage a transition to the next boundary's channels and size (a
+  strided conv, or a stitch layer) and one ConvNeXt block, and a pooled linear head (``MetaMapStage``).
 * ``"teacher"`` (teacher-as-meta, not in the paper): the extracted teacher modules themselves. No meta training,
   and the context is exactly the teacher's, at the cost of running the (larger) teacher around each student.
 """
@@ -44,8 +47,13 @@ def build_meta(partition: Partition, width: int | None = None, *, kind: Literal[
     if kind != "trained":
         raise MonomodError(f"unknown meta kind {kind!r}", "choose 'trained' or 'teacher'")
 
-    tokens, dim = _token_boundary(partition)
     num_classes = _num_classes(partition)
+    if _has_maps(partition):
+        if width is not None:
+            raise MonomodError("the meta width applies to token boundaries; this teacher's boundaries are feature maps",
+                               "drop meta_width: the meta stages take the teacher's channels")
+        return _map_meta(partition, c, h, w, num_classes)
+    tokens, dim = _token_boundary(partition)
     width = dim if width is None else width
     if width < 1:
         raise MonomodError(f"meta width must be positive, got {width}")
@@ -140,6 +148,97 @@ class MetaHeadStage(Stage):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Trained meta stages for feature-map boundaries
+# ---------------------------------------------------------------------------------------------------------------
+class MetaMapStage(Stage):
+    """``enter -> block -> leave``: ``enter`` takes the stage's input (the image, or the previous boundary) to the
+    next boundary's channels and spatial size as a channels-first map, ``block`` is one timm ConvNeXt block there,
+    and ``leave`` lays it out as the boundary is (channels-last, tokens) or, in the last stage, pools and
+    classifies."""
+
+    def __init__(self, enter: nn.Module, channels: int, leave: nn.Module, interface: StageInterface) -> None:
+        super().__init__()
+        from timm.models.convnext import ConvNeXtBlock
+
+        self.interface = interface
+        self.enter = enter
+        self.block = ConvNeXtBlock(channels, ls_init_value=None)  # no LayerScale, as the token meta's blocks
+        self.leave = leave
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.leave(self.block(self.enter(x)))
+
+
+class _PoolHead(nn.Module):
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.head = nn.Linear(channels, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x.mean(dim=(2, 3))))
+
+
+def _map_meta(partition: Partition, in_chans: int, height: int, width_px: int, num_classes: int) -> StagedModel:
+    from monomod.passes.stitch import layout, stitch_layer
+
+    shapes = []
+    for spec in partition.modules[:-1]:
+        shape = spec.outputs[0].shape if len(spec.outputs) == 1 else None
+        lay = layout(shape[1:]) if shape and shape[0] == "B" else None
+        if lay is None or lay.grid is None:
+            names = ", ".join(v.describe() for v in spec.outputs)
+            raise MonomodError(f"the trained meta model needs token or feature-map boundaries, but module "
+                               f"{spec.index} outputs {names}", "use the teacher as meta instead (kind='teacher')")
+        shapes.append((tuple(int(d) for d in shape[1:]), (lay.channels, *lay.grid)))
+    k = partition.k
+    stages: list[Stage] = []
+    for i in range(k):
+        (c_out, h_out, w_out) = shapes[i][1] if i < k - 1 else shapes[i - 1][1]
+        source = (in_chans, height, width_px) if i == 0 else shapes[i - 1][1]
+        enter = _transition(source, (c_out, h_out, w_out))
+        if i == 0:
+            enter = nn.Sequential(enter, _LayerNorm2d(c_out))
+        elif i == k - 1:
+            enter = stitch_layer(shapes[i - 1][0], source)  # the boundary as a channels-first map, no parameters
+        elif shapes[i - 1][0] != source:
+            enter = nn.Sequential(stitch_layer(shapes[i - 1][0], source), enter)
+        leave = _PoolHead(c_out, num_classes) if i == k - 1 else stitch_layer((c_out, h_out, w_out), shapes[i][0])
+        kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
+        width_of = lambda j: shapes[j][0][-1] if len(shapes[j][0]) == 2 else None  # noqa: E731
+        interface = StageInterface(kind, None if i == 0 else width_of(i - 1), None if i == k - 1 else width_of(i))
+        stages.append(MetaMapStage(enter, c_out, leave, interface))
+    meta = StagedModel(stages, num_classes=num_classes, img_size=height, in_chans=in_chans)
+    meta.meta_kind = "trained"
+    meta.meta_width = None
+    return meta
+
+
+def _transition(src: tuple[int, int, int], dst: tuple[int, int, int]) -> nn.Module:
+    """Channels-first map ``src`` (C, H, W) to ``dst``: a strided conv where the size shrinks by a whole factor
+    (a patchify stem for the image), else a 1x1 conv with resampling (a stitch layer)."""
+    from monomod.passes.stitch import stitch_layer
+
+    (c_in, h_in, w_in), (c_out, h_out, w_out) = src, dst
+    if h_in % h_out == 0 and w_in % w_out == 0 and h_in // h_out == w_in // w_out and src != dst:
+        r = h_in // h_out
+        return nn.Conv2d(c_in, c_out, kernel_size=r, stride=r)
+    return stitch_layer(src, dst)
+
+
+class _LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of a ``[B, C, H, W]`` map."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Teacher as meta
 # ---------------------------------------------------------------------------------------------------------------
 class TeacherStage(Stage):
@@ -210,6 +309,12 @@ def _token_boundary(partition: Partition) -> tuple[int, int]:
     return seen.pop()
 
 
+def _has_maps(partition: Partition) -> bool:
+    """Whether some cut is one feature map ``[B, C, H, W]`` or ``[B, H, W, C]`` (a CNN or a hierarchical model):
+    then the meta stages follow the maps; else (a ViT) the token meta model serves it."""
+    return any(len(cut) == 1 and cut[0].shape is not None and len(cut[0].shape) == 4 for cut in partition.cuts)
+
+
 def _num_classes(partition: Partition) -> int:
     outs = partition.modules[-1].outputs
     shape = outs[0].shape if len(outs) == 1 else None
@@ -255,4 +360,4 @@ def _default_heads(width: int) -> int:
     return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
 
 
-__all__ = ["MetaBlockStage", "MetaEmbedStage", "MetaHeadStage", "TeacherStage", "build_meta"]
+__all__ = ["MetaBlockStage", "MetaEmbedStage", "MetaHeadStage", "MetaMapStage", "TeacherStage", "build_meta"]
