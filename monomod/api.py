@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +13,9 @@ from monomod.errors import MonomodError
 from monomod.plan import Plan
 from monomod.rundir import RunDir
 from monomod.runtime.jobs import RunContext
+
+if TYPE_CHECKING:
+    from monomod.passes.export import Exportable
 
 
 def convert(teacher: str, *, to: str, modules: int | None = None, out: str | Path, force: bool = False,
@@ -111,3 +114,36 @@ def load_run(run_dir: str | Path, *, trust_code: bool = False) -> Run:
 def load_student(run_dir: str | Path, *, trust_code: bool = False) -> DeployedStudent:
     """The run's fine-tuned student, ready for raw [0, 1] images of shape ``(B, *student.input_size)``."""
     return load_run(run_dir, trust_code=trust_code).student()
+
+
+def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "student"), source: str = "finetune", *,
+                    trust_code: bool = False) -> list[Exportable]:
+    """The modules of a finished RUN_DIR to export (``monomod.passes.export`` says what each kind is); a teacher the
+    plan names as Python code is built only with ``trust_code``."""
+    from monomod.frontend import check_trusted
+    from monomod.passes import export as ex
+
+    if source not in ("finetune", "assemble"):
+        raise MonomodError(f"unknown export source {source!r}", "use finetune or assemble")
+    run = load_run(run_dir, trust_code=trust_code)
+    if "teacher" in what:
+        check_trusted(run.plan.settings, str(RunDir(run.path).plan_file), trust_code)
+    items: list[Exportable] = []
+    common = {"source": f"{run.path.name}:{source}", "teacher": run.plan.settings["teacher"],
+              "student": run.plan.settings["student"]}
+    if "stages" in what or "student" in what:
+        deployed = run.student(source)  # raises a one-line MonomodError when the job has not finished
+        normalisation = {"mean": deployed.mean.flatten().tolist(), "std": deployed.std.flatten().tolist()}
+        if "stages" in what:
+            items += ex.student_stage_exportables(deployed.student, deployed.input_size, common, normalisation)
+        if "student" in what:
+            image = ex.TensorSpec("images", ("B", *deployed.input_size), draw="uniform")
+            logits = ex.output_specs(deployed, (image,), ["logits"])
+            items.append(ex.Exportable("student", deployed, [image], logits, {
+                **common, "kind": "student", "input_range": "[0, 1] raw images, normalised inside",
+                "normalisation": normalisation}))
+    if "teacher" in what:
+        ctx = RunContext(run_dir=run.path, plan=run.plan)
+        partition = ctx.partition("cpu")  # the adapted teacher's own weights, cut where the plan records
+        items += ex.teacher_exportables(partition, {**common, "source": f"{run.path.name}:teacher"})
+    return items

@@ -470,8 +470,10 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
       monomod export runs/demo-nac --onnx onnx/demo-nac --what all --bench 1,64
       monomod export vit_base --modules 4 --onnx onnx/vit_base-k4
     """
+    from monomod.api import run_exportables
     from monomod.passes import export as ex
     from monomod.plan import PLAN_FILE
+    from monomod.report import export_table
 
     path = Path(target)
     is_run = path.is_dir() and (path / PLAN_FILE).is_file()
@@ -491,7 +493,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
             if given:
                 raise MonomodError(f"{', '.join(given)} apply to a MODEL, not to a RUN_DIR (the run fixes them)",
                                    "drop them, or export a model")
-            items = ex.run_exportables(path, ex.parse_what(what), source=source, trust_code=trust_code)
+            items = run_exportables(path, ex.parse_what(what), source=source, trust_code=trust_code)
             title = f"ONNX export of {path} ({source})"
         else:
             if ex.parse_what(what) != ["teacher"] and what != "stages,student":
@@ -506,7 +508,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
     if fmt == "json":
         click.echo(json.dumps({"out": onnx_dir, "tolerance": ex.TOLERANCE, "files": [r.to_json() for r in results]}, indent=2))
     else:
-        out.print(ex.results_table(results, title))
+        out.print(export_table(results, title))
     failed = [r.path.name for r in results if not r.ok]
     if failed:
         err.print(f"[red]{len(failed)} file(s) differ from torch by more than {ex.TOLERANCE:g}: {', '.join(failed)}[/red]")

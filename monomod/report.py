@@ -4,8 +4,9 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from rich.table import Table
 from rich.text import Text
@@ -335,3 +336,27 @@ def _plot_curves(run: RunDir, plan: Any) -> str | None:
     plt.close(fig)
     atomic_write_bytes(run.report_file(CURVES_PNG), buffer.getvalue())
     return CURVES_PNG
+
+
+def export_table(results: Sequence[Any], title: str = "ONNX export") -> Table:
+    """One row per exported file (``passes.export.ExportResult``): size, largest difference from torch, latencies."""
+    from monomod.passes.export import TOLERANCE
+
+    batches = sorted({b for r in results for b in r.latency_ms})
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("file", "left"), ("exporter", "left"), ("size", "right"), ("max |diff|", "right")):
+        table.add_column(column, justify=justify)
+    for b in batches:
+        table.add_column(f"ort ms (B={b})", justify="right")
+        table.add_column(f"torch ms (B={b})", justify="right")
+    table.add_column("check", justify="left")
+    for r in results:
+        diff = f"{r.max_diff:.2e}" if math.isfinite(r.max_diff) else "failed"
+        cells = [r.path.name, r.exporter, human_bytes(r.bytes), diff]
+        for b in batches:
+            lat = r.latency_ms.get(b, {})
+            cells += [f"{lat['onnxruntime']:.2f}" if lat else "-", f"{lat['torch']:.2f}" if lat else "-"]
+        status = "[green]ok[/green]" if r.ok else f"[red]> {TOLERANCE:g}[/red]"
+        cells.append(status + (f" [dim]{r.note}[/dim]" if r.note else ""))
+        table.add_row(*cells)
+    return table

@@ -132,46 +132,6 @@ def parse_what(text: str | Iterable[str]) -> list[str]:
     return [w for w in EXPORT_WHATS if w in parts]
 
 
-def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "student"),
-                    source: str = "finetune", *, trust_code: bool = False) -> list[Exportable]:
-    """The modules of a finished RUN_DIR to export (see the module docstring for what each kind is); a teacher the
-    plan names as Python code is built only with ``trust_code``."""
-    from monomod.frontend import check_trusted
-    from monomod.api import load_run
-
-    if source not in ("finetune", "assemble"):
-        raise MonomodError(f"unknown export source {source!r}", "use finetune or assemble")
-    run = load_run(run_dir, trust_code=trust_code)
-    if "teacher" in what:
-        check_trusted(run.plan.settings, str(run.path / "plan.yaml"), trust_code)
-    items: list[Exportable] = []
-    common = {"source": f"{run.path.name}:{source}", "teacher": run.plan.settings["teacher"],
-              "student": run.plan.settings["student"]}
-    if "stages" in what or "student" in what:
-        deployed = run.student(source)  # raises a one-line MonomodError when the job has not finished
-        normalisation = {"mean": deployed.mean.flatten().tolist(), "std": deployed.std.flatten().tolist()}
-        if "stages" in what:
-            items += student_stage_exportables(deployed.student, deployed.input_size, common, normalisation)
-        if "student" in what:
-            image = TensorSpec("images", ("B", *deployed.input_size), draw="uniform")
-            logits = _output_specs(deployed, (image,), ["logits"])
-            items.append(Exportable("student", deployed, [image], logits, {
-                **common, "kind": "student", "input_range": "[0, 1] raw images, normalised inside",
-                "normalisation": normalisation}))
-    if "teacher" in what:
-        from monomod.frontend import example_input
-        from monomod.passes.partition import partition
-        from monomod.passes.trace import trace
-        from monomod.runtime.jobs import RunContext
-
-        s = run.plan.settings
-        ctx = RunContext(run_dir=run.path, plan=run.plan)
-        example = example_input(s["in_chans"], s["img_size"])
-        traced = trace(ctx.teacher(), example, name=s["teacher"])  # the adapted teacher's own weights, on the CPU
-        items += teacher_exportables(partition(traced, s["modules"]), {**common, "source": f"{run.path.name}:teacher"})
-    return items
-
-
 def student_stage_exportables(student: nn.Module, input_size: Sequence[int], common: dict[str, Any],
                               normalisation: dict[str, Any] | None = None) -> list[Exportable]:
     """One Exportable per stage of a StagedModel, with input shapes found by running the chain once."""
@@ -209,7 +169,7 @@ def teacher_exportables(partition, common: dict[str, Any]) -> list[Exportable]:
         inputs = [_boundary_spec(v, f"module {spec.index} input") for v in spec.inputs]
         module.eval()
         if spec.index == k - 1:  # the model's output: learn its shape by running the module
-            outputs = _output_specs(module, inputs, ["logits"])
+            outputs = output_specs(module, inputs, ["logits"])
         else:
             outputs = [_boundary_spec(v, f"module {spec.index} output") for v in spec.outputs]
         meta = {**common, "kind": "teacher_module", "index": spec.index, "num_stages": k,
@@ -227,7 +187,7 @@ def _boundary_spec(value, where: str) -> TensorSpec:
     return TensorSpec(value.name, tuple(value.shape))
 
 
-def _output_specs(module: nn.Module, inputs: Sequence[TensorSpec], names: list[str]) -> list[TensorSpec]:
+def output_specs(module: nn.Module, inputs: Sequence[TensorSpec], names: list[str]) -> list[TensorSpec]:
     """Output specs found by running at two batch sizes: axes that change with the batch become ``"B"``."""
     shapes = []
     for batch in (EXAMPLE_BATCH, EXAMPLE_BATCH + 1):
@@ -455,31 +415,6 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def results_table(results: Sequence[ExportResult], title: str = "ONNX export"):
-    from rich.table import Table
-
-    from monomod.report import human_bytes
-
-    batches = sorted({b for r in results for b in r.latency_ms})
-    table = Table(title=title, title_justify="left")
-    for column, justify in (("file", "left"), ("exporter", "left"), ("size", "right"), ("max |diff|", "right")):
-        table.add_column(column, justify=justify)
-    for b in batches:
-        table.add_column(f"ort ms (B={b})", justify="right")
-        table.add_column(f"torch ms (B={b})", justify="right")
-    table.add_column("check", justify="left")
-    for r in results:
-        diff = f"{r.max_diff:.2e}" if math.isfinite(r.max_diff) else "failed"
-        cells = [r.path.name, r.exporter, human_bytes(r.bytes), diff]
-        for b in batches:
-            lat = r.latency_ms.get(b, {})
-            cells += [f"{lat['onnxruntime']:.2f}" if lat else "-", f"{lat['torch']:.2f}" if lat else "-"]
-        status = "[green]ok[/green]" if r.ok else f"[red]> {TOLERANCE:g}[/red]"
-        cells.append(status + (f" [dim]{r.note}[/dim]" if r.note else ""))
-        table.add_row(*cells)
-    return table
-
-
 __all__ = ["CHECK_BATCHES", "EXPORT_WHATS", "ExportResult", "Exportable", "TOLERANCE", "TensorSpec", "bench",
-           "check_file", "compare", "export_all", "export_one", "parse_what", "results_table", "run_exportables",
+           "check_file", "compare", "export_all", "export_one", "output_specs", "parse_what",
            "student_stage_exportables", "teacher_exportables"]

@@ -11,9 +11,9 @@ from torch import nn
 
 from monomod.errors import MonomodError
 from monomod.frontend import check_trusted
-from monomod.passes.plan import ConvertOptions
+from monomod.compiler import ConvertOptions
 from monomod.passes.stitch import Stitch, layout, stitch_layer
-from monomod.runtime.api import compile_options
+from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.students import build_student
 from monomod.students.custom import CutStage, check_student_kind

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from monomod.cli import cli
 from monomod.passes import export as ex
-from monomod.api import load_run
+from monomod.api import load_run, run_exportables
 from monomod.runtime.execute import execute, prepare_run_dir
 from test_runtime import tiny_plan
 
@@ -46,7 +46,7 @@ def _props(path: Path) -> dict[str, str]:
 def test_run_export_stages_student_and_teacher(runs, tmp_path, student):
     run_dir = runs[student]
     what = "all" if student == "nac" else "stages,student"  # teacher modules once is enough (same teacher)
-    items = ex.run_exportables(run_dir, ex.parse_what(what), source=SOURCES[student])
+    items = run_exportables(run_dir, ex.parse_what(what), source=SOURCES[student])
     k = 3 if student == "nac" else 2
     teacher = [f"teacher_{i}" for i in range(k)] if student == "nac" else []
     assert [i.name for i in items] == [*(f"stage_{i}" for i in range(k)), "student", *teacher]
