@@ -16,7 +16,8 @@ from monomod.passes.stitch import Stitch, layout, stitch_layer
 from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.students import build_student
-from monomod.students.custom import CutStage, check_student_kind
+from monomod.students.base import ModuleStage
+from monomod.students.custom import check_student_kind
 
 B = 2
 
@@ -110,7 +111,7 @@ def test_student_specs_and_trust(factory_module):
 
 def test_a_plain_module_is_cut_into_stages(factory_module):
     student = build_student(f"{factory_module}:small_cnn", modules=3, num_classes=10, img_size=32)
-    assert len(student.stages) == 3 and all(isinstance(s, CutStage) for s in student.stages)
+    assert len(student.stages) == 3 and all(isinstance(s, ModuleStage) for s in student.stages)
     assert student(torch.randn(B, 3, 32, 32)).shape == (B, 10)
     timm_student = build_student("deit_tiny", modules=4, num_classes=10, img_size=32)
     assert timm_student(torch.randn(B, 3, 32, 32)).shape == (B, 10)
@@ -165,3 +166,14 @@ def test_cnn_and_hierarchical_teachers(tmp_path, teacher, img_size):
 
     ctx = RunContext(run_dir=run_dir, plan=Plan.load(run_dir))
     assert type(ctx.meta().stages[1]).__name__ == "MetaMapStage"
+
+
+def test_a_cut_the_trained_meta_model_cannot_follow_is_refused_at_compile_time():
+    """A cut inside a residual block passes two tensors: refused by the compile stage, not by the meta job."""
+    options = ConvertOptions(teacher="resnet18", student="vit", modules=4, data="synthetic", img_size=32,
+                             cuts=["layer1.1", "layer2.1", "layer3.1.conv2"])
+    with pytest.raises(MonomodError, match=r"teacher cut at layer1.1, layer2.1, layer3.1.conv2: .*two|outputs") as e:
+        compile_options(options)
+    assert "\n" not in str(e.value) and "--meta teacher" in str(e.value)
+    compile_options(ConvertOptions(teacher="resnet18", student="vit", modules=4, data="synthetic", img_size=32, meta="teacher",
+                                   teacher_training="end-to-end", cuts=["layer1.1", "layer2.1", "layer3.1.conv2"]))

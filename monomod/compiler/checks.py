@@ -45,6 +45,20 @@ def check_teacher_takes(teacher: nn.Module, name: str, modules: int, img_size: i
     return traced
 
 
+def check_meta_builds(partition: Any, width: int | None, cuts: tuple[str, ...]) -> None:
+    """The trained meta model builds on the teacher's boundaries (on the meta device): a cut that passes two
+    tensors, or a shape it cannot follow, fails here in one line rather than in the meta job."""
+    from monomod.students.meta import build_meta
+
+    try:
+        with torch.device("meta"):
+            build_meta(partition, width, kind="trained")
+    except MonomodError as e:
+        raise MonomodError(f"the teacher cut at {', '.join(cuts)}: {e.problem}",
+                           "pass --cuts at single-tensor boundaries (monomod inspect shows them), another "
+                           "--modules or --tolerance, or --meta teacher") from None
+
+
 def check_student_builds(options: Any, num_classes: int, teacher_classes: int | None = None) -> None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
     cannot take fail here, not in the first m2mKD job; given the teacher's class count (that of the distillation

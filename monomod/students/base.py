@@ -51,6 +51,19 @@ class Stage(nn.Module):
         return torch.stack(losses).sum() if losses else None
 
 
+class ModuleStage(Stage):
+    """A module the compiler extracted (a teacher module, a piece of a student it cut) as a Stage; its parameters
+    stay the source model's own."""
+
+    def __init__(self, module: nn.Module, interface: StageInterface) -> None:
+        super().__init__()
+        self.module = module
+        self.interface = interface
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
 class StagedModel(nn.Module):
     """A model that is the exact composition of its ``stages``."""
 

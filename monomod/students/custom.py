@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError, first_line, shorten
-from monomod.students.base import Stage, StagedModel, StageInterface
+from monomod.students.base import ModuleStage, Stage, StagedModel, StageInterface
 
 FAMILIES: tuple[str, ...] = ("nac", "moe", "vit")
 SpecKind = Literal["family", "code", "timm"]
@@ -94,29 +94,18 @@ def _call_factory(spec: str, run: dict[str, int], overrides: dict[str, Any]) -> 
     return model
 
 
-class CutStage(Stage):
-    """One stage of a student the compiler cut: an extracted fx module (its parameters are the model's own)."""
-
-    def __init__(self, module: nn.Module, interface: StageInterface) -> None:
-        super().__init__()
-        self.module = module
-        self.interface = interface
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-
 def cut_into_stages(model: nn.Module, modules: int, *, num_classes: int, img_size: int, in_chans: int,
                     name: str) -> StagedModel:
     """``model`` traced on a batch-1 example (on the device its parameters are on, the meta device included),
     partitioned into ``modules`` balanced parts and extracted; every boundary must be a single tensor."""
+    from monomod.frontend import example_input
     from monomod.passes.extract import extract
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
 
     param = next(iter(model.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    example = torch.zeros(1, in_chans, img_size, img_size, device=device)
+    example = example_input(in_chans, img_size, device=device)
     training = model.training
     cut = partition(trace(model.eval(), example, name=name), modules)
     for spec in cut.modules[:-1]:
@@ -130,10 +119,10 @@ def cut_into_stages(model: nn.Module, modules: int, *, num_classes: int, img_siz
         width_in = None if i == 0 else cut.modules[i - 1].outputs[0].token_width
         width_out = None if i == k - 1 else cut.modules[i].outputs[0].token_width
         kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
-        stages.append(CutStage(module, StageInterface(kind, width_in, width_out)))
+        stages.append(ModuleStage(module, StageInterface(kind, width_in, width_out)))
     staged = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans).train(training)
     staged.source = name  # plain attribute, for reports
     return staged
 
 
-__all__ = ["CutStage", "FAMILIES", "build_custom", "check_student_kind", "cut_into_stages", "resolve_student"]
+__all__ = ["FAMILIES", "build_custom", "check_student_kind", "cut_into_stages", "resolve_student"]

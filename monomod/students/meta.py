@@ -25,7 +25,7 @@ from torch import nn
 
 from monomod.errors import MonomodError
 from monomod.ir import Partition
-from monomod.students.base import Stage, StagedModel, StageInterface
+from monomod.students.base import ModuleStage, Stage, StagedModel, StageInterface
 
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens; more than this is not a ViT layout we recognise
 
@@ -241,18 +241,6 @@ class _LayerNorm2d(nn.LayerNorm):
 # ---------------------------------------------------------------------------------------------------------------
 # Teacher as meta
 # ---------------------------------------------------------------------------------------------------------------
-class TeacherStage(Stage):
-    """One extracted teacher module as a Stage (its parameters stay shared with the teacher)."""
-
-    def __init__(self, module: nn.Module, interface: StageInterface) -> None:
-        super().__init__()
-        self.module = module
-        self.interface = interface
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-
 def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedModel:
     from monomod.passes.extract import extract
 
@@ -269,7 +257,7 @@ def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedM
         width_in = None if i == 0 else partition.modules[i - 1].outputs[0].token_width
         width_out = None if i == k - 1 else partition.modules[i].outputs[0].token_width
         kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
-        stages.append(TeacherStage(module, StageInterface(kind, width_in, width_out)))
+        stages.append(ModuleStage(module, StageInterface(kind, width_in, width_out)))
     out = partition.modules[-1].outputs[0].shape
     num_classes = int(out[-1]) if out and isinstance(out[-1], int) else 0
     meta = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
@@ -360,4 +348,4 @@ def _default_heads(width: int) -> int:
     return next(h for h in range(max(1, width // 64), 0, -1) if width % h == 0)
 
 
-__all__ = ["MetaBlockStage", "MetaEmbedStage", "MetaHeadStage", "MetaMapStage", "TeacherStage", "build_meta"]
+__all__ = ["MetaBlockStage", "MetaEmbedStage", "MetaHeadStage", "MetaMapStage", "build_meta"]

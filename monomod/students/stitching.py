@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError
+from monomod.frontend import example_input
 from monomod.ir import Partition
 from monomod.passes.stitch import STITCH_KINDS, StitchKind, check_stitchable, stitch_layer
 from monomod.students.base import Stage, StagedModel, StageInterface
@@ -80,7 +81,7 @@ def boundary_shapes(student: StagedModel) -> list[Shape]:
         return cached
     param = next(iter(student.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
-    x = torch.zeros(1, student.in_chans, student.img_size, student.img_size, device=device)
+    x = example_input(student.in_chans, student.img_size, device=device)
     modes = [m.training for m in student.modules()]
     shapes: list[Shape] = []
     with torch.random.fork_rng(devices=[]), torch.no_grad():
