@@ -19,8 +19,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from monomod.errors import MonomodError
 from monomod.runtime import checkpoint as ckpt
+from monomod.io import atomic_write_json
 from monomod.runtime.checkpoint import (
-    atomic_write_json,
     capture_rng_state,
     checkpoint_exists,
     load_checkpoint,

@@ -16,7 +16,7 @@ from torch import nn
 from monomod.compiler import checks
 from monomod.compiler.options import options_dict, validate
 from monomod.errors import MonomodError
-from monomod.ir import Partition, TracedModel
+from monomod.ir import TracedModel
 from monomod.plan import PartitionRecord, Plan
 
 

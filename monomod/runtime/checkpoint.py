@@ -31,7 +31,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from monomod.io import fsync_dir, fsync_file, owned_cpu_tensors, unique_sibling
-from monomod.io import atomic_save_tensors, atomic_write_bytes, atomic_write_json, atomic_write_text, clean_temporaries  # noqa: F401 TEMP-REEXPORT
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"

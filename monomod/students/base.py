@@ -64,6 +64,21 @@ class ModuleStage(Stage):
         return self.module(x)
 
 
+def extracted_stages(partition: Any) -> list[Stage]:
+    """The K modules of a partition (``monomod.passes.extract``) as ModuleStages, their interfaces read from the
+    boundaries (every boundary must be a single tensor: the callers check it, with their own advice)."""
+    from monomod.passes.extract import extract
+
+    k = partition.k
+    stages: list[Stage] = []
+    for i, module in enumerate(extract(partition)):
+        width_in = None if i == 0 else partition.modules[i - 1].outputs[0].token_width
+        width_out = None if i == k - 1 else partition.modules[i].outputs[0].token_width
+        kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
+        stages.append(ModuleStage(module, StageInterface(kind, width_in, width_out)))
+    return stages
+
+
 class StagedModel(nn.Module):
     """A model that is the exact composition of its ``stages``."""
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError, first_line, shorten
-from monomod.students.base import ModuleStage, Stage, StagedModel, StageInterface
+from monomod.students.base import StagedModel, extracted_stages
 
 FAMILIES: tuple[str, ...] = ("nac", "moe", "vit")
 SpecKind = Literal["family", "code", "timm"]
@@ -99,7 +99,6 @@ def cut_into_stages(model: nn.Module, modules: int, *, num_classes: int, img_siz
     """``model`` traced on a batch-1 example (on the device its parameters are on, the meta device included),
     partitioned into ``modules`` balanced parts and extracted; every boundary must be a single tensor."""
     from monomod.frontend import example_input
-    from monomod.passes.extract import extract
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
 
@@ -113,14 +112,7 @@ def cut_into_stages(model: nn.Module, modules: int, *, num_classes: int, img_siz
             raise MonomodError(f"the student {name} cut into {modules} passes "
                                f"{', '.join(v.describe() for v in spec.outputs)} after module {spec.index}",
                                "choose another --modules, or give a factory that returns a StagedModel")
-    k = cut.k
-    stages: list[Stage] = []
-    for i, module in enumerate(extract(cut)):
-        width_in = None if i == 0 else cut.modules[i - 1].outputs[0].token_width
-        width_out = None if i == k - 1 else cut.modules[i].outputs[0].token_width
-        kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
-        stages.append(ModuleStage(module, StageInterface(kind, width_in, width_out)))
-    staged = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans).train(training)
+    staged = StagedModel(extracted_stages(cut), num_classes=num_classes, img_size=img_size, in_chans=in_chans).train(training)
     staged.source = name  # plain attribute, for reports
     return staged
 

@@ -25,7 +25,7 @@ from torch import nn
 
 from monomod.errors import MonomodError
 from monomod.ir import Partition
-from monomod.students.base import ModuleStage, Stage, StagedModel, StageInterface
+from monomod.students.base import Stage, StagedModel, StageInterface, extracted_stages
 
 MAX_PREFIX_TOKENS = 16  # class + distillation + register tokens; more than this is not a ViT layout we recognise
 
@@ -242,8 +242,6 @@ class _LayerNorm2d(nn.LayerNorm):
 # Teacher as meta
 # ---------------------------------------------------------------------------------------------------------------
 def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedModel:
-    from monomod.passes.extract import extract
-
     for spec in partition.modules:
         if len(spec.outputs) != 1 or (spec.outputs[0].shape is None):
             names = ", ".join(v.describe() for v in spec.outputs)
@@ -251,13 +249,7 @@ def _teacher_meta(partition: Partition, in_chans: int, img_size: int) -> StagedM
                 f"teacher-as-meta needs one tensor on every boundary, but module {spec.index} outputs {names}",
                 "partition at other cut points (--cuts) so each boundary is a single tensor",
             )
-    k = partition.k
-    stages: list[Stage] = []
-    for i, module in enumerate(extract(partition)):
-        width_in = None if i == 0 else partition.modules[i - 1].outputs[0].token_width
-        width_out = None if i == k - 1 else partition.modules[i].outputs[0].token_width
-        kind = "image->tokens" if i == 0 else "tokens->logits" if i == k - 1 else "tokens->tokens"
-        stages.append(ModuleStage(module, StageInterface(kind, width_in, width_out)))
+    stages = extracted_stages(partition)
     out = partition.modules[-1].outputs[0].shape
     num_classes = int(out[-1]) if out and isinstance(out[-1], int) else 0
     meta = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
