@@ -229,6 +229,7 @@ class _Scheduler:
         self.plan, self.run_dir, self.runner, self.board = plan, run_dir, runner, board
         self.pending, self.done, self.max_retries, self.on_job = pending, done, max_retries, on_job
         self.order = {job.name: i for i, job in enumerate(plan.jobs)}
+        self.priority = _longest_path_first(plan) if runner.capacity > 1 else self.order
         self.running: set[str] = set()
         self.attempts: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # name -> error of its last attempt
@@ -251,8 +252,9 @@ class _Scheduler:
         return any(name in self.failed or name in self.blocked for name in job.inputs)
 
     def launch_ready(self) -> None:
-        """Start the pending jobs whose inputs are done, in plan order, while the executor has room."""
-        for job in list(self.pending):
+        """Start the pending jobs whose inputs are done while the executor has room: in plan order one at a time,
+        the longest remaining path first side by side (``_longest_path_first``)."""
+        for job in sorted(self.pending, key=lambda j: self.priority[j.name]):
             if len(self.running) >= self.runner.capacity:
                 break
             if self._is_blocked(job):
@@ -294,6 +296,19 @@ class _Scheduler:
         self.statuses.append(status)
         if self.on_job:
             self.on_job(status)
+
+
+def _longest_path_first(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Sort keys of the jobs for executors that run several at once: the most training steps from the job's start to
+    the end of the plan first (its own steps and those of its longest chain of dependents), then plan order. Long
+    chains start early and the longest of side-by-side jobs does not start last and set the finish time alone."""
+    remaining: dict[str, int] = {}
+    for job in reversed(plan.jobs):
+        train = job.config.get("train")
+        steps = train.get("steps", 0) if isinstance(train, dict) and isinstance(train.get("steps"), int) else 0
+        after = [remaining[j.name] for j in plan.jobs if job.name in j.inputs]
+        remaining[job.name] = steps + max(after, default=0)
+    return {job.name: (-remaining[job.name], i) for i, job in enumerate(plan.jobs)}
 
 
 def _check_saved_plan(plan: Plan, run_dir: Path) -> None:
