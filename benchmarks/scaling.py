@@ -79,4 +79,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['executor']} | {r['workers'] or '-'} | {r['threads']} | {r['seconds']} | "
                      f"{r['speedup_vs_1_worker']} | {r['speedup_vs_local']} | "
                      f"{'yes' if r['bitwise_equal_to_first_with_these_threads'] else 'no'} |")
+    by = {(r["executor"], r["workers"], r["threads"]): r["seconds"] for r in result["rows"]}
+    cores, half = result["cores"], max(1, result["cores"] // 2)
+    one_job = by[("local", None, half)] / by[("local", None, cores)]
+    lines += ["", f"2 workers against 1 worker: {by[('process', 1, cores)] / by[('process', 2, half)]:.2f}x (goal "
+              f"1.6x); against the same jobs at {half} thread(s) one at a time: "
+              f"{by[('local', None, half)] / by[('process', 2, half)]:.2f}x. One job runs {one_job:.2f}x faster on "
+              f"{cores} threads than on {half}, so 2 workers x {half} thread(s) can beat 1 x {cores} by "
+              f"{2 / one_job:.2f}x at most."]
     return "\n".join(lines) + "\n"

@@ -148,4 +148,17 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['gflop_per_sample']} | {r['achieved_gflops']} | "
                      f"{100 * r['achieved_gflops'] * 1e9 / peaks['fp32']:.1f} % | "
                      f"{'%.0f %%' % (100 * r['achieved_gflops'] * 1e9 / peaks['bf16']) if r['mode'] == 'bf16' else '-'} |")
+    lines += ["", "Compile pays for itself after (its extra first-window time) / (the time it saves per step) steps: "
+              + "; ".join(f"{r['setting']} {r['job']}: {_break_even(r, result['rows'])}"
+                          for r in result["rows"] if r["mode"] == "fp32+compile") + "."]
     return "\n".join(lines) + "\n"
+
+
+def _break_even(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    eager = next(r for r in rows if r["mode"] == "fp32" and (r["setting"], r["job"]) == (compiled["setting"],
+                                                                                         compiled["job"]))
+    per_step = lambda r: r["batch"] / r["steady_samples_per_s"]  # noqa: E731
+    saved = per_step(eager) - per_step(compiled)
+    if saved <= 0:
+        return "never"
+    return f"{(compiled['first_window_s'] - eager['first_window_s']) / saved:.0f} steps"
