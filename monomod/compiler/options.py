@@ -184,9 +184,9 @@ OPTIONS: tuple[Option, ...] = (
     _choice("precision", PRECISIONS, "auto", "Training precision: bf16 autocast, or fp32; auto = bf16 on CUDA and on "
             "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
             "job and its hash).", flag="--precision"),
+    # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),
-    # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`)
     Option("checkpoint_every", 0, lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
     Option("checkpoint_minutes", 10.0, lambda v: _is_num(v) and v >= 0, "a number >= 0 (minutes; 0 = by steps only)"),
     Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = this "

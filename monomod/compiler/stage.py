@@ -31,7 +31,6 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.frontend import load_model
     from monomod.passes.schedule import PRESET_BUDGETS, DataInfo, schedule
     from monomod.runtime.execute import check_train_configs
-
     from monomod.runtime.executors import cpu_count
     from monomod.runtime.train import resolve_precision
 

@@ -146,8 +146,9 @@ def _execute(
     """Run every job that is not finished with its current hash, respecting the DAG, on ``executor``.
 
     ``local`` runs jobs in this process one by one (plan order); ``process`` runs up to ``workers`` jobs at once in
-    fresh processes on this machine; ``ray`` runs them as tasks on a Ray cluster (``ray_address``). A job whose
-    inputs are finished starts as soon as the executor has room. A failed attempt is retried up to
+    worker processes on this machine, started once and reused; ``ray`` runs them as tasks on a Ray cluster
+    (``ray_address``). A job whose inputs are finished starts as soon as the executor has room (side by side, the
+    longest remaining chain of training steps first). Every job computes with the plan's ``threads``. A failed attempt is retried up to
     ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
     job and its ``log.txt``. ``loader_workers`` sets every job's data-loader workers (default: the job's cores, at
     most 8); it changes speed, never results, so it is not part of the plan. Finished jobs stay finished, so running the plan again retries only what is left.
