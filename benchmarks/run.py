@@ -23,12 +23,14 @@ BENCHMARKS = {
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
     "evidence": "Evidence of the method: m2mKD + fine-tune against training from scratch (NAC and MoE, 3 seeds)",
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
+    "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
 }
 
 
 # Collected into RESULTS.md but not run by this script (they need another machine; see each module's docstring).
 COLLECTED = {
     "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
+    "precision_demo": "The demo in fp32 and in bf16 on the same seed, at a fifth of the demo's budgets (this CPU)",
 }
 
 

@@ -42,9 +42,10 @@ def convert(teacher: str, *, to: str, modules: int | None = None, out: str | Pat
 
 
 def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int | None = None,
-        checkpoint_minutes: float | None = None, **execute_options: Any) -> "Run":
+        checkpoint_minutes: float | None = None, threads: int | None = None, **execute_options: Any) -> "Run":
     """Execute (or resume) RUN_DIR's plan, like ``monomod run``. A teacher the plan file names as Python code
-    (``pkg.module:factory``) runs only with ``trust_code=True``."""
+    (``pkg.module:factory``) runs only with ``trust_code=True``. ``threads`` replaces the plan's threads per job
+    (finished jobs are kept: it is not part of their hashes)."""
     from monomod.compiler import set_checkpointing
     from monomod.frontend import check_trusted
     from monomod.runtime.execute import execute
@@ -54,7 +55,10 @@ def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int 
     plan = Plan.load(path)
     check_trusted(plan.settings, str(RunDir(path).plan_file), trust_code)
     with run_dir_lock(path):
-        if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
+        changed = set_checkpointing(plan, checkpoint_every, checkpoint_minutes)
+        if threads is not None and plan.settings.get("threads") != threads:
+            plan.settings["threads"], changed = threads, True
+        if changed:
             plan.save(path)  # workers read the plan from RUN_DIR; the hashes stay the same
         execute(plan, path, **execute_options)
     return Run(path=path, plan=plan, trust_code=trust_code)

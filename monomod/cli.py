@@ -70,8 +70,8 @@ def _executor_options(command):
         click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
                      help="Where jobs run: this process one by one, a process pool on this machine, or a Ray cluster."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Jobs in flight at once (process: default 2, each with cores/N threads; ray: default the "
-                          "plan's widest level, capped at the cluster's CPUs)."),
+                     help="Jobs in flight at once (process: default 2 worker processes, each reused for job after job; "
+                          "ray: default the plan's widest level, capped at the cluster's CPUs / the plan's threads)."),
         click.option("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)."),
         click.option("--max-retries", type=click.IntRange(min=0), default=0, show_default=True,
                      help="Retry a failed job (exception or killed worker) up to N times."),
@@ -85,7 +85,7 @@ def _executor_options(command):
 
 
 def _run_dir_options(command):
-    """--trust-code, --checkpoint-every and --checkpoint-minutes, shared by convert and run."""
+    """--trust-code, --checkpoint-every, --checkpoint-minutes and --threads, shared by convert and run."""
     options = [
         click.option("--trust-code", is_flag=True,
                      help="Allow a recipe or plan.yaml to name Python code (pkg.module:factory) as the teacher."),
@@ -93,6 +93,10 @@ def _run_dir_options(command):
                      help="Checkpoint training jobs every N steps too (0: by time only). Not part of job hashes."),
         click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=None,
                      help="Checkpoint training jobs every M minutes (default 10; 0: by steps only). Not part of job hashes."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="Torch threads of every job, whichever executor runs it (default: this machine's cores; "
+                          "with --executor process, cores/workers runs jobs side by side without contention). "
+                          "Recorded in plan.yaml, not part of job hashes."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -230,7 +234,8 @@ def _dash(value: int | None) -> str:
 @_executor_options
 def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_run: bool, force: bool,
             reuse: tuple[str, ...], fmt: str, trust_code: bool, checkpoint_every: int | None,
-            checkpoint_minutes: float | None, run_options: dict | None = None, **given: object) -> None:
+            checkpoint_minutes: float | None, threads: int | None, run_options: dict | None = None,
+            **given: object) -> None:
     """Distil MODEL into a modular student: compile the plan, run it, report the numbers.
 
     \b
@@ -250,7 +255,7 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
     from monomod.runtime.lock import run_dir_lock
 
     options, data_info = _convert_options(click.get_current_context(), given, recipe, sets, trust_code)
-    options = _with_checkpointing(options, checkpoint_every, checkpoint_minutes)
+    options = _with_checkpointing(options, checkpoint_every, checkpoint_minutes, threads)
     check_reuse_sources(list(reuse))  # in a dry run too
     notes: list[str] = []
     with err.status("compiling the plan ...", spinner="dots"):
@@ -286,7 +291,7 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
 @_run_dir_options
 @_executor_options
 def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpoint_every: int | None,
-        checkpoint_minutes: float | None, run_options: dict | None = None) -> None:
+        checkpoint_minutes: float | None, threads: int | None, run_options: dict | None = None) -> None:
     """Execute RUN_DIR's plan, or resume it: finished jobs (same hash) are skipped.
 
     Exit code 1 when a job fails (its name and log.txt are printed; finished jobs are kept, so running the same
@@ -314,7 +319,11 @@ def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpo
     check_train_configs(plan)  # an edited plan.yaml fails here, before the table is printed
     plan.check_paths(run_dir)
     with run_dir_lock(run_dir):
-        if set_checkpointing(plan, checkpoint_every, checkpoint_minutes):
+        changed = set_checkpointing(plan, checkpoint_every, checkpoint_minutes)
+        if threads is not None and plan.settings.get("threads") != threads:
+            plan.settings["threads"] = threads
+            changed = True
+        if changed:
             plan.save(run_dir)  # workers read the plan from RUN_DIR; job hashes do not change
         _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None, **(run_options or {}))
 
@@ -576,11 +585,12 @@ def recipes_show(name: str) -> None:
     click.echo(load_recipe(name).path.read_text(), nl=False)
 
 
-def _with_checkpointing(options, every: int | None, minutes: float | None):
-    """Options with the command line's checkpoint settings (None: the recipe's or the default)."""
+def _with_checkpointing(options, every: int | None, minutes: float | None, threads: int | None = None):
+    """Options with the command line's checkpoint and thread settings (None: the recipe's or the default)."""
     from dataclasses import replace
 
-    changes = {k: v for k, v in (("checkpoint_every", every), ("checkpoint_minutes", minutes)) if v is not None}
+    changes = {k: v for k, v in (("checkpoint_every", every), ("checkpoint_minutes", minutes), ("threads", threads))
+               if v is not None}
     return replace(options, **changes) if changes else options
 
 

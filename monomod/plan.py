@@ -25,7 +25,12 @@ JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "ba
 DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
 # Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
 # how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
-UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes")
+UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes", "compile")
+# Run settings of the same sort: ``threads`` (torch threads of every job, whichever executor runs it) changes only
+# the rounding of sums, not what a job computes, so a plan compiled on a machine with other cores, or run again
+# with ``--threads``, keeps its finished jobs (and ``--reuse`` works across machines). Within one plan every
+# executor uses the same count, so local, process and Ray runs give bitwise equal weights.
+UNHASHED_SETTINGS = ("threads",)
 # Of the recorded partition (settings key ``partition``) only the cuts say what a job computes; cost, tolerance and
 # balance say how the cuts were found, so they stay out of job hashes.
 HASHED_PARTITION_KEYS = ("cuts",)
@@ -249,6 +254,8 @@ def _inside_run_dir(path: Any) -> bool:
 
 
 def _hashed_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    if set(UNHASHED_SETTINGS) & set(settings):
+        settings = {k: v for k, v in settings.items() if k not in UNHASHED_SETTINGS}
     record = settings.get("partition")
     if not isinstance(record, dict):
         return settings

@@ -98,6 +98,7 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord) -> Plan:
         "img_size": options.img_size or budget["img_size"], "in_chans": options.in_chans or data.in_chans,
         "num_classes": data.num_classes, "meta": options.meta, "preset": options.preset, "seed": options.seed,
         "teacher_training": training, "partition": partition.to_dict(),
+        "threads": options.threads,  # torch threads of every job, whichever executor runs it (not in job hashes)
         "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
     }
     train = _budget_maker(options, data)
@@ -182,6 +183,7 @@ def _budget_maker(o: Any, data: DataInfo) -> Callable[[str, int], dict[str, Any]
             "label_smoothing": budget["label_smoothing"], "mixup": budget["mixup"], "cutmix": budget["cutmix"],
             **{key: budget[key] for key in AUGMENT_KEYS},
             "seed": o.seed + seed_offset,
+            "precision": o.precision, "compile": o.compile,
         }
         config.update(override)  # lr, weight_decay, label_smoothing, mixup, cutmix, augmentation, ... as given
         return config

@@ -98,3 +98,21 @@ def test_a_plan_without_a_recorded_partition_asks_for_a_recompile(tmp_path):
     del plan.settings["partition"]
     with pytest.raises(MonomodError, match="records no partition"):
         RunContext(run_dir=tmp_path, plan=plan).partition()
+
+
+def test_precision_threads_and_compile_are_recorded_in_the_plan(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)  # a CPU without native bf16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto = json.loads(_convert("-k", "2", "--dry-run", "--format", "json").output)
+    trained = [job for job in auto["jobs"] if "train" in job["config"]]
+    assert trained and all(job["config"]["train"]["precision"] == "fp32" for job in trained)  # auto, resolved
+    assert all(job["config"]["train"]["compile"] is False for job in trained)
+    assert auto["settings"]["threads"] >= 1  # this machine's cores
+    given = json.loads(_convert("-k", "2", "--precision", "bf16", "--compile", "--threads", "3", "--dry-run",
+                                "--format", "json").output)
+    assert given["settings"]["threads"] == 3
+    assert all(job["config"]["train"]["precision"] == "bf16" and job["config"]["train"]["compile"]
+               for job in given["jobs"] if "train" in job["config"])
+    assert _convert("-k", "2", "--precision", "fp16", "--dry-run").exit_code == 2

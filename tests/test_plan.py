@@ -120,3 +120,27 @@ def test_m2mkd_loss_matches_a_hand_computation():
     zt_grad = zt.clone().requires_grad_()
     m2mkd_loss(zs_grad, zt_grad, y).backward()
     assert zt_grad.grad is None and zs_grad.grad is not None  # never a gradient into the teacher
+
+
+def test_threads_and_compile_change_no_hash_precision_changes_every_training_job():
+    """Threads and compilation say how a job runs (only rounding moves), precision what it computes."""
+    base = {j.name: j.hash for j in plan_for(threads=2, precision="fp32").jobs}
+    assert {j.name: j.hash for j in plan_for(threads=7, precision="fp32").jobs} == base
+    assert {j.name: j.hash for j in plan_for(threads=2, precision="fp32", compile=True).jobs} == base
+    bf16 = plan_for(threads=2, precision="bf16")
+    assert all(job.config["train"]["precision"] == "bf16" for job in bf16.jobs if "train" in job.config)
+    assert plan_for(threads=7).settings["threads"] == 7
+    assert all(job.hash != base[job.name] for job in bf16.jobs)  # every job trains or reads a trained job
+
+
+def test_side_by_side_jobs_start_longest_remaining_path_first():
+    from monomod.runtime.execute import _longest_path_first
+
+    plan = plan_for(teacher_training="incubate")
+    for i, steps in enumerate((50, 300, 100, 300)):
+        plan.job(f"m2mkd:{i}").config["train"]["steps"] = steps
+    plan.rehash()
+    order = sorted((j.name for j in plan.jobs), key=_longest_path_first(plan).get)
+    m2mkd = [name for name in order if name.startswith("m2mkd")]
+    assert m2mkd == ["m2mkd:1", "m2mkd:3", "m2mkd:2", "m2mkd:0"]  # longest first, plan order among equals
+    assert order.index("meta") < order.index("baseline")  # meta heads the longest chain (incubate, FT, m2mKD, ...)

@@ -35,6 +35,7 @@ from monomod.runtime.train import (
     learning_rate,
     make_mixer,
     param_groups,
+    resolve_precision,
     soft_cross_entropy,
     train,
 )
@@ -293,8 +294,10 @@ def test_metrics_and_result_files(tmp_path: Path) -> None:
     assert TrainConfig.from_json(state["config"]) == cfg
     with pytest.raises(MonomodError, match="unknown training config keys"):
         TrainConfig.from_json({"steps": 3, "learning_rate": 1.0})
-    with pytest.raises(MonomodError, match="amp"):
-        TrainConfig(steps=3, amp="fp8")
+    with pytest.raises(MonomodError, match="precision"):
+        TrainConfig(steps=3, precision="fp8")
+    with pytest.raises(MonomodError, match="compile"):
+        TrainConfig(steps=3, compile="yes")
 
 
 def test_nan_loss_stops_with_label_and_step(tmp_path: Path) -> None:
@@ -505,3 +508,57 @@ def test_optimizer_and_rng_round_trip(tmp_path: Path) -> None:
     restore_rng_state(rng_tensors, json.loads(json.dumps(rng_meta)))
     second = (torch.rand(3), random.random())
     assert torch.equal(first[0], second[0]) and first[1] == second[1]
+
+
+# ------------------------------------------------------------------------------------------ precision, compile
+
+
+def test_precision_auto_is_bf16_only_where_it_is_native(monkeypatch) -> None:
+    import monomod.runtime.train as train_module
+
+    assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert resolve_precision("auto", "cpu") == "fp32"
+    assert train_module.native_bf16("meta") is False
+
+
+def test_bf16_job_runs_under_autocast_and_its_loss_is_finite(tmp_path: Path) -> None:
+    model = toy_model()
+    dtypes = []
+
+    def loss_fn(x, y):
+        logits = model(x)
+        dtypes.append(logits.dtype)
+        return soft_cross_entropy(logits, y), logits
+
+    cfg = TrainConfig(steps=12, lr=1e-2, warmup_steps=2, log_every=4, precision="bf16", device="cpu")
+    result = train(model, loss_fn, seeded_loader, cfg, job_dir=tmp_path / "bf16", label="toy")
+    assert set(dtypes) == {torch.bfloat16}  # the forward ran in bf16; weights and AdamW stay fp32
+    assert math.isfinite(result.final_loss) and all(math.isfinite(m["loss"]) for m in read_metrics(tmp_path / "bf16"))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    reference = toy_model()
+    train(reference, ce_loss(reference), seeded_loader, TrainConfig(steps=12, lr=1e-2, warmup_steps=2, log_every=4,
+          precision="fp32", device="cpu"), job_dir=tmp_path / "fp32", label="toy")
+    assert not torch.equal(model[0].weight, reference[0].weight)  # bf16 really changed the arithmetic
+
+
+def test_compiled_job_trains_checkpoints_plain_keys_and_resumes(tmp_path: Path) -> None:
+    """torch.compile wraps the loss function, never the module: checkpoint keys stay plain, and a compiled run
+    resumes an eager one's checkpoint (and back) as any run does."""
+    torch._dynamo.reset()
+    model, result = run_job(tmp_path / "job", steps=10, compile=True)
+    assert result.steps == 10 and math.isfinite(result.final_loss)
+    tensors, state = load_checkpoint(tmp_path / "job" / "checkpoint")
+    assert state["config"]["compile"] is True
+    assert not any("_orig_mod" in k for k in tensors) and set(model.state_dict()) == {
+        k[len("model."):] for k in tensors if k.startswith("model.")}
+    eager, _ = run_job(tmp_path / "eager", steps=10)
+    torch.testing.assert_close(model.state_dict(), eager.state_dict(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(tmp_path / "mixed", steps=10, stop_at=8)  # eager, killed after its step-5 checkpoint
+    resumed, result = run_job(tmp_path / "mixed", steps=10, compile=True)
+    assert result.resumed_from == 5 and result.steps == 10
+    torch.testing.assert_close(resumed.state_dict(), eager.state_dict(), rtol=1e-4, atol=1e-5)

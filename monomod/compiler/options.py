@@ -21,6 +21,7 @@ from monomod.passes.schedule import (
     resolve_teacher_training,
 )
 from monomod.data import parse_data_spec
+from monomod.runtime.train import PRECISIONS
 from monomod.students import STUDENT_KINDS
 from monomod.students.custom import resolve_student
 
@@ -180,9 +181,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("meta_width", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Width of the trained meta model (default: the teacher's boundary width)."),
     Option("budgets", None, lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
-    # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`)
+    _choice("precision", PRECISIONS, "auto", "Training precision: bf16 autocast, or fp32; auto = bf16 on CUDA and on "
+            "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
+            "job and its hash).", flag="--precision"),
+    # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
+    _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
+          "counts in the job's time. Not part of job hashes.", flag="--compile"),
     Option("checkpoint_every", 0, lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
     Option("checkpoint_minutes", 10.0, lambda v: _is_num(v) and v >= 0, "a number >= 0 (minutes; 0 = by steps only)"),
+    Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = this "
+           "machine's cores)"),
     Option("loader_workers", None, _optional(lambda v: _is_int(v, 0)),
            "an integer >= 0 (data-loader workers per job) or null"),
     Option("data_info", None, lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}

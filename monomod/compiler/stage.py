@@ -31,8 +31,11 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.frontend import load_model
     from monomod.passes.schedule import PRESET_BUDGETS, DataInfo, schedule
     from monomod.runtime.execute import check_train_configs
+    from monomod.runtime.executors import cpu_count
+    from monomod.runtime.train import resolve_precision
 
     validate(options_dict(options))
+    options = replace(options, threads=options.threads or cpu_count(), precision=resolve_precision(options.precision))
     probe = load_model(options.teacher, device="meta", img_size=options.img_size or PRESET_BUDGETS[options.preset]["img_size"],
                        in_chans=options.in_chans)
     cfg = getattr(probe, "pretrained_cfg", None) or {}

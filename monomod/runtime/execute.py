@@ -146,8 +146,9 @@ def _execute(
     """Run every job that is not finished with its current hash, respecting the DAG, on ``executor``.
 
     ``local`` runs jobs in this process one by one (plan order); ``process`` runs up to ``workers`` jobs at once in
-    fresh processes on this machine; ``ray`` runs them as tasks on a Ray cluster (``ray_address``). A job whose
-    inputs are finished starts as soon as the executor has room. A failed attempt is retried up to
+    worker processes on this machine, started once and reused; ``ray`` runs them as tasks on a Ray cluster
+    (``ray_address``). A job whose inputs are finished starts as soon as the executor has room (side by side, the
+    longest remaining chain of training steps first). Every job computes with the plan's ``threads``. A failed attempt is retried up to
     ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
     job and its ``log.txt``. ``loader_workers`` sets every job's data-loader workers (default: the job's cores, at
     most 8); it changes speed, never results, so it is not part of the plan. Finished jobs stay finished, so running the plan again retries only what is left.
@@ -229,6 +230,7 @@ class _Scheduler:
         self.plan, self.run_dir, self.runner, self.board = plan, run_dir, runner, board
         self.pending, self.done, self.max_retries, self.on_job = pending, done, max_retries, on_job
         self.order = {job.name: i for i, job in enumerate(plan.jobs)}
+        self.priority = _longest_path_first(plan) if runner.capacity > 1 else self.order
         self.running: set[str] = set()
         self.attempts: dict[str, int] = {}
         self.failed: dict[str, str] = {}  # name -> error of its last attempt
@@ -251,8 +253,9 @@ class _Scheduler:
         return any(name in self.failed or name in self.blocked for name in job.inputs)
 
     def launch_ready(self) -> None:
-        """Start the pending jobs whose inputs are done, in plan order, while the executor has room."""
-        for job in list(self.pending):
+        """Start the pending jobs whose inputs are done while the executor has room: in plan order one at a time,
+        the longest remaining path first side by side (``_longest_path_first``)."""
+        for job in sorted(self.pending, key=lambda j: self.priority[j.name]):
             if len(self.running) >= self.runner.capacity:
                 break
             if self._is_blocked(job):
@@ -294,6 +297,19 @@ class _Scheduler:
         self.statuses.append(status)
         if self.on_job:
             self.on_job(status)
+
+
+def _longest_path_first(plan: Plan) -> dict[str, tuple[int, int]]:
+    """Sort keys of the jobs for executors that run several at once: the most training steps from the job's start to
+    the end of the plan first (its own steps and those of its longest chain of dependents), then plan order. Long
+    chains start early and the longest of side-by-side jobs does not start last and set the finish time alone."""
+    remaining: dict[str, int] = {}
+    for job in reversed(plan.jobs):
+        train = job.config.get("train")
+        steps = train.get("steps", 0) if isinstance(train, dict) and isinstance(train.get("steps"), int) else 0
+        after = [remaining[j.name] for j in plan.jobs if job.name in j.inputs]
+        remaining[job.name] = steps + max(after, default=0)
+    return {job.name: (-remaining[job.name], i) for i, job in enumerate(plan.jobs)}
 
 
 def _check_saved_plan(plan: Plan, run_dir: Path) -> None:

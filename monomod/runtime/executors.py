@@ -2,10 +2,13 @@
 jobs whose inputs are finished, up to the executor's capacity, then waits for outcomes.
 
 * ``local``: in this process, one job at a time (the default; the job's own progress bar on the console).
-* ``process``: a pool of ``workers`` slots on this machine; every job runs in a fresh process (spawn context) with
-  ``max(1, cores // workers)`` torch threads and matching OMP/MKL variables, so workers do not oversubscribe.
+* ``process``: a pool of ``workers`` worker processes on this machine (spawn context), each started once and reused
+  for job after job, keeping the run's data and frozen models loaded between jobs.
 * ``ray``: every job is a Ray task on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or none for a local Ray
-  with ``num_cpus`` = this machine's cores).
+  with ``num_cpus`` = this machine's cores) that asks for the plan's threads as its CPUs.
+
+Every job computes with the plan's thread count (``settings.threads``, set by ``run_job``), whichever executor runs
+it, so the three give bitwise equal weights; pool workers also start with matching OMP/MKL variables.
 
 Whatever the executor, a job is run by ``run_one``: load RUN_DIR's plan, check the job's hash, run it exactly as
 ``monomod run RUN_DIR --job NAME`` does and write its products, ``done.json`` and ``log.txt`` under
@@ -100,9 +103,11 @@ def _output_to(path: Path) -> Iterator[None]:
 
 
 def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: int | None = None,
-            worker: str | None = None, loader_workers: int | None = None) -> dict[str, Any]:
+            worker: str | None = None, loader_workers: int | None = None,
+            contexts: "WorkerContexts | None" = None) -> dict[str, Any]:
     """Run job ``name`` of RUN_DIR's plan in this process, as ``monomod run RUN_DIR --job NAME`` does, with the
-    job's output appended to ``RUN_DIR/jobs/<dir>/log.txt`` (``loader_workers``: see ``RunContext``). Never raises for a failing job: returns
+    job's output appended to ``RUN_DIR/jobs/<dir>/log.txt`` (``loader_workers``: see ``RunContext``; ``contexts``: a pool
+    worker's RunContext kept between jobs). Never raises for a failing job: returns
     ``{"ok": bool, "seconds": float | None, "error": one line | None, "worker": label}``."""
     from monomod.plan import Plan
 
@@ -131,7 +136,9 @@ def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: 
                 torch.set_num_threads(threads)
             from monomod.runtime.jobs import RunContext, run_job
 
-            record = run_job(RunContext(run_dir=Path(run_dir), plan=plan, loader_workers=loader_workers), job)
+            ctx = (contexts.get(run_dir, plan, loader_workers) if contexts is not None
+                   else RunContext(run_dir=Path(run_dir), plan=plan, loader_workers=loader_workers))
+            record = run_job(ctx, job)
         except Exception as e:  # reported to the scheduler; the traceback stays in the log
             traceback.print_exc()
             print(f"[{_stamp()}] {name}: failed", flush=True)
@@ -190,21 +197,47 @@ class LocalExecutor:
 # ----------------------------------------------------------------------------------------------- process pool
 
 
-def _process_main(run_dir: str, name: str, expected_hash: str, threads: int, conn: Any,
-                  loader_workers: int | None = None) -> None:
-    """Entry point of a pool worker (a fresh, spawned interpreter): run one job, report, exit.
+class WorkerContexts:
+    """A pool worker's RunContext, kept from one job to the next of the same run (same RUN_DIR, same settings): the
+    data set, the teacher's partition and the frozen models are loaded once per worker, not once per job, as the
+    local executor loads them once per run. Products never change once their job is done, so what it caches stays
+    true."""
 
-    Ctrl-C is the scheduler's to handle (it stops its workers with SIGTERM); a worker ignores SIGINT so a terminal
-    interrupt does not print a traceback per worker."""
+    def __init__(self) -> None:
+        self.ctx: Any = None
+
+    def get(self, run_dir: str, plan: Any, loader_workers: int | None) -> Any:
+        from monomod.runtime.jobs import RunContext
+
+        ctx = self.ctx
+        if (ctx is None or ctx.run_dir != Path(run_dir) or ctx.plan.settings != plan.settings
+                or ctx.loader_workers != loader_workers):
+            ctx = self.ctx = RunContext(run_dir=Path(run_dir), plan=plan, loader_workers=loader_workers)
+        ctx.plan = plan  # this job's plan, as read from RUN_DIR
+        return ctx
+
+
+def _worker_main(conn: Any) -> None:
+    """A pool worker (a spawned interpreter): run the jobs the scheduler sends, one at a time, until it sends None.
+
+    Starting once saves every later job the interpreter start, the imports and loading the data. Ctrl-C is the
+    scheduler's to handle (it stops its workers with SIGTERM); a worker ignores SIGINT so a terminal interrupt does
+    not print a traceback per worker."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    result = run_one(run_dir, name, expected_hash, threads, loader_workers=loader_workers)
-    try:
-        conn.send(result)
-        conn.close()
-    finally:
+    contexts = WorkerContexts()
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):
+            break
+        if task is None:
+            break
+        run_dir, name, expected_hash, threads, loader_workers = task
+        result = run_one(run_dir, name, expected_hash, threads, loader_workers=loader_workers, contexts=contexts)
         sys.stdout.flush()
         sys.stderr.flush()
-    sys.exit(0 if result["ok"] else 1)
+        conn.send(result)
+    conn.close()
 
 
 @contextmanager
@@ -221,81 +254,126 @@ def _environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+@dataclass
+class _PoolWorker:
+    proc: Any
+    conn: Any  # the scheduler's end of a duplex pipe
+
+    @property
+    def label(self) -> str:
+        return f"pid {self.proc.pid}"
+
+
+def plan_thread_count(plan: Any, default: int) -> int:
+    """The plan's threads per job (``settings.threads``), or ``default`` for a plan from before the setting."""
+    threads = (getattr(plan, "settings", None) or {}).get("threads")
+    return int(threads) if threads else default
+
+
 class ProcessExecutor:
-    """``workers`` slots on this machine; each job in a fresh spawned process with ``cores // workers`` threads."""
+    """``workers`` slots on this machine, each a worker process started once (spawn) and reused for job after job;
+    every job computes with the plan's thread count (``settings.threads``)."""
 
     kind = "process"
     live_view = True
 
-    def __init__(self, run_dir: Path, workers: int | None = None, loader_workers: int | None = None) -> None:
+    def __init__(self, run_dir: Path, workers: int | None = None, loader_workers: int | None = None,
+                 plan: Any = None) -> None:
         import multiprocessing
 
         self.run_dir = run_dir
         self.loader_workers = loader_workers
         self.capacity = workers or DEFAULT_PROCESS_WORKERS
-        self.threads = max(1, cpu_count() // self.capacity)
+        self.threads = plan_thread_count(plan, max(1, cpu_count() // self.capacity))
         self.mp = multiprocessing.get_context("spawn")
-        self.running: dict[str, tuple[Any, Any]] = {}  # name -> (process, receiving end of its pipe)
+        self.idle: list[_PoolWorker] = []
+        self.running: dict[str, _PoolWorker] = {}
+        if self.capacity * self.threads > cpu_count():
+            from rich.console import Console
 
-    def start(self, job: Any) -> None:
-        receive, send = self.mp.Pipe(duplex=False)
-        proc = self.mp.Process(target=_process_main, name=f"monomod {job.name}", daemon=True,
-                               args=(str(self.run_dir), job.name, job.hash, self.threads, send, self.loader_workers))
+            Console(stderr=True).print(
+                f"[yellow]{self.capacity} workers x {self.threads} thread(s) per job share {cpu_count()} core(s), so "
+                f"jobs side by side compete for them: compile with --threads {max(1, cpu_count() // self.capacity)} "
+                f"(or `monomod run RUN_DIR --threads N`) to give each job its own cores[/yellow]", highlight=False)
+
+    def _spawn(self) -> _PoolWorker:
+        mine, theirs = self.mp.Pipe(duplex=True)
+        proc = self.mp.Process(target=_worker_main, args=(theirs,), name="monomod worker", daemon=True)
         # The child reads the thread variables when torch loads, before any code of ours runs: set them for it.
         with _environ(thread_env(self.threads)):
             proc.start()
-        send.close()
-        self.running[job.name] = (proc, receive)
+        theirs.close()
+        return _PoolWorker(proc, mine)
+
+    def start(self, job: Any) -> None:
+        worker = self.idle.pop() if self.idle else self._spawn()
+        worker.conn.send((str(self.run_dir), job.name, job.hash, self.threads, self.loader_workers))
+        self.running[job.name] = worker
 
     def workers(self) -> dict[str, str]:
-        return {name: f"pid {proc.pid}" for name, (proc, _) in self.running.items()}
+        return {name: worker.label for name, worker in self.running.items()}
 
     def wait(self, timeout: float) -> list[Outcome]:
         from multiprocessing.connection import wait
 
         if not self.running:
             return []
-        by_sentinel = {proc.sentinel: name for name, (proc, _) in self.running.items()}
+        by_handle = {}
+        for name, worker in self.running.items():
+            by_handle[worker.conn] = by_handle[worker.proc.sentinel] = name
         outcomes = []
-        for sentinel in wait(list(by_sentinel), timeout):
-            name = by_sentinel[sentinel]
-            proc, receive = self.running.pop(name)
-            proc.join()
-            result = None
-            try:
-                if receive.poll():
-                    result = receive.recv()
-            except (EOFError, OSError):
-                pass
-            receive.close()
-            worker = f"pid {proc.pid}"
-            if proc.exitcode == 0 and result and result["ok"]:
-                outcomes.append(Outcome(name, True, seconds=result["seconds"], worker=worker))
-            elif result and result.get("error"):
-                outcomes.append(Outcome(name, False, error=result["error"], worker=worker))
-            elif proc.exitcode is not None and proc.exitcode < 0:
-                try:
-                    how = signal.Signals(-proc.exitcode).name
-                except ValueError:
-                    how = f"signal {-proc.exitcode}"
-                outcomes.append(Outcome(name, False, error=f"worker {worker} was killed by {how}", worker=worker))
+        for name in dict.fromkeys(by_handle[h] for h in wait(list(by_handle), timeout)):
+            worker = self.running.pop(name)
+            result = self._result(worker)
+            if result is not None and worker.proc.is_alive():
+                self.idle.append(worker)
             else:
-                outcomes.append(Outcome(name, False, error=f"worker {worker} exited with code {proc.exitcode}",
-                                        worker=worker))
+                self._stop(worker)
+            outcomes.append(self._outcome(name, worker, result))
         return outcomes
 
+    @staticmethod
+    def _result(worker: _PoolWorker) -> dict[str, Any] | None:
+        try:
+            return worker.conn.recv() if worker.conn.poll() else None
+        except (EOFError, OSError):
+            return None
+
+    @staticmethod
+    def _outcome(name: str, worker: _PoolWorker, result: dict[str, Any] | None) -> Outcome:
+        if result is not None:
+            return Outcome(name, result["ok"], seconds=result["seconds"], error=result["error"], worker=worker.label)
+        code = worker.proc.exitcode
+        if code is not None and code < 0:
+            try:
+                how = signal.Signals(-code).name
+            except ValueError:
+                how = f"signal {-code}"
+            return Outcome(name, False, error=f"worker {worker.label} was killed by {how}", worker=worker.label)
+        return Outcome(name, False, error=f"worker {worker.label} exited with code {code}", worker=worker.label)
+
+    @staticmethod
+    def _stop(worker: _PoolWorker, grace: float = 5.0) -> None:
+        worker.proc.join(grace)
+        if worker.proc.is_alive():
+            worker.proc.kill()
+            worker.proc.join()
+        worker.conn.close()
+
     def close(self) -> None:
-        """Stop workers still running (Ctrl-C, or a failure elsewhere): SIGTERM, then SIGKILL."""
-        for proc, receive in self.running.values():
-            if proc.is_alive():
-                proc.terminate()
+        """Let idle workers exit; stop workers still running (Ctrl-C, or a failure elsewhere): SIGTERM, then SIGKILL."""
+        for worker in self.idle:
+            try:
+                worker.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for worker in self.running.values():
+            if worker.proc.is_alive():
+                worker.proc.terminate()
         deadline = time.time() + 5
-        for proc, receive in self.running.values():
-            proc.join(max(0.0, deadline - time.time()))
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-            receive.close()
+        for worker in [*self.idle, *self.running.values()]:
+            self._stop(worker, max(0.0, deadline - time.time()))
+        self.idle.clear()
         self.running.clear()
 
 
@@ -331,7 +409,7 @@ class RayExecutor:
     live_view = True
 
     def __init__(self, run_dir: Path, workers: int | None = None, address: str | None = None,
-                 widest: int = 1, loader_workers: int | None = None) -> None:
+                 widest: int = 1, loader_workers: int | None = None, plan: Any = None) -> None:
         ray = import_ray()
         import torch
 
@@ -352,8 +430,9 @@ class RayExecutor:
                                    "check --ray-address (auto, or HOST:PORT of the head node) and `ray status`") from None
         total = int(ray.cluster_resources().get("CPU", 1))
         largest = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=total)
-        self.capacity = workers or max(1, min(widest, total))
-        self.threads = max(1, min(largest, total // self.capacity))
+        self.threads = min(largest, plan_thread_count(plan, 0)) or None
+        self.capacity = workers or max(1, min(widest, total // (self.threads or 1)))
+        self.threads = self.threads or max(1, min(largest, total // self.capacity))
         gpus = 1 if torch.cuda.is_available() else 0
         self.remote = ray.remote(num_cpus=self.threads, num_gpus=gpus, max_retries=0)(_ray_task)
         self.running: dict[str, Any] = {}  # name -> ObjectRef
@@ -412,8 +491,9 @@ def make_executor(kind: str, run_dir: Path, plan: Any, *, workers: int | None = 
             raise MonomodError(f"--workers {workers} needs a parallel executor", "add --executor process (or ray)")
         return LocalExecutor(run_dir, plan, loader_workers)
     if kind == "process":
-        return ProcessExecutor(run_dir, workers, loader_workers)
-    return RayExecutor(run_dir, workers, ray_address, widest=_widest_level(plan), loader_workers=loader_workers)
+        return ProcessExecutor(run_dir, workers, loader_workers, plan=plan)
+    return RayExecutor(run_dir, workers, ray_address, widest=_widest_level(plan), loader_workers=loader_workers,
+                       plan=plan)
 
 
 def _widest_level(plan: Any) -> int:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -528,6 +529,22 @@ RUNNERS: dict[str, JobKind] = {  # one entry per monomod.plan.JOB_KINDS
 }
 
 
+@contextmanager
+def plan_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with the plan's torch thread count (``settings.threads``; None, as in older plans: leave it),
+    then put the caller's back. Every executor runs a job through here, so a job computes with the same number of
+    threads, and sums in the same order, whichever executor runs it."""
+    if not threads:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     """Run one job and record it as done (hash, wall time, result) with an atomic marker.
 
@@ -538,7 +555,8 @@ def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
     if world_size() > 1 and not kind.trains and not is_writer():
         result: dict[str, Any] = {}
     else:
-        result = kind.run(ctx, job)
+        with plan_threads(ctx.settings.get("threads")):
+            result = kind.run(ctx, job)
     seconds = time.perf_counter() - started
     record = {"name": job.name, "hash": job.hash, "seconds": round(seconds, 3), "result": result}
     if world_size() > 1:

@@ -52,9 +52,9 @@ from monomod.runtime.checkpoint import (
 )
 
 CHECKPOINT_FORMAT = 1
-AMP_MODES = ("auto", "bf16", "off")
+PRECISIONS = ("auto", "fp32", "bf16")
 # Config fields that may change between a run and its resume without invalidating the checkpoint.
-RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "checkpoint_minutes", "device"})
+RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "checkpoint_minutes", "device", "compile"})
 # Parameter-name words that mark a parameter as exempt from weight decay (in addition to every 1-D parameter).
 NO_DECAY_WORDS = frozenset({
     "token", "tokens", "embed", "embeds", "embedding", "embeddings", "signature", "signatures", "code", "codes",
@@ -88,7 +88,8 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 0       # 0 = no step-based checkpoints; N = also every N steps
     checkpoint_minutes: float = 10.0  # also every M minutes of wall time (0 = not by time); always at the end
-    amp: str = "auto"               # "auto" = bf16 autocast on CUDA, off on CPU; "bf16" = always; "off" = never
+    precision: str = "auto"         # "bf16" = bf16 autocast; "fp32"; "auto" = see resolve_precision (at run time)
+    compile: bool = False           # torch.compile the loss function (trainable and frozen context); weights unchanged
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -127,8 +128,8 @@ class TrainConfig:
             raise bad("log_every", "must be at least 1")
         if self.checkpoint_every < 0 or self.checkpoint_minutes < 0:
             raise bad("checkpoint_every" if self.checkpoint_every < 0 else "checkpoint_minutes", "must be non-negative")
-        if self.amp not in AMP_MODES:
-            raise bad("amp", f"must be one of {', '.join(AMP_MODES)}")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"must be one of {', '.join(PRECISIONS)}")
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,8 +161,10 @@ def _check_types(config: TrainConfig, bad: Callable[[str, str], MonomodError]) -
             raise bad(name, "must be a finite number")
     if config.num_classes is not None and (not isinstance(config.num_classes, int) or isinstance(config.num_classes, bool)):
         raise bad("num_classes", "must be an integer")
-    if not isinstance(config.amp, str) or not isinstance(config.device, str):
-        raise bad("amp" if not isinstance(config.amp, str) else "device", "must be a string")
+    if not isinstance(config.precision, str) or not isinstance(config.device, str):
+        raise bad("precision" if not isinstance(config.precision, str) else "device", "must be a string")
+    if not isinstance(config.compile, bool):
+        raise bad("compile", "must be true or false")
 
 
 @dataclass
@@ -278,8 +281,26 @@ def make_mixer(config: TrainConfig) -> Callable[[Tensor, Tensor, int], tuple[Ten
     return mix
 
 
-def _amp_enabled(amp: str, device: torch.device) -> bool:
-    return amp == "bf16" or (amp == "auto" and device.type == "cuda")
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 natively: CUDA, or a CPU whose oneDNN reports bf16 support (AVX512-BF16,
+    AMX). Elsewhere bf16 is emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # pragma: no cover - a build without oneDNN
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """``fp32`` or ``bf16``: ``auto`` is bf16 where ``device`` (default: the one ``auto`` picks, CUDA when there
+    is one) computes bf16 natively, fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device if device is not None else resolve_device("auto")) else "fp32"
 
 
 def _hard_labels(y: Tensor) -> Tensor:
@@ -605,7 +626,9 @@ class _Stepper:
                  mix: Callable | None, label: str, ckpt_dir: Path) -> None:
         self.loss_fn, self.optimizer, self.config, self.device = loss_fn, optimizer, config, device
         self.mix, self.label, self.ckpt_dir = mix, label, ckpt_dir
-        self.use_amp = _amp_enabled(config.amp, device)
+        self.use_amp = resolve_precision(config.precision, device) == "bf16"
+        if config.compile:  # compiled on the first step, inside the job's time; the modules themselves stay unwrapped
+            self.loss_fn = torch.compile(loss_fn)
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
 
     def __call__(self, x: Tensor, y: Tensor, step: int) -> _Stepped:

@@ -1,0 +1,164 @@
+"""Training throughput of one m2mKD job and one fine-tune-sized job: fp32 eager against bf16 autocast and
+torch.compile, side by side in one run, on the demo settings and on a ``vit_small`` teacher at 224 px.
+
+Each job runs through the plan machinery (``execute --only``) from the same RUN_DIR, whose teacher and meta model
+were trained for one step (their quality does not change the cost of a step). The fine-tune-sized job is the
+``baseline`` job: the same student, budget and loss as ``finetune``, without needing the assembled student.
+
+Steady samples/s leave out the first logging window (warm-up, and for a compiled job its compile); the job's
+``train seconds`` keep it. Achieved FLOP/s count a step's work from the trace pass's per-sample FLOPs (teacher
+modules from the recorded partition, meta and student stages from ``stage_costs``): a trained part 3x its forward
+(forward, input and weight gradients), the frozen meta suffix 3x (the teacher pair's forward, the student pair's
+forward and input gradients), the frozen prefix and teacher module 1x. Peaks are this machine's measured
+``torch.mm`` FLOP/s in fp32 and bf16 at the same thread count.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from monomod.compiler import ConvertOptions, compile_options
+from monomod.runtime.execute import execute, prepare_run_dir
+
+MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "fp32+compile": ("fp32", True)}
+# name -> (convert options, batch size, {mode: (steps, log_every)}); bf16 runs fewer steps: where it is emulated
+# (no native bf16) its matmuls run tens of times slower than fp32
+SETTINGS = {
+    "demo (vit_tiny, 32 px)": (dict(teacher="vit_tiny", student="nac", modules=4, data="digits"), 64,
+                               {"fp32": (30, 5), "bf16": (6, 2), "fp32+compile": (30, 5)}),
+    "vit_small, 224 px": (dict(teacher="vit_small", student="nac", modules=4, data="synthetic", img_size=224), 8,
+                          {"fp32": (6, 1), "bf16": (3, 1), "fp32+compile": (6, 1)}),
+}
+JOBS = ("m2mkd:1", "baseline")
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    threads = torch.get_num_threads()
+    peaks = {dtype: matmul_peak(dtype, quick) for dtype in ("fp32", "bf16")}
+    print(f"  matmul peaks ({threads} threads): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting, (options, batch, budgets) in SETTINGS.items():
+            if quick:
+                budgets = {mode: (2 * log_every, log_every) for mode, (_, log_every) in budgets.items()}
+            rows += _setting(Path(tmp) / f"s{len(rows)}", setting, options, batch, budgets, peaks)
+    return {"rows": rows, "peaks": peaks, "threads": threads,
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
+def _setting(run_dir: Path, setting: str, options: dict, batch: int, budgets: dict[str, tuple[int, int]],
+             peaks: dict[str, float]) -> list[dict[str, Any]]:
+    plan = compile_options(ConvertOptions(teacher_training="end-to-end", precision="fp32", **options))
+    for job in plan.jobs:
+        if "train" in job.config:
+            job.config["train"].update(steps=1, batch_size=batch, warmup_steps=0, log_every=1)
+    plan.rehash()
+    quiet = Console(stderr=True, quiet=True)
+    prepare_run_dir(plan, run_dir)
+    execute(plan, run_dir, only=["teacher", "meta"], console=quiet)
+    flops = step_flops(plan, run_dir)
+    rows = []
+    for name in JOBS:
+        for mode, (precision, compiled) in MODES.items():
+            steps, log_every = budgets[mode]
+            job = plan.job(name)
+            job.config["train"].update(steps=steps, log_every=log_every, precision=precision, compile=compiled)
+            plan.rehash()
+            plan.save(run_dir)
+            shutil.rmtree(run_dir / "jobs" / job.dir, ignore_errors=True)
+            torch._dynamo.reset()
+            execute(plan, run_dir, only=[name], console=quiet)
+            row = _measured(run_dir / "jobs" / job.dir, batch, log_every)
+            achieved = flops[name] * row["steady_samples_per_s"]
+            row.update(setting=setting, job=job.kind, mode=mode, batch=batch, steps=steps,
+                       gflop_per_sample=round(flops[name] / 1e9, 3), achieved_gflops=round(achieved / 1e9, 2),
+                       fraction_of_peak=round(achieved / peaks[precision], 3))
+            rows.append(row)
+            print(f"  {setting} {job.kind} {mode}: {row['steady_samples_per_s']} samples/s steady, "
+                  f"{row['train_seconds']} s in all, {row['achieved_gflops']} GFLOP/s "
+                  f"({100 * row['fraction_of_peak']:.1f} % of the {precision} peak)", flush=True)
+    return rows
+
+
+def _measured(job_dir: Path, batch: int, log_every: int) -> dict[str, Any]:
+    lines = [json.loads(line) for line in (job_dir / "metrics.jsonl").read_text().splitlines()]
+    result = json.loads((job_dir / "result.json").read_text())
+    steady = lines[1:] or lines
+    seconds = sum(log_every * batch / line["samples_per_second"] for line in steady)
+    return {"steady_samples_per_s": round(len(steady) * log_every * batch / seconds, 2),
+            "first_window_s": round(lines[0]["seconds"], 2), "train_seconds": round(result["seconds"], 2),
+            "final_loss": round(result["final_loss"], 4)}
+
+
+def step_flops(plan: Any, run_dir: Path) -> dict[str, float]:
+    """FLOPs per trained sample of ``m2mkd:i`` and ``baseline`` (see the module docstring)."""
+    from monomod.runtime.jobs import RunContext
+    from monomod.students.summary import stage_costs
+
+    ctx = RunContext(run_dir=run_dir, plan=plan)
+    teacher = [spec.flops for spec in ctx.partition().modules]
+    meta = [c.flops for c in stage_costs(ctx.new_meta())]
+    student = [c.flops for c in stage_costs(ctx.new_student(0))]
+    flops = {"baseline": 3.0 * sum(student)}
+    for name in JOBS:
+        if name.startswith("m2mkd:"):
+            i = int(name.split(":")[1])
+            flops[name] = sum(meta[:i]) + teacher[i] + 3.0 * sum(meta[i + 1:]) + 3.0 * student[i]
+    return flops
+
+
+def matmul_peak(dtype: str, quick: bool = False) -> float:
+    """Best ``torch.mm`` FLOP/s over a few square sizes, in fp32 or bf16, at this process's thread count."""
+    best = 0.0
+    for n in (256, 512, 1024):
+        a = torch.randn(n, n, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+        b = torch.randn_like(a)
+        torch.mm(a, b)
+        repeats, started = 0, time.perf_counter()
+        while repeats < 3 or time.perf_counter() - started < (0.3 if quick else 1.0):
+            torch.mm(a, b)
+            repeats += 1
+        best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
+    return best
+
+
+def markdown(result: dict[str, Any]) -> str:
+    peaks = result["peaks"]
+    lines = [f"{result['threads']} threads; measured `torch.mm` peaks: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+             f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s (native bf16: {'yes' if result['native_bf16'] else 'no'}). "
+             "Steady samples/s leave out the first logging window (warm-up and compile); train s includes it. "
+             "Under bf16 autocast only matmul-like ops run in bf16 (norms, softmax and the loss stay fp32), so a bf16 "
+             "job's FLOP/s can pass the bf16 `torch.mm` peak where bf16 is emulated.", "",
+             "| setting | job | mode | batch | steps | steady samples/s | vs fp32 | train s | first window s | "
+             "GFLOP/sample | GFLOP/s | of fp32 peak | of bf16 peak |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    base = {(r["setting"], r["job"]): r["steady_samples_per_s"] for r in result["rows"] if r["mode"] == "fp32"}
+    for r in result["rows"]:
+        ratio = r["steady_samples_per_s"] / base[(r["setting"], r["job"])]
+        lines.append(f"| {r['setting']} | {r['job']} | {r['mode']} | {r['batch']} | {r['steps']} | "
+                     f"{r['steady_samples_per_s']} | {ratio:.2f}x | {r['train_seconds']} | {r['first_window_s']} | "
+                     f"{r['gflop_per_sample']} | {r['achieved_gflops']} | "
+                     f"{100 * r['achieved_gflops'] * 1e9 / peaks['fp32']:.1f} % | "
+                     f"{'%.0f %%' % (100 * r['achieved_gflops'] * 1e9 / peaks['bf16']) if r['mode'] == 'bf16' else '-'} |")
+    lines += ["", "Compile pays for itself after (its extra first-window time) / (the time it saves per step) steps: "
+              + "; ".join(f"{r['setting']} {r['job']}: {_break_even(r, result['rows'])}"
+                          for r in result["rows"] if r["mode"] == "fp32+compile") + "."]
+    return "\n".join(lines) + "\n"
+
+
+def _break_even(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    eager = next(r for r in rows if r["mode"] == "fp32" and (r["setting"], r["job"]) == (compiled["setting"],
+                                                                                         compiled["job"]))
+    per_step = lambda r: r["batch"] / r["steady_samples_per_s"]  # noqa: E731
+    saved = per_step(eager) - per_step(compiled)
+    if saved <= 0:
+        return "never"
+    return f"{(compiled['first_window_s'] - eager['first_window_s']) / saved:.0f} steps"
