@@ -28,7 +28,8 @@ from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.rundir import RunDir
 from monomod.runtime.jobs import RunContext
 from monomod.runtime.lock import LOCK_FILE, run_dir_lock
-from monomod.runtime.train import TrainConfig, train
+from monomod.runtime.config import TrainConfig
+from monomod.runtime.train import train
 
 TRUSTED_FACTORY = "timm.models.vision_transformer:vit_tiny_patch16_224"
 

@@ -29,16 +29,9 @@ from monomod.runtime.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from monomod.runtime.train import (
-    TrainConfig,
-    evaluate,
-    learning_rate,
-    make_mixer,
-    param_groups,
-    resolve_precision,
-    soft_cross_entropy,
-    train,
-)
+from monomod.runtime.config import TrainConfig, resolve_precision
+from monomod.runtime.losses import soft_cross_entropy
+from monomod.runtime.train import evaluate, learning_rate, make_mixer, param_groups, train
 
 # ------------------------------------------------------------------------------------------------ toy problem
 
@@ -514,7 +507,7 @@ def test_optimizer_and_rng_round_trip(tmp_path: Path) -> None:
 
 
 def test_precision_auto_is_bf16_only_where_it_is_native(monkeypatch) -> None:
-    import monomod.runtime.train as train_module
+    import monomod.runtime.config as config_module
 
     assert resolve_precision("fp32", "cuda") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
     assert resolve_precision("auto", "cuda") == "bf16"
@@ -522,7 +515,7 @@ def test_precision_auto_is_bf16_only_where_it_is_native(monkeypatch) -> None:
     assert resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
     assert resolve_precision("auto", "cpu") == "fp32"
-    assert train_module.native_bf16("meta") is False
+    assert config_module.native_bf16("meta") is False
 
 
 def test_bf16_job_runs_under_autocast_and_its_loss_is_finite(tmp_path: Path) -> None:

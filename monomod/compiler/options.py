@@ -21,7 +21,7 @@ from monomod.passes.schedule import (
     resolve_teacher_training,
 )
 from monomod.data import parse_data_spec
-from monomod.runtime.train import PRECISIONS
+from monomod.runtime.config import PRECISIONS
 from monomod.students import STUDENT_KINDS
 from monomod.students.custom import resolve_student
 

@@ -32,7 +32,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.passes.schedule import PRESET_BUDGETS, DataInfo, schedule
     from monomod.runtime.execute import check_train_configs
     from monomod.runtime.executors import cpu_count
-    from monomod.runtime.train import resolve_precision
+    from monomod.runtime.config import resolve_precision
 
     validate(options_dict(options))
     options = replace(options, threads=options.threads or cpu_count(), precision=resolve_precision(options.precision))

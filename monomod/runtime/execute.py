@@ -116,7 +116,7 @@ def execute(plan: Plan, run_dir: str | Path, **options) -> list[JobStatus]:
 
 def check_train_configs(plan: Plan) -> None:
     """Every job's training config, checked before any job runs (an edited plan.yaml says ``steps: many``)."""
-    from monomod.runtime.train import TrainConfig
+    from monomod.runtime.config import TrainConfig
 
     for job in plan.jobs:
         train = job.config.get("train")

@@ -24,9 +24,10 @@ from monomod.io import atomic_save_tensors
 from monomod.ir import Partition
 from monomod.plan import DISTILL_KINDS, Job, Plan
 from monomod.rundir import RunDir
+from monomod.runtime.config import TrainConfig, resolve_device
 from monomod.runtime.distributed import barrier, is_writer, world_size
-from monomod.runtime.losses import m2mkd_loss
-from monomod.runtime.train import TrainConfig, evaluate, resolve_device, seed_everything, soft_cross_entropy, train
+from monomod.runtime.losses import m2mkd_loss, soft_cross_entropy
+from monomod.runtime.train import evaluate, seed_everything, train
 from monomod.students.base import StagedModel
 
 

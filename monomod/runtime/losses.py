@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def m2mkd_loss(
@@ -24,8 +25,6 @@ def m2mkd_loss(
     term by a factor of the number of classes. ``targets`` are class indices, or class probabilities (mixup and
     CutMix keep on during m2mKD as in the reference); ``label_smoothing`` applies to the task term only.
     """
-    from monomod.runtime.train import soft_cross_entropy
-
     ce = soft_cross_entropy(student_logits, targets, label_smoothing)
     teacher_logits = teacher_logits.detach()
     if kd == "hard":
@@ -42,3 +41,15 @@ def m2mkd_loss(
     else:
         raise ValueError(f"kd must be 'soft' or 'hard', got {kd!r}")
     return (1 - alpha) * ce + alpha * distill
+
+
+def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy against class indices (integer ``(B,)``) or class probabilities (float ``(B, C)``, e.g.
+    mixup targets). Label smoothing mixes the targets with the uniform distribution. Computed in fp32."""
+    logits = logits.float()
+    if not targets.is_floating_point():
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    targets = targets.float()
+    if label_smoothing:
+        targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
+    return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
