@@ -59,10 +59,10 @@ def check_meta_builds(partition: Any, width: int | None, cuts: tuple[str, ...]) 
                            "--modules or --tolerance, or --meta teacher") from None
 
 
-def check_student_builds(options: Any, num_classes: int, teacher_classes: int | None = None) -> None:
+def check_student_builds(options: Any, num_classes: int, teacher_cut: Any = None) -> None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
-    cannot take fail here, not in the first m2mKD job; given the teacher's class count (that of the distillation
-    data), so does a boundary that no stitch layer joins to the teacher's."""
+    cannot take fail here, not in the first m2mKD job; given the teacher's partition (as the jobs replay it), so
+    does a boundary that no stitch layer joins to the teacher's."""
     from monomod.students import build_student
 
     try:
@@ -81,27 +81,19 @@ def check_student_builds(options: Any, num_classes: int, teacher_classes: int | 
             return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
         raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
                            "fix the student_overrides, --img-size or --in-chans") from None
-    if teacher_classes is not None:
-        _check_stitches(options, student, teacher_classes)
+    if teacher_cut is not None:
+        _check_stitches(student, teacher_cut)
 
 
-def _check_stitches(options: Any, student: nn.Module, num_classes: int) -> None:
-    """Every boundary of the (meta) student joins the teacher's (cut as the run cuts it, with the run's classes)
-    through a stitch layer, or one line says which."""
-    from monomod.frontend import load_model
-    from monomod.passes.partition import partition
-    from monomod.passes.trace import trace
+def _check_stitches(student: nn.Module, teacher_cut: Any) -> None:
+    """Every boundary of the (meta) student joins the teacher's through a stitch layer, or one line says which."""
     from monomod.students.stitching import boundary_shapes, check_student_stitches
 
     try:
         boundary_shapes(student)
     except (RuntimeError, NotImplementedError, TypeError):
         return  # a stage that cannot run on the meta device: the first m2mKD job measures it for real
-    teacher = load_model(options.teacher, device="meta", img_size=options.img_size, in_chans=options.in_chans,
-                         num_classes=num_classes)
-    example = torch.zeros(1, options.in_chans, options.img_size, options.img_size, device="meta")
-    cut = partition(trace(teacher, example, name=str(options.teacher)), options.modules)
-    check_student_stitches(student, cut)
+    check_student_stitches(student, teacher_cut)
 
 
 def weight_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -16,7 +16,7 @@ from torch import nn
 from monomod.compiler import checks
 from monomod.compiler.options import options_dict, validate
 from monomod.errors import MonomodError
-from monomod.ir import TracedModel
+from monomod.ir import Partition, TracedModel
 from monomod.plan import PartitionRecord, Plan
 
 
@@ -42,19 +42,19 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
     in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
     traced = checks.check_teacher_takes(probe, options.teacher, options.modules, img_size, in_chans)  # bounds K first
-    record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost,
-                     tolerance=options.tolerance)  # a bad --cuts fails here, before the data is read
+    if options.cuts:  # a bad --cuts fails here, before the data is read
+        record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost, tolerance=options.tolerance)
     if options.weights:
         checks.check_weights(probe, options.weights)
     notes = notes if notes is not None else []
     facts, distill = _all_data_facts(options, img_size, in_chans, dry_run, data_info, notes)
-    record = _partition_for_jobs(options, img_size, in_chans, distill[0] if distill else facts[0])
+    record, teacher_cut = _partition_for_jobs(options, img_size, in_chans, distill[0] if distill else facts[0])
     overrides = dict(options.student_overrides)
     patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
-    checks.check_student_builds(options, facts[0], distill[0] if distill else facts[0])
+    checks.check_student_builds(options, facts[0], teacher_cut)
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
     plan = schedule(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
@@ -65,9 +65,11 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     return plan
 
 
-def _partition_for_jobs(options: Any, img_size: int, in_chans: int, num_classes: int) -> PartitionRecord:
-    """The partition the jobs replay, found on the teacher as they build it: its head sized for the distillation
-    data (a 1000-class head's FLOPs would move the balanced cuts). A trained meta model must build on it."""
+def _partition_for_jobs(options: Any, img_size: int, in_chans: int,
+                        num_classes: int) -> tuple[PartitionRecord, Partition]:
+    """The partition the jobs replay (its record, and the partition itself for the compile-time checks), found on
+    the teacher as they build it: its head sized for the distillation data (a 1000-class head's FLOPs would move
+    the balanced cuts). A trained meta model must build on it."""
     from monomod.frontend import example_input, load_model
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
@@ -76,10 +78,10 @@ def _partition_for_jobs(options: Any, img_size: int, in_chans: int, num_classes:
     traced = trace(teacher, example_input(in_chans, img_size, device="meta"), name=options.teacher)
     record = record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost,
                               tolerance=options.tolerance)
+    cut = partition(traced, len(record.cuts) + 1, cost=record.cost, cuts=record.cuts)
     if options.meta == "trained":
-        checks.check_meta_builds(partition(traced, len(record.cuts) + 1, cost=record.cost, cuts=record.cuts),
-                                 options.meta_width, record.cuts)
-    return record
+        checks.check_meta_builds(cut, options.meta_width, record.cuts)
+    return record, cut
 
 
 def record_partition(traced: TracedModel, modules: int, *, cuts: list[str] | None = None, cost: str = "flops",
