@@ -7,7 +7,6 @@ and rebuilds ``benchmarks/RESULTS.md``. One seed per variant: read differences o
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -67,12 +66,9 @@ def main(argv: list[str]) -> int:
               "loader": json.loads(loader_path.read_text()) if loader_path.is_file() else None,
               "meta": {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "seconds": max(r["seconds"] for r in runs),
                        "command": "OUT=DIR bash benchmarks/device_demo.sh; python -m benchmarks.device_demo DIR"}}
-    out = HERE / "results"
-    (out / "device_demo.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "device_demo.md").write_text(markdown(result))
-    from benchmarks.run import collect
+    from benchmarks.run import save_collected
 
-    collect()
+    save_collected("device_demo", result, markdown(result))
     return 0
 
 

@@ -3,31 +3,8 @@
 # --modules 4 --preset demo` side by side, teacher-side jobs shared through --reuse. Writes $OUT/results.jsonl
 # (one line per run: its report's results and per-module table) and $OUT/log.txt. Usage (from the repo root):
 #   OUT=/tmp/out bash benchmarks/device_demo.sh
-set -u
-OUT=${OUT:-/tmp/monomod-device}; mkdir -p "$OUT"; R=/tmp/monomod-runs; mkdir -p "$R"
-PP=/tmp/monomod-pp; rm -rf "$PP"; mkdir -p "$PP"
-cp -r monomod "$PP/monomod"; cp -r passes "$PP/monomod/passes"; cp -r recipes "$PP/monomod/recipes"
-cp -r benchmarks "$PP/benchmarks"; cd "$PP"  # not the checkout: its monomod/ lacks the passes package
-export PYTHONPATH=$PP PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2
-M="python3 -m monomod.cli"
-run() {  # name, then convert arguments
-  local name=$1; shift
-  local start=$(date +%s)
-  $M convert vit_tiny --modules 4 --preset demo --out "$R/$name" "$@" > "$R/$name.log" 2>&1
-  local rc=$?
-  python3 - "$R/$name" "$name" "$rc" "$(( $(date +%s) - start ))" "$*" >> "$OUT/results.jsonl" <<'PY'
-import json, pathlib, sys
-run, name, rc, seconds, args = sys.argv[1:]
-path = pathlib.Path(run) / "report.json"
-report = json.loads(path.read_text()) if path.is_file() else {}
-keep = {k: report.get(k) for k in ("teacher", "meta", "assembled", "student", "baseline", "modules", "warnings")}
-print(json.dumps({"name": name, "rc": int(rc), "seconds": int(seconds), "args": args, **keep}))
-PY
-  echo "$name rc=$rc $(( $(date +%s) - start ))s" >> "$OUT/log.txt"
-  [ $rc -eq 0 ] || tail -5 "$R/$name.log" >> "$OUT/log.txt"
-}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/log.txt"
-python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" >> "$OUT/log.txt" 2>&1
+export OMP_NUM_THREADS=2 BASE_ARGS="--modules 4 --preset demo"
+source benchmarks/device_common.sh
 run nac --to nac & run nac-e2e --to nac --teacher-training end-to-end & wait
 run moe --to moe --reuse "$R/nac" &
 run moe-e2e --to moe --teacher-training end-to-end --reuse "$R/nac-e2e" &

@@ -1,155 +1,235 @@
-"""Evidence of the method on digits: m2mKD + fine-tune against the same student trained from scratch.
+"""Evidence of the method, second round: m2mKD + fine-tune against the same student trained from scratch, on the
+faithful pipeline (Deep Incubation teacher, reference students), at full data and with few labels.
 
-One demo teacher (``vit_tiny`` adapted to digits with the demo budget, seed 0) serves every run, as a pretrained
-teacher would. For the NAC and the MoE student (K=4, demo budgets, nothing tuned) and seeds 0, 1, 2:
+Settings, all fixed before the first run (nothing tuned on val or OOD, no run picked by its score):
 
-- ``m2mKD``: trained meta model, logits-only loss (the paper's setting), then fine-tune;
-- ablations: the teacher's own modules as the meta model; for MoE, a boundary feature loss (MSE, weight 1.0,
-  fixed a priori; a NAC's boundaries carry latents, not the teacher's tokens, so it has none) and experts upcycled
-  from the teacher's MLPs (the scratch baseline is then upcycled too);
-- ``scratch, equal epochs``: the plan's baseline job, the fine-tune budget from a random init;
-- ``scratch, equal compute``: from a random init for as many steps as fit in the m2mKD pipeline's measured time
-  (meta model + the K m2mKD jobs + fine-tune, run one after another on this machine). The teacher is not counted:
-  it is the given pretrained model in the paper's setting (its adaptation time is reported alongside).
+- Teacher: ``vit_tiny`` made by Deep Incubation (meta model PT 400 steps, each of the K=4 modules incubated MT 150
+  steps, assembled teacher FT 150 steps; the demo preset) on the digits train split, **once**, with teacher seed 0
+  (``--teacher-seed 0``), and shared by every run under ``--reuse``, as a pretrained teacher would be.
+- Students: NAC (default preset: read-in, propagators, read-out) and V-MoE (reference gate), demo budgets: m2mKD 250
+  steps per module, fine-tune 800 steps; the scratch baseline gets the fine-tune's budget (equal epochs).
+- Seeds 0, 1, 2 (the student's init and data order; the teacher side stays seed 0).
+- Compute of the m2mKD pipeline: meta model + the K incubation jobs + the K m2mKD jobs + fine-tune, summed job
+  seconds. The teacher's own FT is not counted (it is the given teacher). ``scratch, equal compute`` trains from a
+  random init for as many steps as that many seconds buy at the baseline's measured step rate.
+- Few labels: m2mKD on the full digits train split (``--distill-data digits``: the m2mKD jobs are the full-data
+  run's), fine-tune and baseline on the first N images per class (``--data digits:shots=N``, N = 5, 20) for 300
+  steps (fixed a priori: the data is 7-29x smaller than the full split's 1437 images).
+- Evaluation: digits val (IID), its OOD copy with one corruption per image (reported overall and per corruption),
+  and a compound OOD copy (rotation, blur and occlusion on every image, ``--ood compound``), read once at the end.
+- Machine regime: every job runs on 1 torch thread while the other lane (the other student) runs beside it on the
+  second core, so all compute seconds are measured under the same load.
 
-Every number is accuracy on the digits val split (IID) and its corrupted copy (OOD), read once at the end of
-training; no run, checkpoint or setting is picked by its val score. Runs live in ``benchmarks/runs/evidence`` and
-are resumable: jobs finished with the same hash are reused (``monomod convert --reuse``), so an interrupted study
-picks up where it stopped and shared jobs (teacher, meta model, baselines) run once.
+``python -m benchmarks.evidence teacher``, then ``nac`` and ``moe`` side by side, then ``collect``; or
+``python -m benchmarks.run --only evidence`` for all of it one lane after another. Runs live in
+``benchmarks/runs/evidence`` and are resumable: jobs finished with the same hash are reused.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from monomod.compiler import ConvertOptions
 from monomod.api import load_run
-from monomod.compiler import compile_options
+from monomod.compiler import ConvertOptions, compile_options
+from monomod.io import atomic_write_json
+from monomod.rundir import RunDir
 from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
-from monomod.runtime.jobs import RunContext
-from monomod.runtime.train import evaluate
+from monomod.runtime.jobs import RunContext, ood_accuracies
+from monomod.runtime.train import correct_predictions, evaluate
 
 HERE = Path(__file__).parent
 SEEDS = (0, 1, 2)
-FEATURE_LOSS = 1.0
-TEACHER_WIDTH = {"embed_dim": 192, "num_heads": 3}  # vit_tiny's: upcycling needs experts of the teacher's shapes
+STUDENTS = ("nac", "moe")
+SHOTS = (5, 20)
+SHOT_STEPS = 300
+TEACHER_SEED = 0
+THREADS = 1
+M2MKD = "m2mKD"
 SCRATCH = "scratch, equal epochs"
 EQUAL_COMPUTE = "scratch, equal compute"
-# (variant, student families, ConvertOptions overrides, the scratch baseline it is compared with)
-VARIANTS: list[tuple[str, tuple[str, ...], dict[str, Any], str]] = [
-    ("m2mKD", ("nac", "moe"), {}, SCRATCH),
-    ("m2mKD, teacher as meta", ("nac", "moe"), {"meta": "teacher"}, SCRATCH),
-    ("m2mKD + feature loss", ("moe",), {"feature_loss": FEATURE_LOSS}, SCRATCH),  # NAC latents are not teacher tokens
-    ("m2mKD, teacher width", ("moe",), {"student_overrides": TEACHER_WIDTH}, "scratch, teacher width"),
-    ("m2mKD, teacher width, upcycled", ("moe",), {"student_overrides": TEACHER_WIDTH, "upcycle": True},
-     "scratch, teacher width, upcycled"),
-]
-QUICK_STEPS = {"teacher": 40, "meta": 20, "m2mkd": 10, "finetune": 30}
+COUNTED = ("meta", "incubate:", "m2mkd:", "finetune")  # the pipeline's compute; the teacher's FT is not counted
+QUICK_STEPS = {"teacher": 20, "meta": 20, "incubate": 10, "m2mkd": 10, "finetune": 30}
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    root = HERE / "runs" / ("evidence-quick" if quick else "evidence")
-    seeds = SEEDS[:1] if quick else SEEDS
-    budgets = {kind: {"steps": steps} for kind, steps in QUICK_STEPS.items()} if quick else {}
-    quiet = Console(stderr=True, quiet=True)
-    finished: list[Path] = []
+class Study:
+    """The runs of the study under one root; each ``convert`` reuses every job an earlier run finished."""
 
-    def convert(name: str, only: list[str] | None = None, **options: Any) -> Path:
-        options.setdefault("budgets", budgets)
-        plan = compile_options(ConvertOptions(teacher="vit_tiny", modules=4, **options))
-        run_dir = prepare_run_dir(plan, root / name, force=True)
-        reuse_finished(plan, run_dir, finished)
+    def __init__(self, quick: bool = False):
+        self.quick = quick
+        self.root = HERE / "runs" / ("evidence-quick" if quick else "evidence")
+        self.seeds = SEEDS[:1] if quick else SEEDS
+        self.quiet = Console(stderr=True, quiet=True)
+
+    def budgets(self, **steps: int) -> dict[str, dict[str, int]]:
+        base = {kind: {"steps": n} for kind, n in QUICK_STEPS.items()} if self.quick else {}
+        return {**base, **{kind: {"steps": n} for kind, n in steps.items()}}
+
+    def convert(self, name: str, only: list[str] | None = None, workers: int | None = None, **options: Any) -> Path:
+        options.setdefault("budgets", self.budgets())
+        plan = compile_options(ConvertOptions(teacher="vit_tiny", modules=4, teacher_seed=TEACHER_SEED,
+                                              threads=THREADS, **options))
+        run_dir = prepare_run_dir(plan, self.root / name, force=True)
+        reuse_finished(plan, run_dir, sorted(p for p in self.root.iterdir() if p.is_dir() and p != run_dir))
         started = time.perf_counter()
-        execute(plan, run_dir, only=only, console=quiet)
+        execute(plan, run_dir, only=only, console=self.quiet, **({"executor": "process", "workers": workers}
+                                                                  if workers else {}))
         print(f"  {name}: {time.perf_counter() - started:.0f} s", flush=True)
-        finished.append(run_dir)
         return run_dir
 
-    teacher_dir = convert("teacher", only=["teacher"], student="nac")
-    weights = str((teacher_dir / "jobs/teacher/model.safetensors").resolve())
-    given = {"weights": weights, "teacher_trained": True}
-    teacher_seconds = _job_seconds(teacher_dir, "teacher")
+    def rows_file(self, part: str) -> Path:
+        return self.root / f"rows-{part}.json"
+
+
+def run_teacher(study: Study) -> None:
+    """The shared teacher side: meta model, the K incubated modules (two at a time, as the lanes run), the
+    assembled teacher's FT."""
+    study.root.mkdir(parents=True, exist_ok=True)
+    study.convert("teacher", only=["meta", *(f"incubate:{i}" for i in range(4)), "teacher"], workers=2,
+                  student="nac", seed=TEACHER_SEED)
+
+
+def run_lane(study: Study, student: str) -> list[dict[str, Any]]:
+    """Every run of one student: full data (m2mKD, scratch at equal epochs and equal compute), then few labels."""
     rows: list[dict[str, Any]] = []
-    for seed in seeds:
-        for student in ("nac", "moe"):
-            for variant, families, overrides, scratch in VARIANTS:
-                if student not in families:
-                    continue
-                slug = variant.replace(" ", "").replace(",", "-").replace("+", "-")
-                run_dir = convert(f"{student}-{slug}-s{seed}", student=student, seed=seed, **given, **overrides)
-                report = load_run(run_dir).report
-                seconds = {name: info["seconds"] for name, info in report["jobs"].items()}
-                m2mkd = sum(s for name, s in seconds.items() if name.startswith("m2mkd:"))
-                pipeline_seconds = round(seconds.get("meta", 0.0) + m2mkd + seconds["finetune"], 1)
-                rows.append({"student": student, "variant": variant, "seed": seed, **_accuracies(report["student"]),
-                             "assembled_iid": report["assembled"]["iid_acc"], "seconds": pipeline_seconds,
-                             "compare": scratch})
-                if not any(r["student"] == student and r["variant"] == scratch and r["seed"] == seed for r in rows):
-                    rows.append({"student": student, "variant": scratch, "seed": seed,
-                                 **_accuracies(report["baseline"]), "seconds": seconds["baseline"]})
-                if overrides:
-                    continue
-                # Scratch at equal compute: the m2mKD pipeline's time at the baseline's measured step rate.
-                steps = load_run(run_dir).plan.job("baseline").config["train"]["steps"]
-                long_steps = round(pipeline_seconds / (seconds["baseline"] / steps))
-                long_budgets = {**budgets, "finetune": {"steps": long_steps}}
-                long_dir = convert(f"{student}-scratch-equalcompute-s{seed}", only=["baseline"], student=student,
-                                   seed=seed, **given, budgets=long_budgets)
-                rows.append({"student": student, "variant": EQUAL_COMPUTE, "seed": seed,
-                             **_evaluate_baseline(long_dir), "steps": long_steps,
-                             "seconds": _job_seconds(long_dir, "baseline")})
-    return {"seeds": list(seeds), "rows": rows, "teacher_seconds": teacher_seconds, "feature_loss": FEATURE_LOSS,
-            "teacher": _teacher_accuracy(finished), "summary": summarise(rows),
-            "budgets": "quick: " + str(QUICK_STEPS) if quick else "demo preset"}
+    for seed in study.seeds:
+        full = study.convert(f"{student}-m2mkd-s{seed}", student=student, seed=seed)
+        report = load_run(full).report
+        pipeline = _pipeline_seconds(report)
+        rows.append(_row(student, M2MKD, seed, None, report["student"], pipeline, _compound(full, "finetune")))
+        rows.append(_row(student, SCRATCH, seed, None, report["baseline"], report["jobs"]["baseline"]["seconds"],
+                         _compound(full, "baseline"), compare=None))
+        steps = load_run(full).plan.job("baseline").config["train"]["steps"]
+        long_steps = round(pipeline / (report["jobs"]["baseline"]["seconds"] / steps))
+        long = study.convert(f"{student}-scratch-equalcompute-s{seed}", only=["baseline"], student=student,
+                             seed=seed, budgets=study.budgets(finetune=long_steps))
+        rows.append(_row(student, EQUAL_COMPUTE, seed, None, _evaluate_baseline(long),
+                         _job_seconds(long, "baseline"), _compound(long, "baseline"), compare=None, steps=long_steps))
+        for shots in SHOTS:
+            few = study.convert(f"{student}-shots{shots}-s{seed}", student=student, seed=seed,
+                                data=f"digits:shots={shots}", distill_data="digits",
+                                budgets=study.budgets(finetune=30 if study.quick else SHOT_STEPS))
+            report = load_run(few).report
+            rows.append(_row(student, M2MKD, seed, shots, report["student"], None, _compound(few, "finetune")))
+            rows.append(_row(student, SCRATCH, seed, shots, report["baseline"], None, _compound(few, "baseline"),
+                             compare=None))
+        atomic_write_json(study.rows_file(student), rows)
+    return rows
+
+
+def _row(student: str, variant: str, seed: int, shots: int | None, result: dict[str, Any], seconds: float | None,
+         compound: float, compare: str | None = SCRATCH, steps: int | None = None) -> dict[str, Any]:
+    return {"student": student, "variant": variant, "seed": seed, "shots": shots, "iid": result["iid_acc"],
+            "ood": result["ood_acc"], "by_corruption": result.get("ood_by_corruption", {}), "compound": compound,
+            "seconds": seconds, "compare": compare, "steps": steps}
+
+
+def _pipeline_seconds(report: dict[str, Any]) -> float:
+    seconds = {name: info["seconds"] or 0.0 for name, info in report["jobs"].items()}
+    return round(sum(s for name, s in seconds.items() if name.startswith(COUNTED)), 1)
 
 
 def _job_seconds(run_dir: Path, job: str) -> float:
-    return json.loads((run_dir / "jobs" / job / "done.json").read_text())["seconds"]
+    return RunDir(run_dir).done(load_run(run_dir).plan.job(job))["seconds"]
 
 
-def _accuracies(result: dict[str, float | None]) -> dict[str, float | None]:
-    return {"iid": result["iid_acc"], "ood": result["ood_acc"]}
+def _context(run_dir: Path, ood: str | None = None) -> RunContext:
+    ctx = RunContext(run_dir=run_dir, plan=load_run(run_dir).plan)
+    if ood is not None:  # the same task data with another OOD split
+        ctx.__dict__["data"] = ctx._load_data(ctx.settings["data"], ood)
+    return ctx
 
 
-def _evaluate_baseline(run_dir: Path) -> dict[str, float | None]:
-    """IID/OOD accuracy of a run's baseline product, evaluated exactly as the evaluate job does."""
-    plan = load_run(run_dir).plan
-    ctx = RunContext(run_dir=run_dir, plan=plan)
-    model = ctx.new_student(plan.settings["seed"])
-    model.load_state_dict(ctx.product("baseline"))
+def _product_model(ctx: RunContext, product: str):
+    if product == "teacher":
+        return ctx.teacher()
+    model = ctx.new_student(ctx.settings["seed"]) if product == "baseline" else ctx.assembled_student()
+    model.load_state_dict(ctx.product(product))
+    return model
+
+
+def _evaluate_baseline(run_dir: Path) -> dict[str, Any]:
+    """IID and OOD (overall and per corruption) of a run's baseline product, as the evaluate job measures them."""
+    ctx = _context(run_dir)
+    model = _product_model(ctx, "baseline")
     iid = evaluate(model, ctx.loader("val", 256, shuffle=False)(0))
-    ood = evaluate(model, ctx.loader("ood", 256, shuffle=False)(0)) if ctx.data.ood is not None else None
-    return {"iid": iid, "ood": ood}
+    correct = correct_predictions(model, ctx.loader("ood", 256, shuffle=False)(0))
+    return {"iid_acc": iid, **ood_accuracies(correct, ctx.data.ood.tags)}
 
 
-def _teacher_accuracy(runs: list[Path]) -> dict[str, float | None]:
-    report = next(r for r in (load_run(d).report for d in runs) if r)
-    return _accuracies(report["teacher"])
+def _compound(run_dir: Path, product: str) -> float:
+    """Top-1 of a run's product on the compound OOD split (every image rotated, blurred and occluded)."""
+    ctx = _context(run_dir, ood="compound")
+    return evaluate(_product_model(ctx, product), ctx.loader("ood", 256, shuffle=False)(0))
+
+
+def teacher_numbers(study: Study) -> dict[str, Any]:
+    run_dir = study.root / "teacher"
+    ctx = _context(run_dir)
+    teacher = ctx.teacher()
+    correct = correct_predictions(teacher, ctx.loader("ood", 256, shuffle=False)(0))
+    seconds = {name: _job_seconds(run_dir, name) for name in ("meta", *(f"incubate:{i}" for i in range(4)), "teacher")}
+    return {"iid": evaluate(teacher, ctx.loader("val", 256, shuffle=False)(0)),
+            **{k.replace("ood_acc", "ood").replace("ood_by_corruption", "by_corruption"): v
+               for k, v in ood_accuracies(correct, ctx.data.ood.tags).items()},
+            "compound": _compound(run_dir, "teacher"), "seconds": seconds}
+
+
+def collect(study: Study) -> dict[str, Any]:
+    rows = [row for student in STUDENTS if study.rows_file(student).is_file()
+            for row in json.loads(study.rows_file(student).read_text())]
+    walls = {p.stem[len("wall-"):]: json.loads(p.read_text())["seconds"] for p in study.root.glob("wall-*.json")}
+    return {"seeds": list(study.seeds), "shots": list(SHOTS), "wall": walls, "shot_steps": SHOT_STEPS, "threads": THREADS,
+            "rows": rows, "teacher": teacher_numbers(study), "summary": summarise(rows),
+            "budgets": "quick: " + str(QUICK_STEPS) if study.quick else "demo preset"}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """The whole study, one lane after another (``python -m benchmarks.run --only evidence``)."""
+    study = Study(quick)
+    run_teacher(study)
+    for student in STUDENTS:
+        run_lane(study, student)
+    return collect(study)
+
+
+# ------------------------------------------------------------------------------------------------------ summary
+
+METRICS = ("iid", "ood", "compound")
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean and spread over seeds per (student, variant), and the paired gain of each m2mKD variant over scratch."""
+    """Mean and spread over seeds per (student, shots, variant), and m2mKD's paired gains over the scratch rows."""
     out = []
-    for student in dict.fromkeys(r["student"] for r in rows):
-        for variant in dict.fromkeys(r["variant"] for r in rows if r["student"] == student):
-            group = [r for r in rows if r["student"] == student and r["variant"] == variant]
-            entry: dict[str, Any] = {"student": student, "variant": variant, "n": len(group),
-                                     "seconds": statistics.median(r["seconds"] for r in group)}
-            for metric in ("iid", "ood"):
-                entry[metric] = _mean_std([r[metric] for r in group])
-                if variant.startswith("m2mKD"):
-                    baselines = [group[0]["compare"]] + ([EQUAL_COMPUTE] if variant == "m2mKD" else [])
-                    for base in baselines:
-                        by_seed = {r["seed"]: r[metric] for r in rows if r["student"] == student and r["variant"] == base}
-                        diffs = [r[metric] - by_seed[r["seed"]] for r in group if r["seed"] in by_seed]
-                        entry.setdefault("gain", {}).setdefault(base, {})[metric] = _mean_std(diffs)
+    for student, shots in dict.fromkeys((r["student"], r["shots"]) for r in rows):
+        cell = [r for r in rows if r["student"] == student and r["shots"] == shots]
+        for variant in dict.fromkeys(r["variant"] for r in cell):
+            group = [r for r in cell if r["variant"] == variant]
+            seconds = [r["seconds"] for r in group if r["seconds"] is not None]
+            entry: dict[str, Any] = {"student": student, "shots": shots, "variant": variant, "n": len(group),
+                                     "seconds": statistics.median(seconds) if seconds else None,
+                                     **{m: _mean_std([r[m] for r in group]) for m in METRICS},
+                                     "by_corruption": _per_corruption(group)}
+            if variant == M2MKD:
+                for base in (SCRATCH, EQUAL_COMPUTE):
+                    by_seed = {r["seed"]: r for r in cell if r["variant"] == base}
+                    if by_seed:
+                        entry.setdefault("gain", {})[base] = {
+                            m: _mean_std([r[m] - by_seed[r["seed"]][m] for r in group if r["seed"] in by_seed])
+                            for m in METRICS}
             out.append(entry)
     return out
+
+
+def _per_corruption(group: list[dict[str, Any]]) -> dict[str, dict[str, float] | None]:
+    tags = dict.fromkeys(tag for r in group for tag in r["by_corruption"])
+    return {tag: _mean_std([r["by_corruption"].get(tag) for r in group]) for tag in tags}
 
 
 def _mean_std(values: list[float | None]) -> dict[str, float] | None:
@@ -167,25 +247,93 @@ def _pct(stat: dict[str, float] | None, signed: bool = False) -> str:
     return f"{100 * stat['mean']:{sign}.1f} ± {100 * stat['std']:.1f}"
 
 
+def _setting(shots: int | None) -> str:
+    return "full data (1437 train images)" if shots is None else f"{shots} labelled images per class"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    teacher = result["teacher"]
-    lines = [f"Digits (val = IID, corrupted val = OOD), `vit_tiny` demo teacher ({100 * teacher['iid']:.1f} / "
-             f"{100 * teacher['ood']:.1f} %, adapted in {result['teacher_seconds']:.0f} s, not counted below), K=4, "
-             f"{result['budgets']} budgets, seeds {result['seeds']}. Accuracy in %, mean ± std over seeds; compute is "
-             "the median seconds of training a variant needs (m2mKD: meta model + K m2mKD jobs + fine-tune).", ""]
+    t = result["teacher"]
+    teacher_s = t["seconds"]
+    counted = teacher_s["meta"] + sum(v for k, v in teacher_s.items() if k.startswith("incubate:"))
+    lines = [
+        f"Digits, `vit_tiny` teacher by Deep Incubation (K=4, teacher seed 0, shared by every run): IID "
+        f"{100 * t['iid']:.1f} %, OOD {100 * t['ood']:.1f} %, compound OOD {100 * t['compound']:.1f} %; meta model + "
+        f"incubation {counted:.0f} s (counted in every m2mKD pipeline), teacher FT {teacher_s['teacher']:.0f} s "
+        f"(not counted). Budgets: {result['budgets']}; students' seeds {result['seeds']}, each job on "
+        f"{result['threads']} torch thread beside the other lane. Few labels: fine-tune and baseline "
+        f"{result['shot_steps']} steps, m2mKD on the full train split. Accuracy in %, mean ± std over seeds; gains "
+        "are paired by seed (m2mKD minus scratch). Compute: median summed job seconds (m2mKD: meta + incubation + "
+        "K m2mKD + fine-tune)." + (f" Wall time of each part (s): {result['wall']}." if result.get("wall") else ""),
+        ""]
     for student in dict.fromkeys(e["student"] for e in result["summary"]):
-        lines += [f"**{student.upper()} student**", "",
-                  "| variant | IID | OOD | compute (s) | gain IID vs scratch (equal epochs / equal compute) | gain OOD |",
-                  "|---|---:|---:|---:|---|---|"]
-        for e in (e for e in result["summary"] if e["student"] == student):
-            gains = {m: " / ".join(_pct(g[m], signed=True) for g in e["gain"].values()) for m in ("iid", "ood")} if "gain" in e else {"iid": "", "ood": ""}
-            lines.append(f"| {e['variant']} | {_pct(e['iid'])} | {_pct(e['ood'])} | {e['seconds']:.0f} | "
-                         f"{gains['iid']} | {gains['ood']} |")
-        lines.append("")
-    lines += ["Per seed (IID / OOD %):", "", "| student | variant | " + " | ".join(f"seed {s}" for s in result["seeds"]) + " |",
-              "|---|---|" + "---:|" * len(result["seeds"])]
-    for student, variant in dict.fromkeys((r["student"], r["variant"]) for r in result["rows"]):
-        by_seed = {r["seed"]: r for r in result["rows"] if r["student"] == student and r["variant"] == variant}
-        cells = [f"{100 * by_seed[s]['iid']:.1f} / {100 * by_seed[s]['ood']:.1f}" if s in by_seed else "-" for s in result["seeds"]]
-        lines.append(f"| {student} | {variant} | " + " | ".join(cells) + " |")
+        for shots in dict.fromkeys(e["shots"] for e in result["summary"] if e["student"] == student):
+            lines += [f"**{student.upper()} student, {_setting(shots)}**", "",
+                      "| variant | IID | OOD | compound OOD | compute (s) | gain IID (equal epochs / equal compute) "
+                      "| gain OOD | gain compound OOD |", "|---|---:|---:|---:|---:|---|---|---|"]
+            for e in (e for e in result["summary"] if e["student"] == student and e["shots"] == shots):
+                gains = {m: " / ".join(_pct(g[m], signed=True) for g in e["gain"].values()) if "gain" in e else ""
+                         for m in METRICS}
+                seconds = "-" if e["seconds"] is None else f"{e['seconds']:.0f}"
+                lines.append(f"| {e['variant']} | {_pct(e['iid'])} | {_pct(e['ood'])} | {_pct(e['compound'])} | "
+                             f"{seconds} | {gains['iid']} | {gains['ood']} | {gains['compound']} |")
+            lines.append("")
+    lines += _corruption_table(result)
+    lines += _per_seed_table(result)
     return "\n".join(lines) + "\n"
+
+
+def _corruption_table(result: dict[str, Any]) -> list[str]:
+    full = [e for e in result["summary"] if e["shots"] is None and e["by_corruption"]]
+    if not full:
+        return []
+    tags = list(dict.fromkeys(tag for e in full for tag in e["by_corruption"]))
+    teacher = result["teacher"].get("by_corruption", {})
+    lines = ["OOD top-1 per corruption at full data (%, mean ± std over seeds; teacher: one run):", "",
+             "| corruption | teacher | " + " | ".join(f"{e['student']} {e['variant']}" for e in full) + " |",
+             "|---|---:|" + "---:|" * len(full)]
+    for tag in tags:
+        cells = [_pct(e["by_corruption"].get(tag)) for e in full]
+        lines.append(f"| {tag} | {100 * teacher[tag]:.1f} | " + " | ".join(cells) + " |" if tag in teacher
+                     else f"| {tag} | - | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _per_seed_table(result: dict[str, Any]) -> list[str]:
+    seeds = result["seeds"]
+    lines = ["Per seed (IID / OOD / compound OOD %):", "",
+             "| student | data | variant | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|---|" + "---:|" * len(seeds)]
+    for student, shots, variant in dict.fromkeys((r["student"], r["shots"], r["variant"]) for r in result["rows"]):
+        by_seed = {r["seed"]: r for r in result["rows"]
+                   if (r["student"], r["shots"], r["variant"]) == (student, shots, variant)}
+        cells = [" / ".join(f"{100 * by_seed[s][m]:.1f}" for m in METRICS) if s in by_seed else "-" for s in seeds]
+        data = "full" if shots is None else f"{shots}-shot"
+        lines.append(f"| {student} | {data} | {variant} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=("teacher", *STUDENTS, "collect"))
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    study = Study(args.quick)
+    started = time.perf_counter()
+    if args.part == "teacher":
+        run_teacher(study)
+    elif args.part in STUDENTS:
+        run_lane(study, args.part)
+    if args.part != "collect":
+        atomic_write_json(study.root / f"wall-{args.part}.json", {"seconds": round(time.perf_counter() - started, 1)})
+    else:
+        from benchmarks.run import write_result
+
+        started = time.perf_counter()
+        write_result("evidence", collect(study), started, quick=args.quick, command=(
+            "python -m benchmarks.evidence teacher; python -m benchmarks.evidence nac & "
+            "python -m benchmarks.evidence moe; python -m benchmarks.evidence collect"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -31,6 +31,7 @@ BENCHMARKS = {
 COLLECTED = {
     "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
     "precision_demo": "The demo in fp32 and in bf16 on the same seed, at a fifth of the demo's budgets (this CPU)",
+    "device_check": "On a GPU machine: the demo in fp32 against bf16, the evidence study's ablations, throughput",
 }
 
 
@@ -50,22 +51,39 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
-    out = HERE / "results" / ("quick" if args.quick else "")
-    out.mkdir(parents=True, exist_ok=True)
     for name in names:
         module = importlib.import_module(f"benchmarks.{name}")
         print(f"== {name}: {BENCHMARKS[name]}", flush=True)
         started = time.perf_counter()
         result = module.run(quick=args.quick)
         command = f"python -m benchmarks.run --only {name}" + (" --quick" if args.quick else "")
-        result["meta"] = {"machine": machine(), "seconds": round(time.perf_counter() - started, 1), "command": command,
-                          "date": time.strftime("%Y-%m-%d")}
-        (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / f"{name}.md").write_text(module.markdown(result))
-        print(module.markdown(result), flush=True)
+        write_result(name, result, started, quick=args.quick, command=command, collect_all=False)
     if not args.quick:
         collect()
     return 0
+
+
+def write_result(name: str, result: dict, started: float, *, quick: bool, command: str,
+                 collect_all: bool = True) -> None:
+    """``results/<name>.json`` and ``.md`` with the machine, date, time taken and command; then RESULTS.md."""
+    module = importlib.import_module(f"benchmarks.{name}")
+    out = HERE / "results" / ("quick" if quick else "")
+    out.mkdir(parents=True, exist_ok=True)
+    result["meta"] = {"machine": machine(), "seconds": round(time.perf_counter() - started, 1), "command": command,
+                      "date": time.strftime("%Y-%m-%d")}
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(module.markdown(result))
+    print(module.markdown(result), flush=True)
+    if collect_all and not quick:
+        collect()
+
+
+def save_collected(name: str, result: dict, markdown_text: str) -> None:
+    """Write a collected benchmark's ``results/<name>.json`` and ``.md`` (made on another machine), then RESULTS.md."""
+    out = HERE / "results"
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown_text)
+    collect()
 
 
 def collect() -> None:

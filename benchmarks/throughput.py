@@ -36,26 +36,39 @@ SETTINGS = {
     "vit_small, 224 px": (dict(teacher="vit_small", student="nac", modules=4, data="synthetic", img_size=224), 8,
                           {"fp32": (6, 1), "bf16": (3, 1), "fp32+compile": (6, 1)}),
 }
+# On a GPU: batches that fill it better, enough steps for steady windows, and bf16 with compile (the fast setting)
+GPU_MODES = {"fp32": ("fp32", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True)}
+GPU_SETTINGS = {
+    "vit_small, 224 px": (SETTINGS["vit_small, 224 px"][0], 128, {mode: (40, 10) for mode in GPU_MODES}),
+    "demo (vit_tiny, 32 px)": (SETTINGS["demo (vit_tiny, 32 px)"][0], 64,
+                               {mode: (60, 10) for mode in GPU_MODES}),
+}
 JOBS = ("m2mkd:1", "baseline")
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, on_row: Any = None) -> dict[str, Any]:
+    """``on_row(row)`` sees each row as it is measured (a run cut short by a time limit keeps what it measured)."""
     threads = torch.get_num_threads()
-    peaks = {dtype: matmul_peak(dtype, quick) for dtype in ("fp32", "bf16")}
-    print(f"  matmul peaks ({threads} threads): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()),
-          flush=True)
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    peaks = {dtype: matmul_peak(dtype, quick, device) for dtype in ("fp32", "bf16")}
+    print(f"  matmul peaks ({device}, {threads} threads): "
+          + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
+    modes, settings = (GPU_MODES, GPU_SETTINGS) if gpu else (MODES, SETTINGS)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for setting, (options, batch, budgets) in SETTINGS.items():
+        for setting, (options, batch, budgets) in settings.items():
             if quick:
                 budgets = {mode: (2 * log_every, log_every) for mode, (_, log_every) in budgets.items()}
-            rows += _setting(Path(tmp) / f"s{len(rows)}", setting, options, batch, budgets, peaks)
-    return {"rows": rows, "peaks": peaks, "threads": threads,
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+            rows += _setting(Path(tmp) / f"s{len(rows)}", setting, options, batch, budgets, peaks, modes, on_row)
+    native = torch.cuda.is_bf16_supported() if gpu else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return {"rows": rows, "peaks": peaks, "threads": threads, "native_bf16": native,
+            "device": torch.cuda.get_device_name() if gpu else "cpu"}
 
 
 def _setting(run_dir: Path, setting: str, options: dict, batch: int, budgets: dict[str, tuple[int, int]],
-             peaks: dict[str, float]) -> list[dict[str, Any]]:
+             peaks: dict[str, float], modes: dict[str, tuple[str, bool]] = MODES,
+             on_row: Any = None) -> list[dict[str, Any]]:
     plan = compile_options(ConvertOptions(teacher_training="end-to-end", precision="fp32", **options))
     for job in plan.jobs:
         if "train" in job.config:
@@ -67,7 +80,7 @@ def _setting(run_dir: Path, setting: str, options: dict, batch: int, budgets: di
     flops = step_flops(plan, run_dir)
     rows = []
     for name in JOBS:
-        for mode, (precision, compiled) in MODES.items():
+        for mode, (precision, compiled) in modes.items():
             steps, log_every = budgets[mode]
             job = plan.job(name)
             job.config["train"].update(steps=steps, log_every=log_every, precision=precision, compile=compiled)
@@ -82,6 +95,8 @@ def _setting(run_dir: Path, setting: str, options: dict, batch: int, budgets: di
                        gflop_per_sample=round(flops[name] / 1e9, 3), achieved_gflops=round(achieved / 1e9, 2),
                        fraction_of_peak=round(achieved / peaks[precision], 3))
             rows.append(row)
+            if on_row is not None:
+                on_row(row)
             print(f"  {setting} {job.kind} {mode}: {row['steady_samples_per_s']} samples/s steady, "
                   f"{row['train_seconds']} s in all, {row['achieved_gflops']} GFLOP/s "
                   f"({100 * row['fraction_of_peak']:.1f} % of the {precision} peak)", flush=True)
@@ -115,24 +130,29 @@ def step_flops(plan: Any, run_dir: Path) -> dict[str, float]:
     return flops
 
 
-def matmul_peak(dtype: str, quick: bool = False) -> float:
-    """Best ``torch.mm`` FLOP/s over a few square sizes, in fp32 or bf16, at this process's thread count."""
+def matmul_peak(dtype: str, quick: bool = False, device: str = "cpu") -> float:
+    """Best ``torch.mm`` FLOP/s over a few square sizes, in fp32 or bf16, at this process's thread count (CPU) or on
+    the GPU (fp32 as PyTorch runs it by default: full fp32, no TF32)."""
     best = 0.0
-    for n in (256, 512, 1024):
-        a = torch.randn(n, n, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for n in ((2048, 4096, 8192) if device == "cuda" else (256, 512, 1024)):
+        a = torch.randn(n, n, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16, device=device)
         b = torch.randn_like(a)
         torch.mm(a, b)
+        sync()
         repeats, started = 0, time.perf_counter()
         while repeats < 3 or time.perf_counter() - started < (0.3 if quick else 1.0):
             torch.mm(a, b)
             repeats += 1
+            sync()
         best = max(best, 2 * n**3 * repeats / (time.perf_counter() - started))
     return best
 
 
 def markdown(result: dict[str, Any]) -> str:
     peaks = result["peaks"]
-    lines = [f"{result['threads']} threads; measured `torch.mm` peaks: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
+    where = f"{result['device']}, " if result.get("device", "cpu") != "cpu" else ""
+    lines = [f"{where}{result['threads']} threads; measured `torch.mm` peaks: fp32 {peaks['fp32'] / 1e9:.1f} GFLOP/s, "
              f"bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s (native bf16: {'yes' if result['native_bf16'] else 'no'}). "
              "Steady samples/s leave out the first logging window (warm-up and compile); train s includes it. "
              "Under bf16 autocast only matmul-like ops run in bf16 (norms, softmax and the loss stay fp32), so a bf16 "
@@ -147,16 +167,17 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['steady_samples_per_s']} | {ratio:.2f}x | {r['train_seconds']} | {r['first_window_s']} | "
                      f"{r['gflop_per_sample']} | {r['achieved_gflops']} | "
                      f"{100 * r['achieved_gflops'] * 1e9 / peaks['fp32']:.1f} % | "
-                     f"{'%.0f %%' % (100 * r['achieved_gflops'] * 1e9 / peaks['bf16']) if r['mode'] == 'bf16' else '-'} |")
+                     f"{'%.0f %%' % (100 * r['achieved_gflops'] * 1e9 / peaks['bf16']) if r['mode'].startswith('bf16') else '-'} |")
     lines += ["", "Compile pays for itself after (its extra first-window time) / (the time it saves per step) steps: "
               + "; ".join(f"{r['setting']} {r['job']}: {_break_even(r, result['rows'])}"
-                          for r in result["rows"] if r["mode"] == "fp32+compile") + "."]
+                          for r in result["rows"] if r["mode"].endswith("+compile")) + "."]
     return "\n".join(lines) + "\n"
 
 
 def _break_even(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    eager = next(r for r in rows if r["mode"] == "fp32" and (r["setting"], r["job"]) == (compiled["setting"],
-                                                                                         compiled["job"]))
+    eager_mode = compiled["mode"].removesuffix("+compile")
+    eager = next(r for r in rows if r["mode"] == eager_mode and (r["setting"], r["job"]) == (compiled["setting"],
+                                                                                             compiled["job"]))
     per_step = lambda r: r["batch"] / r["steady_samples_per_s"]  # noqa: E731
     saved = per_step(eager) - per_step(compiled)
     if saved <= 0:

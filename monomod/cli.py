@@ -270,6 +270,7 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
         else:
             out.print(plan_table(plan, run_dir))
             out.print(partition_line(plan))
+            out.print(execution_line(plan))
             out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
         return
     run_options = dict(run_options or {})
@@ -363,6 +364,7 @@ def plan_show(run_dir: str, fmt: str) -> None:
     else:
         out.print(plan_table(loaded, Path(run_dir)))
         out.print(partition_line(loaded))
+        out.print(execution_line(loaded))
 
 
 def partition_line(plan) -> str:
@@ -376,6 +378,18 @@ def partition_line(plan) -> str:
     balance = record.get("balance")
     return escape(f"cuts {cuts} (cost {record.get('cost')}, tolerance {record.get('tolerance')}, balance "
                   f"{'-' if balance is None else f'{balance:.2f}'})")
+
+
+def execution_line(plan) -> str:
+    """How the training jobs run: ``threads 2, precision fp32, compile off`` (mixed values listed)."""
+    trains = [job.config["train"] for job in plan.jobs if "train" in job.config]
+
+    def values(key: str, show=str) -> str:
+        return "/".join(dict.fromkeys(show(train.get(key)) for train in trains)) or "-"
+
+    threads = plan.settings.get("threads")
+    return (f"threads {threads if threads is not None else 'default'}, precision {values('precision')}, "
+            f"compile {values('compile', lambda on: 'on' if on else 'off')}")
 
 
 def plan_table(plan, run_dir: Path):

@@ -45,6 +45,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Corruptions applied to the digits test split to make its OOD split; test image i gets exactly one of them.
 DIGITS_CORRUPTIONS = ("gaussian_noise", "gaussian_blur", "low_contrast", "rotation", "shift", "inversion", "occlusion")
+# The compound OOD split (``ood="compound"``): every test image gets all of these at once, in this order, so a gain
+# measured on mild single shifts can be checked on a harder one.
+DIGITS_COMPOUND = ("rotation", "gaussian_blur", "occlusion")
 
 _SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH' (few labels: 'digits:shots=5', 'imagefolder:PATH,shots=5')"
 _SHOTS_SEED = 20240613  # fixed: every run with the same shots=N trains on the same images, so runs pair up
@@ -264,16 +267,22 @@ def _corrupt(x: torch.Tensor, kind: str, g: torch.Generator) -> torch.Tensor:
     raise AssertionError(kind)
 
 
-def _digits_ood(images: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
-    """Corrupt each test image with one corruption; the assignment is a fixed-seed balanced permutation."""
+def _digits_ood(images: torch.Tensor, compound: bool = False) -> tuple[torch.Tensor, list[str]]:
+    """Corrupt each test image with one corruption; the assignment is a fixed-seed balanced permutation.
+    ``compound``: every image gets all of ``DIGITS_COMPOUND`` in turn instead."""
     g = torch.Generator().manual_seed(_OOD_SEED)
+    if compound:
+        out = images
+        for kind in DIGITS_COMPOUND:
+            out = torch.stack([_corrupt(img, kind, g) for img in out])
+        return out, ["+".join(DIGITS_COMPOUND)] * len(images)
     which = torch.randperm(len(images), generator=g) % len(DIGITS_CORRUPTIONS)
     tags = [DIGITS_CORRUPTIONS[int(k)] for k in which]
     out = torch.stack([_corrupt(img, tag, g) for img, tag in zip(images, tags)])
     return out, tags
 
 
-def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool) -> DataBundle:
+def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool, compound: bool = False) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -293,7 +302,7 @@ def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool) -> Data
     val = TensorImageDataset(val_x, y[idx_val], **common)
     ood_ds = None
     if ood:
-        ood_x, tags = _digits_ood(x[idx_val])
+        ood_x, tags = _digits_ood(x[idx_val], compound)
         ood_ds = TensorImageDataset(_to_uint8(ood_x), y[idx_val], tags=tags, **common)
     return DataBundle("digits", train, val, ood_ds, 10, in_chans, img_size, mean, std, [str(i) for i in range(10)])
 
@@ -520,8 +529,9 @@ def load_data(
 ) -> DataBundle:
     """Load the task named by ``spec``: ``digits`` (built in), ``synthetic`` (smoke tests) or ``imagefolder:PATH``.
 
-    ``ood``: ``"auto"`` gives each kind its default OOD split (digits: fixed corruptions of the test split;
-    synthetic: its shifted split; imagefolder: none), ``None`` (or ``"none"``) gives none, and
+    ``ood``: ``"auto"`` gives each kind its default OOD split (digits: fixed corruptions of the test split, one per
+    image; synthetic: its shifted split; imagefolder: none), ``"compound"`` (digits) the test split with
+    ``DIGITS_COMPOUND`` applied to every image at once, ``None`` (or ``"none"``) gives none, and
     ``"imagefolder:PATH2"`` loads ``PATH2/val`` (or ``PATH2``) with labels mapped to the IID classes by folder name.
     ``seed`` only picks the synthetic data; the digits split is fixed so every run evaluates on the same images.
     ``augment`` turns on the light random train augmentation (``DataBundle.train_with`` adds the paper's); val and
@@ -538,16 +548,19 @@ def load_data(
     ood_folder: str | None = None
     if ood is None or ood == "none":
         want_ood = False
-    elif ood == "auto":
+    elif ood in ("auto", "compound"):
         want_ood = True
     elif isinstance(ood, str) and ood.startswith("imagefolder:") and ood[len("imagefolder:"):]:
         want_ood, ood_folder = False, ood[len("imagefolder:"):]
     else:
-        raise MonomodError(f"unknown OOD spec {ood!r}", "use 'auto', None or 'imagefolder:PATH'")
+        raise MonomodError(f"unknown OOD spec {ood!r}", "use 'auto', 'compound', None or 'imagefolder:PATH'")
 
     parsed = parse_data_spec(spec)
+    if ood == "compound" and parsed.kind != "digits":
+        raise MonomodError(f"ood='compound' is built for the digits data, not {parsed.kind}",
+                           "use ood='auto', or bring your own OOD set with ood='imagefolder:PATH'")
     if parsed.kind == "digits":
-        bundle = _load_digits(img_size, in_chans, want_ood, augment)
+        bundle = _load_digits(img_size, in_chans, want_ood, augment, compound=ood == "compound")
     elif parsed.kind == "synthetic":
         bundle = _load_synthetic(img_size, in_chans, want_ood, augment, seed)
     else:

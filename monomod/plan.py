@@ -55,6 +55,9 @@ SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
     "incubate": (*_TEACHER_SETTINGS, "modules", "meta", "partition"),
     "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", "data", "ood", "num_classes",
                  *_TEACHER_SETTINGS),
+    # m2mKD trains on the distillation data alone: runs that fine-tune on other labelled data (few shots) share it
+    "m2mkd": (*_TEACHER_SETTINGS, "student", "student_preset", "student_overrides", "modules", "seed", "meta",
+              "partition", "teacher_training"),
 }
 
 

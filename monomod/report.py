@@ -169,7 +169,7 @@ RESULT_ROWS = (
 )
 
 
-def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, float | None]],
+def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, Any]],
                      running: dict[str, float] | None = None) -> dict[str, Any]:
     """Write report.json, report.md and curves.png for a finished run; returns the JSON object.
 
@@ -274,6 +274,7 @@ def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png
         if name in report:
             lines.append(f"| {label} | {_pct(report[name]['iid_acc'])} | {_pct(report[name]['ood_acc'])} |")
     lines.append("")
+    lines += _corruption_markdown(report)
     lines += modules_markdown(report.get("modules", []))
     lines += [f"> **warning:** {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     lines += ["| job | wall time (s) |", "|---|---:|"]
@@ -282,6 +283,19 @@ def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png
     if curves:
         lines += [f"![training curves]({curves})", ""]
     return "\n".join(lines)
+
+
+def _corruption_markdown(report: dict[str, Any]) -> list[str]:
+    """OOD top-1 per corruption, one column per model, where the OOD split names its corruptions (digits)."""
+    rows = [(label, report[name]["ood_by_corruption"]) for name, label in RESULT_ROWS
+            if name in report and report[name].get("ood_by_corruption")]
+    if not rows:
+        return []
+    tags = list(dict.fromkeys(tag for _, by_tag in rows for tag in by_tag))
+    lines = ["| OOD corruption | " + " | ".join(label for label, _ in rows) + " |",
+             "|---|" + "---:|" * len(rows)]
+    lines += [f"| {tag} | " + " | ".join(_pct(by_tag.get(tag)) for _, by_tag in rows) + " |" for tag in tags]
+    return lines + [""]
 
 
 def modules_table(report: dict[str, Any]) -> Table | None:

@@ -24,6 +24,9 @@ from typing import Any, Callable
 from monomod.plan import DISTILL_KINDS, Job, PartitionRecord, Plan
 from monomod.version import __version__
 
+# Budget kinds seeded by ``teacher_seed`` (when given): the teacher, its fine-tune, the meta model and incubation.
+TEACHER_SIDE = ("teacher", "teacher_ft", "meta", "incubate")
+
 META_KINDS = ("trained", "teacher")
 PRESETS = ("demo", "paper")
 TEACHER_TRAININGS = ("incubate", "end-to-end", "none")
@@ -182,7 +185,7 @@ def _budget_maker(o: Any, data: DataInfo) -> Callable[[str, int], dict[str, Any]
             "weight_decay": budget["weight_decay"], "warmup_steps": warmup,
             "label_smoothing": budget["label_smoothing"], "mixup": budget["mixup"], "cutmix": budget["cutmix"],
             **{key: budget[key] for key in AUGMENT_KEYS},
-            "seed": o.seed + seed_offset,
+            "seed": (o.seed if o.teacher_seed is None or kind not in TEACHER_SIDE else o.teacher_seed) + seed_offset,
             "precision": o.precision, "compile": o.compile,
         }
         config.update(override)  # lr, weight_decay, label_smoothing, mixup, cutmix, augmentation, ... as given

@@ -41,6 +41,7 @@ def test_convert_records_the_cuts_in_plan_yaml_and_plan_show_shows_them(tmp_path
     assert saved["cuts"] == ["blocks.2", "blocks.7"] and (saved["cost"], saved["tolerance"]) == ("params", 0.1)
     shown = CliRunner().invoke(cli, ["plan", "show", str(run_dir)])
     assert shown.exit_code == 0 and "cuts blocks.2, blocks.7 (cost params, tolerance 0.1" in shown.output
+    assert "precision fp32, compile off" in shown.output  # how the training jobs run, as the plan records it
 
 
 def test_searched_cuts_are_recorded_by_name():
@@ -107,7 +108,7 @@ def test_precision_threads_and_compile_are_recorded_in_the_plan(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     auto = json.loads(_convert("-k", "2", "--dry-run", "--format", "json").output)
     trained = [job for job in auto["jobs"] if "train" in job["config"]]
-    assert trained and all(job["config"]["train"]["precision"] == "fp32" for job in trained)  # auto, resolved
+    assert trained and all(job["config"]["train"]["precision"] == "fp32" for job in trained)  # the default
     assert all(job["config"]["train"]["compile"] is False for job in trained)
     assert auto["settings"]["threads"] >= 1  # this machine's cores
     given = json.loads(_convert("-k", "2", "--precision", "bf16", "--compile", "--threads", "3", "--dry-run",
@@ -115,4 +116,6 @@ def test_precision_threads_and_compile_are_recorded_in_the_plan(monkeypatch):
     assert given["settings"]["threads"] == 3
     assert all(job["config"]["train"]["precision"] == "bf16" and job["config"]["train"]["compile"]
                for job in given["jobs"] if "train" in job["config"])
+    resolved = json.loads(_convert("-k", "2", "--precision", "auto", "--dry-run", "--format", "json").output)
+    assert {job["config"]["train"]["precision"] for job in resolved["jobs"] if "train" in job["config"]} == {"fp32"}
     assert _convert("-k", "2", "--precision", "fp16", "--dry-run").exit_code == 2

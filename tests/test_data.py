@@ -465,3 +465,16 @@ def test_imagefolder_shots_and_refusals(folder):
     assert "class 0 has (3)" in _raises("more training images", spec=f"imagefolder:{folder},shots=4")
     assert "use e.g. digits:shots=5" in _raises("positive whole number", spec="digits:shots=0")
     assert "imagefolder:PATH,shots=N" in _raises("unknown data spec", spec=f"imagefolder:{folder}:shots=2")
+
+
+def test_compound_ood_puts_three_corruptions_on_every_digit(digits):
+    from monomod.data import DIGITS_COMPOUND
+
+    compound = load_data("digits", img_size=32, ood="compound")
+    assert compound.ood.tags == ["+".join(DIGITS_COMPOUND)] * len(digits.val)
+    assert torch.equal(compound.ood.labels, digits.val.labels)
+    assert (compound.ood.images != digits.val.images).flatten(1).any(dim=1).all()
+    assert (compound.ood.images != digits.ood.images).flatten(1).any(dim=1).float().mean() > 0.9
+    assert torch.equal(load_data("digits", img_size=32, ood="compound", seed=5).ood.images, compound.ood.images)
+    with pytest.raises(monomod.MonomodError, match="compound.*digits"):
+        load_data("synthetic", img_size=16, ood="compound")

@@ -171,3 +171,23 @@ def test_distill_data_with_another_class_count(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
     assert report["student"]["ood_acc"] is None and 0.0 <= report["student"]["iid_acc"] <= 1.0
     assert "Distilled on `synthetic`" in (run_dir / "report.md").read_text()
+
+
+def test_teacher_seed_lets_student_seeds_share_one_teacher_side():
+    """Seeds 0 and 1 with teacher seed 0: the meta model, incubation and the teacher's FT are the same jobs (so
+    --reuse shares them, as a pretrained teacher is shared); the student side differs."""
+    first, second = plan_for(seed=0), plan_for(seed=1, teacher_seed=0)
+    same = {job.name for job in second.jobs if job.hash == first.job(job.name).hash}
+    assert same == {"meta", "incubate:0", "incubate:1", "incubate:2", "teacher"}
+    assert second.job("m2mkd:0").config["train"]["seed"] != first.job("m2mkd:0").config["train"]["seed"]
+    assert not {job.name for job in plan_for(seed=1).jobs if job.hash == first.job(job.name).hash}
+
+
+def test_few_label_runs_reuse_the_m2mkd_jobs_of_the_full_data_run():
+    """m2mKD trains on the distillation data alone: fine-tuning on few labels shares every training job before the
+    fine-tune (assemble, which builds the task's student in a fraction of a second, reads the task's data)."""
+    full = plan_for(data="digits")
+    few = plan_for(data="digits:shots=5", distill_data="digits")
+    same = {job.name for job in few.jobs if job.hash == full.job(job.name).hash}
+    assert {"meta", "teacher", *(f"m2mkd:{i}" for i in range(3))} <= same
+    assert not same & {"finetune", "baseline", "evaluate"}

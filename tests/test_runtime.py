@@ -277,3 +277,20 @@ def test_every_job_kind_has_one_runner():
     from monomod.runtime.jobs import RUNNERS
 
     assert set(RUNNERS) == set(JOB_KINDS)
+
+
+def test_ood_accuracy_is_split_by_corruption_in_the_report():
+    from monomod.report import run_report_markdown
+    from monomod.runtime.jobs import ood_accuracies
+
+    correct = torch.tensor([True, False, True, True, False, False])
+    result = ood_accuracies(correct, ["blur", "blur", "noise", "noise", "noise", "shift"])
+    assert result["ood_acc"] == pytest.approx(0.5)
+    assert result["ood_by_corruption"] == pytest.approx({"blur": 0.5, "noise": 2 / 3, "shift": 0.0})
+    assert "ood_by_corruption" not in ood_accuracies(correct, None)  # an image folder names no corruptions
+    settings = {"teacher": "vit_tiny", "student": "nac", "modules": 2, "data": "digits", "img_size": 32,
+                "preset": "demo", "meta": "trained", "seed": 0}
+    report = {"student": {"iid_acc": 0.9, **result}, "baseline": {"iid_acc": 0.8, "ood_acc": 0.4},
+              "jobs": {}, "total_seconds": 0.0, "settings": settings}
+    text = run_report_markdown(report, curves=None)
+    assert "| OOD corruption |" in text and "| noise | 66.7% |" in text

@@ -132,9 +132,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH (optionally with shots=N)",
            "digits | synthetic | imagefolder:PATH (train/ and val/); few labels: digits:shots=5, "
            "imagefolder:PATH,shots=5.", flag="--data"),
-    Option("ood", "auto", lambda v: v is None or v in ("auto", "none") or (isinstance(v, str) and v.startswith(
-        "imagefolder:") and len(v) > 12), "auto, none, null or imagefolder:PATH",
-           "OOD split: auto, none, or imagefolder:PATH.", flag="--ood"),
+    Option("ood", "auto", lambda v: v is None or v in ("auto", "compound", "none") or (
+        isinstance(v, str) and v.startswith("imagefolder:") and len(v) > 12),
+           "auto, compound, none, null or imagefolder:PATH",
+           "OOD split: auto (digits: one corruption per image), compound (digits: rotation, blur and occlusion at "
+           "once), none, or imagefolder:PATH.", flag="--ood"),
     _choice("preset", PRESETS, "demo", "Training budgets.", flag="--preset"),
     _choice("meta", META_KINDS, "trained", "Context for the module pairs: a trained meta model, or the teacher's "
             "own modules.", flag="--meta"),
@@ -178,12 +180,19 @@ OPTIONS: tuple[Option, ...] = (
            "Weight of a boundary MSE loss (beyond the paper).", flag="--feature-loss", kind=float, must="0 or more"),
     Option("seed", 0, lambda v: _is_int(v, 0) and v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]", flag="--seed",
            kind=int, fix="pass a smaller seed, e.g. --seed 0", parse=lambda text: _parse_int(text)),
+    Option("teacher_seed", None, _optional(lambda v: _is_int(v, 0) and v <= MAX_SEED),
+           f"null or an integer in [0, {MAX_SEED}]",
+           "Seed of the teacher side (teacher, meta model, incubation; default: --seed). Runs that vary --seed with "
+           "one --teacher-seed share one teacher and meta model under --reuse, as they would share a pretrained "
+           "teacher.", flag="--teacher-seed", kind=int, fix="pass a smaller seed, e.g. --teacher-seed 0",
+           parse=lambda text: _parse_int(text)),
     Option("meta_width", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Width of the trained meta model (default: the teacher's boundary width)."),
     Option("budgets", None, lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
-    _choice("precision", PRECISIONS, "auto", "Training precision: bf16 autocast, or fp32; auto = bf16 on CUDA and on "
+    _choice("precision", PRECISIONS, "fp32", "Training precision: fp32, bf16 autocast, or auto = bf16 on CUDA and on "
             "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
-            "job and its hash).", flag="--precision"),
+            "job and its hash). fp32 by default: on an H200, bf16 cost the NAC demo student 15 points over 3 seeds "
+            "and sped its jobs up by at most 1.1x (benchmarks/RESULTS.md).", flag="--precision"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),

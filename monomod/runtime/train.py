@@ -152,27 +152,34 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu") -> float:
-    """Top-1 accuracy of ``model`` over ``loader`` in eval mode without gradients; every submodule's previous
+    """Top-1 accuracy of ``model`` over ``loader`` in eval mode without gradients (see ``correct_predictions``)."""
+    correct = correct_predictions(model, loader, device)
+    return float(correct.sum()) / len(correct) if len(correct) else 0.0
+
+
+@torch.no_grad()
+def correct_predictions(
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu"
+) -> Tensor:
+    """Whether each sample of ``loader`` is classified right (a CPU bool tensor in loader order), so accuracies per
+    subset (per OOD corruption) come from one pass. Eval mode without gradients; every submodule's previous
     train/eval mode is restored afterwards. Batches are moved to ``device``; the model must already be there."""
     modes = _module_modes(model)
     device = torch.device(device)
     model.eval()
-    correct = torch.zeros((), dtype=torch.long, device=device)
-    seen = 0
+    correct: list[Tensor] = []
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             out = model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
-            correct += (out.argmax(dim=-1) == _hard_labels(y)).sum()
-            seen += y.shape[0]
+            correct.append(out.argmax(dim=-1) == _hard_labels(y))
     finally:
         for m, training in modes:
             m.training = training
-    return float(correct) / seen if seen else 0.0
+    return torch.cat(correct).cpu() if correct else torch.zeros(0, dtype=torch.bool)
 
 
 # ------------------------------------------------------------------------------------------------------ loop
