@@ -21,7 +21,8 @@ BENCHMARKS = {
     "memory": "Peak memory and step time: one m2mKD job against whole-model KD",
     "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
-    "evidence": "Evidence of the method: m2mKD + fine-tune against training from scratch (NAC and MoE, 3 seeds)",
+    "evidence": "Evidence of the method, second round: m2mKD + fine-tune against training from scratch (Deep "
+                "Incubation teacher, NAC and V-MoE, 3 seeds, full data and few labels)",
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
 }
