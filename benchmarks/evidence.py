@@ -41,7 +41,7 @@ from monomod.compiler import ConvertOptions, compile_options
 from monomod.io import atomic_write_json
 from monomod.rundir import RunDir
 from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
-from monomod.runtime.jobs import RunContext, ood_accuracies
+from monomod.runtime.jobs import RunContext, _accuracies, ood_accuracies
 from monomod.runtime.train import correct_predictions, evaluate
 
 HERE = Path(__file__).parent
@@ -200,12 +200,9 @@ def _product_model(ctx: RunContext, product: str):
 
 
 def _evaluate_product(run_dir: Path, product: str = "baseline") -> dict[str, Any]:
-    """IID and OOD (overall and per corruption) of a run's product, as the evaluate job measures them."""
+    """IID and OOD (overall and per corruption) of a run's product, measured by the evaluate job's own code."""
     ctx = _context(run_dir)
-    model = _product_model(ctx, product)
-    iid = evaluate(model, ctx.loader("val", 256, shuffle=False)(0))
-    correct = correct_predictions(model, ctx.loader("ood", 256, shuffle=False)(0))
-    return {"iid_acc": iid, **ood_accuracies(correct, ctx.data.ood.tags)}
+    return _accuracies(ctx, {product: _product_model(ctx, product)}, 256, distill=False)[product]
 
 
 def _compound(run_dir: Path, product: str) -> float:
@@ -221,10 +218,10 @@ def teacher_numbers(study: Study, name: str = "teacher") -> dict[str, Any]:
     teacher = ctx.teacher()
     correct = correct_predictions(teacher, ctx.loader("ood", 256, shuffle=False)(0))
     ood = ood_accuracies(correct, ctx.data.ood.tags)
-    jobs = [job for job in ctx.plan.jobs if RunDir(run_dir).done(job) is not None]
+    done = {job.name: RunDir(run_dir).done(job) for job in ctx.plan.jobs}
     return {"iid": evaluate(teacher, ctx.loader("val", 256, shuffle=False)(0)), "ood": ood["ood_acc"],
             "by_corruption": ood["ood_by_corruption"], "compound": _compound(run_dir, "teacher"),
-            "seconds": {job.name: RunDir(run_dir).done(job)["seconds"] for job in jobs}}
+            "seconds": {name: record["seconds"] for name, record in done.items() if record is not None}}
 
 
 def collect(study: Study) -> dict[str, Any]:
