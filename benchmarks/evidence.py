@@ -17,10 +17,14 @@ Settings, all fixed before the first run (nothing tuned on val or OOD, no run pi
   steps (fixed a priori: the data is 7-29x smaller than the full split's 1437 images).
 - Evaluation: digits val (IID), its OOD copy with one corruption per image (reported overall and per corruption),
   and a compound OOD copy (rotation, blur and occlusion on every image, ``--ood compound``), read once at the end.
+- Stronger teachers (item 3): ``vit_small`` trained end to end with the paper's regularisation (mixup 0.8, CutMix
+  1.0, label smoothing 0.1, random erasing 0.25) for 2000 steps (``strong``), then the same weights trained on for
+  4000 more (``longer``, 6000 in all), each handed to m2mKD runs of both students through ``--weights``, 2 threads.
 - Machine regime: every job runs on 1 torch thread while the other lane (the other student) runs beside it on the
   second core, so all compute seconds are measured under the same load.
 
-``python -m benchmarks.evidence teacher``, then ``nac`` and ``moe`` side by side, then ``collect``; or
+``python -m benchmarks.evidence teacher``, then ``nac`` and ``moe`` side by side, then the stronger teachers'
+parts ``strong`` and ``longer`` (each on 2 threads, alone), then ``collect``; or
 ``python -m benchmarks.run --only evidence`` for all of it one lane after another. Runs live in
 ``benchmarks/runs/evidence`` and are resumable: jobs finished with the same hash are reused.
 """
@@ -31,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +46,8 @@ from monomod.compiler import ConvertOptions, compile_options
 from monomod.io import atomic_write_json
 from monomod.rundir import RunDir
 from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
-from monomod.runtime.jobs import RunContext, _accuracies, ood_accuracies
-from monomod.runtime.train import correct_predictions, evaluate
+from monomod.runtime.jobs import RunContext, accuracies
+from monomod.runtime.train import evaluate
 
 HERE = Path(__file__).parent
 SEEDS = (0, 1, 2)
@@ -139,20 +144,50 @@ def run_lane(study: Study, student: str) -> list[dict[str, Any]]:
 # once end to end and handed to every run through --weights as a pretrained teacher; its modules are incubated in
 # each run's meta model (shared through --teacher-seed), then distilled. Equal epochs only: its m2mKD students are
 # compared with the main study's scratch rows of the same student, seed and data (a scratch run never reads the
-# teacher).
+# teacher). Two teachers, fixed before either ran: ``strong`` (2000 steps) and ``longer``, the same weights trained
+# on for 4000 more steps with the same settings (a fresh warm-up and cosine; 6000 steps in all), because the first
+# one did not get above the students.
 STRONG_TEACHER = "vit_small"
-STRONG_VARIANT = f"m2mKD, {STRONG_TEACHER} teacher"
 STRONG_BUDGET = {"steps": 2000, "mixup": 0.8, "cutmix": 1.0, "label_smoothing": 0.1, "reprob": 0.25}
 
 
-def run_strong(study: Study) -> list[dict[str, Any]]:
-    """The stronger teacher, then m2mKD + fine-tune for both students and every seed at full data and few labels."""
-    teacher_dir = study.convert("strong-teacher", only=["teacher"], teacher=STRONG_TEACHER, student="nac", threads=2,
-                                seed=TEACHER_SEED, teacher_training="end-to-end",
-                                budgets={**study.budgets(), "teacher": dict(STRONG_BUDGET, steps=20 if study.quick
-                                                                            else STRONG_BUDGET["steps"])})
-    weights = str(RunDir(teacher_dir).job_dir("teacher").resolve() / "model.safetensors")
-    given = {"teacher": STRONG_TEACHER, "weights": weights, "teacher_trained": True}
+@dataclass(frozen=True)
+class StrongTeacher:
+    """One stronger teacher: its run dir, its training steps, the teacher it trains on from, and its runs' prefix."""
+
+    part: str
+    steps: int
+    total_steps: int
+    trained_from: str | None = None
+
+    @property
+    def teacher_dir(self) -> str:
+        return "strong-teacher" if self.part == "strong" else f"{self.part}-teacher"
+
+    @property
+    def variant(self) -> str:
+        return f"m2mKD, {STRONG_TEACHER} teacher ({self.total_steps} steps)"
+
+
+STRONG_TEACHERS = {t.part: t for t in (StrongTeacher("strong", 2000, 2000),
+                                       StrongTeacher("longer", 4000, 6000, trained_from="strong"))}
+
+
+def train_strong_teacher(study: Study, teacher: StrongTeacher) -> Path:
+    """The teacher trained once end to end (on from ``trained_from``'s weights where given); its weights' path."""
+    start = {}
+    if teacher.trained_from:
+        start = {"weights": str(train_strong_teacher(study, STRONG_TEACHERS[teacher.trained_from]))}
+    steps = 20 if study.quick else teacher.steps
+    run_dir = study.convert(teacher.teacher_dir, only=["teacher"], teacher=STRONG_TEACHER, student="nac", threads=2,
+                            seed=TEACHER_SEED, teacher_training="end-to-end", **start,
+                            budgets={**study.budgets(), "teacher": dict(STRONG_BUDGET, steps=steps)})
+    return RunDir(run_dir).job_dir("teacher").resolve() / "model.safetensors"
+
+
+def run_strong(study: Study, teacher: StrongTeacher) -> list[dict[str, Any]]:
+    """A stronger teacher, then m2mKD + fine-tune for both students and every seed at full data and few labels."""
+    given = {"teacher": STRONG_TEACHER, "weights": str(train_strong_teacher(study, teacher)), "teacher_trained": True}
     rows: list[dict[str, Any]] = []
     for seed in study.seeds:
         for student in STUDENTS:
@@ -160,11 +195,12 @@ def run_strong(study: Study) -> list[dict[str, Any]]:
                 data = {} if shots is None else {"data": f"digits:shots={shots}", "distill_data": "digits",
                                                  "budgets": study.budgets(finetune=30 if study.quick else SHOT_STEPS)}
                 tag = "full" if shots is None else f"shots{shots}"
-                run_dir = study.convert(f"strong-{student}-{tag}-s{seed}", only=["finetune"], student=student,
-                                        seed=seed, threads=2, **given, **data)
-                rows.append(_row(student, STRONG_VARIANT, seed, shots, _evaluate_product(run_dir, "finetune"),
-                                 None, _compound(run_dir, "finetune")))
-            atomic_write_json(study.rows_file("strong"), rows)
+                run_dir = study.convert(f"{teacher.part}-{student}-{tag}-s{seed}", only=["finetune"],
+                                        student=student, seed=seed, threads=2, **given, **data)
+                seconds, steps = _strong_compute(run_dir) if shots is None else (None, None)
+                rows.append(_row(student, teacher.variant, seed, shots, _evaluate_product(run_dir, "finetune"),
+                                 seconds, _compound(run_dir, "finetune"), steps=steps))
+            atomic_write_json(study.rows_file(teacher.part), rows)
     return rows
 
 
@@ -178,6 +214,16 @@ def _row(student: str, variant: str, seed: int, shots: int | None, result: dict[
 def _pipeline_seconds(report: dict[str, Any]) -> float:
     seconds = {name: info["seconds"] or 0.0 for name, info in report["jobs"].items()}
     return round(sum(s for name, s in seconds.items() if name.startswith(COUNTED)), 1)
+
+
+def _strong_compute(run_dir: Path) -> tuple[float, int]:
+    """A stronger teacher's m2mKD pipeline: its summed job seconds (as ``_pipeline_seconds``), and the scratch steps
+    they would buy at the run's own fine-tune step rate (the same student, so the same cost per step)."""
+    plan = load_run(run_dir).plan
+    seconds = {job.name: RunDir(run_dir).done(job)["seconds"] for job in plan.jobs if job.name.startswith(COUNTED)}
+    per_step = seconds["finetune"] / plan.job("finetune").config["train"]["steps"]
+    total = round(sum(seconds.values()), 1)
+    return total, round(total / per_step)
 
 
 def _job_seconds(run_dir: Path, job: str) -> float:
@@ -202,7 +248,7 @@ def _product_model(ctx: RunContext, product: str):
 def _evaluate_product(run_dir: Path, product: str = "baseline") -> dict[str, Any]:
     """IID and OOD (overall and per corruption) of a run's product, measured by the evaluate job's own code."""
     ctx = _context(run_dir)
-    return _accuracies(ctx, {product: _product_model(ctx, product)}, 256, distill=False)[product]
+    return accuracies(ctx, {product: _product_model(ctx, product)}, 256, distill=False)[product]
 
 
 def _compound(run_dir: Path, product: str) -> float:
@@ -215,24 +261,24 @@ def teacher_numbers(study: Study, name: str = "teacher") -> dict[str, Any]:
     """IID, OOD (overall and per corruption) and compound OOD of the teacher a run dir trained, and its jobs' seconds."""
     run_dir = study.root / name
     ctx = _context(run_dir)
-    teacher = ctx.teacher()
-    correct = correct_predictions(teacher, ctx.loader("ood", 256, shuffle=False)(0))
-    ood = ood_accuracies(correct, ctx.data.ood.tags)
+    measured = _evaluate_product(run_dir, "teacher")
     done = {job.name: RunDir(run_dir).done(job) for job in ctx.plan.jobs}
-    return {"iid": evaluate(teacher, ctx.loader("val", 256, shuffle=False)(0)), "ood": ood["ood_acc"],
-            "by_corruption": ood["ood_by_corruption"], "compound": _compound(run_dir, "teacher"),
+    return {"iid": measured["iid_acc"], "ood": measured["ood_acc"], "by_corruption": measured["ood_by_corruption"],
+            "compound": _compound(run_dir, "teacher"),
             "seconds": {name: record["seconds"] for name, record in done.items() if record is not None}}
 
 
 def collect(study: Study) -> dict[str, Any]:
-    parts = [*STUDENTS, "strong"]
+    parts = [*STUDENTS, *STRONG_TEACHERS]
     rows = [row for part in parts if study.rows_file(part).is_file()
             for row in json.loads(study.rows_file(part).read_text())]
     walls = {p.stem[len("wall-"):]: json.loads(p.read_text())["seconds"] for p in study.root.glob("wall-*.json")}
-    strong = teacher_numbers(study, "strong-teacher") if study.rows_file("strong").is_file() else None
+    strong = {t.variant: {**teacher_numbers(study, t.teacher_dir), "steps": t.total_steps,
+                          "trained_from": t.trained_from and STRONG_TEACHERS[t.trained_from].variant}
+              for t in STRONG_TEACHERS.values() if study.rows_file(t.part).is_file()}
     return {"seeds": list(study.seeds), "shots": list(SHOTS), "wall": walls,
             "shot_steps": SHOT_STEPS, "threads": THREADS, "rows": rows, "teacher": teacher_numbers(study),
-            "strong_teacher": strong, "strong_budget": STRONG_BUDGET, "summary": summarise(rows),
+            "strong_teachers": strong, "strong_budget": STRONG_BUDGET, "summary": summarise(rows),
             "budgets": "quick: " + str(QUICK_STEPS) if study.quick else "demo preset"}
 
 
@@ -242,6 +288,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     run_teacher(study)
     for student in STUDENTS:
         run_lane(study, student)
+    for teacher in STRONG_TEACHERS.values():
+        run_strong(study, teacher)
     return collect(study)
 
 
@@ -263,7 +311,7 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                                      **{m: _mean_std([r[m] for r in group]) for m in METRICS},
                                      "by_corruption": _per_corruption(group)}
             if variant.startswith(M2MKD):
-                for base in (SCRATCH, EQUAL_COMPUTE) if variant == M2MKD else (SCRATCH,):
+                for base in (SCRATCH, EQUAL_COMPUTE):
                     by_seed = {r["seed"]: r for r in cell if r["variant"] == base}
                     if by_seed:
                         entry.setdefault("gain", {})[base] = {
@@ -311,17 +359,17 @@ def markdown(result: dict[str, Any]) -> str:
         "are paired by seed (m2mKD minus scratch). Compute: median summed job seconds (m2mKD: meta + incubation + "
         "K m2mKD + fine-tune)." + (f" Wall time of each part (s): {result['wall']}." if result.get("wall") else ""),
         ""]
-    strong = result.get("strong_teacher")
-    if strong:
-        budget = ", ".join(f"{k} {v}" for k, v in result["strong_budget"].items())
-        lines += [f"A stronger teacher (`{STRONG_TEACHER}`, trained once end to end, {budget}; "
+    for variant, strong in result.get("strong_teachers", {}).items():
+        budget = ", ".join(f"{k} {v}" for k, v in result["strong_budget"].items() if k != "steps")
+        how = (f"the `{strong['trained_from']}` rows' teacher trained on to" if strong.get("trained_from")
+               else "trained once end to end for")
+        lines += [f"A stronger teacher (`{STRONG_TEACHER}`, {how} {strong['steps']} steps, {budget}; "
                   f"{strong['seconds'].get('teacher', 0):.0f} s, not counted): IID {100 * strong['iid']:.1f} %, OOD "
                   f"{100 * strong['ood']:.1f} %, compound OOD {100 * strong['compound']:.1f} %. Handed to the runs "
-                  "of the `m2mKD, vit_small teacher` rows through `--weights` (its modules incubated in each run's "
-                  "meta model), compared with the scratch rows of the same seeds at equal epochs; seeds "
-                  f"{sorted({r['seed'] for r in result['rows'] if r['variant'] == STRONG_VARIANT})} (the seeds are "
-                  "run in order; the study stopped where its time ran out). Per-seed rows sit with the others below.",
-                  ""]
+                  f"of the `{variant}` rows through `--weights` (its modules incubated in each run's meta model), "
+                  "compared with the scratch rows of the same seeds at equal epochs; seeds "
+                  f"{sorted({r['seed'] for r in result['rows'] if r['variant'] == variant})} (the seeds are run in "
+                  "order). Per-seed rows sit with the others below." + _strong_compute_note(result, variant), ""]
     for student in dict.fromkeys(e["student"] for e in result["summary"]):
         for shots in dict.fromkeys(e["shots"] for e in result["summary"] if e["student"] == student):
             lines += [f"**{student.upper()} student, {_setting(shots)}**", "",
@@ -337,6 +385,18 @@ def markdown(result: dict[str, Any]) -> str:
     lines += _corruption_table(result)
     lines += _per_seed_table(result)
     return "\n".join(lines) + "\n"
+
+
+def _strong_compute_note(result: dict[str, Any], variant: str) -> str:
+    """The equal-compute gains of a stronger teacher's rows are against the main study's equal-compute scratch runs:
+    say how many steps those got and how many this pipeline's seconds would buy."""
+    def steps(name: str) -> str:
+        found = [r["steps"] for r in result["rows"] if r["variant"] == name and r["steps"] is not None]
+        return f"{min(found)}-{max(found)}" if found else "-"
+    return (f" Its equal-compute gains are against the main study's `{EQUAL_COMPUTE}` runs ({steps(EQUAL_COMPUTE)} "
+            f"steps), while this pipeline's seconds buy {steps(variant)} scratch steps at the run's own fine-tune "
+            "step rate: where the scratch run got fewer steps, m2mKD is compared with a baseline given less compute "
+            "than it used.")
 
 
 def _corruption_table(result: dict[str, Any]) -> list[str]:
@@ -371,7 +431,7 @@ def _per_seed_table(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=("teacher", *STUDENTS, "strong", "collect"))
+    parser.add_argument("part", choices=("teacher", *STUDENTS, *STRONG_TEACHERS, "collect"))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     study = Study(args.quick)
@@ -380,19 +440,21 @@ def main(argv: list[str] | None = None) -> int:
         run_teacher(study)
     elif args.part in STUDENTS:
         run_lane(study, args.part)
-    elif args.part == "strong":
-        run_strong(study)
+    elif args.part in STRONG_TEACHERS:
+        run_strong(study, STRONG_TEACHERS[args.part])
     if args.part != "collect":
         atomic_write_json(study.root / f"wall-{args.part}.json", {"seconds": round(time.perf_counter() - started, 1)})
     else:
         from benchmarks.run import write_result
 
-        result = collect(study)  # the study's time: its teacher, the longer lane, and this
-        started -= result["wall"].get("teacher", 0.0) + max((v for k, v in result["wall"].items() if k != "teacher"),
-                                                             default=0.0)
+        result = collect(study)  # the study's time: its teacher, the longer student lane, the strong parts, this
+        walls = result["wall"]
+        started -= (walls.get("teacher", 0.0) + max((walls.get(s, 0.0) for s in STUDENTS), default=0.0)
+                    + sum(walls.get(part, 0.0) for part in STRONG_TEACHERS))
         write_result("evidence", result, started, quick=args.quick, command=(
             "python -m benchmarks.evidence teacher; python -m benchmarks.evidence nac & "
-            "python -m benchmarks.evidence moe; python -m benchmarks.evidence collect"))
+            "python -m benchmarks.evidence moe; python -m benchmarks.evidence strong; "
+            "python -m benchmarks.evidence longer; python -m benchmarks.evidence collect"))
     return 0
 
 

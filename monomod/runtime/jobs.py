@@ -493,13 +493,13 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
     students["baseline"] = baseline
     context = {"teacher": ctx.teacher(), **({"meta": ctx.meta()} if ctx.settings["meta"] == "trained" else {})}
     same_data = ctx.settings.get("distill_data", ctx.settings["data"]) == ctx.settings["data"]
-    results = _accuracies(ctx, students, batch, distill=False)
-    results.update(_accuracies(ctx, context, batch, distill=not same_data))  # teacher and meta know the distill classes
+    results = accuracies(ctx, students, batch, distill=False)
+    results.update(accuracies(ctx, context, batch, distill=not same_data))  # teacher and meta know the distill classes
     write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
     return {name: r for name, r in results.items()}
 
 
-def _accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, distill: bool) -> dict[str, dict]:
+def accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, distill: bool) -> dict[str, dict]:
     """IID (val) and OOD top-1 of each model, on the task's data or the distillation data (which has no OOD)."""
     device = resolve_device("auto")
     bundle = ctx.distill_data if distill else ctx.data
