@@ -119,16 +119,14 @@ def run_lane(study: Study, student: str) -> list[dict[str, Any]]:
     for seed in study.seeds:
         full = study.convert(f"{student}-m2mkd-s{seed}", student=student, seed=seed)
         report = load_run(full).report
-        pipeline = _pipeline_seconds(report)
+        pipeline, long_steps = _pipeline(full, rate_of="baseline")
         rows.append(_row(student, M2MKD, seed, None, report["student"], pipeline, _compound(full, "finetune")))
-        rows.append(_row(student, SCRATCH, seed, None, report["baseline"], report["jobs"]["baseline"]["seconds"],
+        rows.append(_row(student, SCRATCH, seed, None, report["baseline"], _job_seconds(full)["baseline"],
                          _compound(full, "baseline"), compare=None))
-        steps = load_run(full).plan.job("baseline").config["train"]["steps"]
-        long_steps = round(pipeline / (report["jobs"]["baseline"]["seconds"] / steps))
         long = study.convert(f"{student}-scratch-equalcompute-s{seed}", only=["baseline"], student=student,
                              seed=seed, budgets=study.budgets(finetune=long_steps))
         rows.append(_row(student, EQUAL_COMPUTE, seed, None, _evaluate_product(long),
-                         _job_seconds(long, "baseline"), _compound(long, "baseline"), compare=None, steps=long_steps))
+                         _job_seconds(long)["baseline"], _compound(long, "baseline"), compare=None, steps=long_steps))
         for shots in SHOTS:
             few = study.convert(f"{student}-shots{shots}-s{seed}", student=student, seed=seed,
                                 data=f"digits:shots={shots}", distill_data="digits",
@@ -201,7 +199,7 @@ def run_strong(study: Study, teacher: StrongTeacher) -> list[dict[str, Any]]:
                 tag = "full" if shots is None else f"shots{shots}"
                 run_dir = study.convert(f"{teacher.part}-{student}-{tag}-s{seed}", only=["finetune"],
                                         student=student, seed=seed, threads=2, **given, **data)
-                seconds, steps = _strong_compute(run_dir) if shots is None else (None, None)
+                seconds, steps = _pipeline(run_dir, rate_of="finetune") if shots is None else (None, None)
                 rows.append(_row(student, teacher.variant, seed, shots, _evaluate_product(run_dir, "finetune"),
                                  seconds, _compound(run_dir, "finetune"), steps=steps))
             atomic_write_json(study.rows_file(teacher.part), rows)
@@ -215,23 +213,20 @@ def _row(student: str, variant: str, seed: int, shots: int | None, result: dict[
             "seconds": seconds, "compare": compare, "steps": steps}
 
 
-def _pipeline_seconds(report: dict[str, Any]) -> float:
-    seconds = {name: info["seconds"] or 0.0 for name, info in report["jobs"].items()}
-    return round(sum(s for name, s in seconds.items() if name.startswith(COUNTED)), 1)
-
-
-def _strong_compute(run_dir: Path) -> tuple[float, int]:
-    """A stronger teacher's m2mKD pipeline: its summed job seconds (as ``_pipeline_seconds``), and the scratch steps
-    they would buy at the run's own fine-tune step rate (the same student, so the same cost per step)."""
-    plan = load_run(run_dir).plan
-    seconds = {job.name: RunDir(run_dir).done(job)["seconds"] for job in plan.jobs if job.name.startswith(COUNTED)}
-    per_step = seconds["finetune"] / plan.job("finetune").config["train"]["steps"]
-    total = round(sum(seconds.values()), 1)
+def _pipeline(run_dir: Path, rate_of: str) -> tuple[float, int]:
+    """A run's m2mKD pipeline compute: its counted jobs' summed seconds, and the scratch steps they buy at job
+    ``rate_of``'s step rate (the baseline or the fine-tune: the same student, so the same cost per step)."""
+    seconds = _job_seconds(run_dir)
+    total = round(sum(s for name, s in seconds.items() if name.startswith(COUNTED)), 1)
+    per_step = seconds[rate_of] / load_run(run_dir).plan.job(rate_of).config["train"]["steps"]
     return total, round(total / per_step)
 
 
-def _job_seconds(run_dir: Path, job: str) -> float:
-    return RunDir(run_dir).done(load_run(run_dir).plan.job(job))["seconds"]
+def _job_seconds(run_dir: Path) -> dict[str, float]:
+    """Seconds of each finished job of a run, from its done records."""
+    run = RunDir(run_dir)
+    records = {job.name: run.done(job) for job in load_run(run_dir).plan.jobs}
+    return {name: record["seconds"] for name, record in records.items() if record is not None}
 
 
 def _context(run_dir: Path, ood: str | None = None) -> RunContext:
@@ -264,12 +259,9 @@ def _compound(run_dir: Path, product: str) -> float:
 def teacher_numbers(study: Study, name: str = "teacher") -> dict[str, Any]:
     """IID, OOD (overall and per corruption) and compound OOD of the teacher a run dir trained, and its jobs' seconds."""
     run_dir = study.root / name
-    ctx = _context(run_dir)
     measured = _evaluate_product(run_dir, "teacher")
-    done = {job.name: RunDir(run_dir).done(job) for job in ctx.plan.jobs}
     return {"iid": measured["iid_acc"], "ood": measured["ood_acc"], "by_corruption": measured["ood_by_corruption"],
-            "compound": _compound(run_dir, "teacher"),
-            "seconds": {name: record["seconds"] for name, record in done.items() if record is not None}}
+            "compound": _compound(run_dir, "teacher"), "seconds": _job_seconds(run_dir)}
 
 
 def collect(study: Study) -> dict[str, Any]:
