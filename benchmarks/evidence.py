@@ -67,9 +67,9 @@ QUICK_STEPS = {"teacher": 20, "meta": 20, "incubate": 10, "m2mkd": 10, "finetune
 class Study:
     """The runs of the study under one root; each ``convert`` reuses every job an earlier run finished."""
 
-    def __init__(self, quick: bool = False):
+    def __init__(self, quick: bool = False, name: str = "evidence"):
         self.quick = quick
-        self.root = HERE / "runs" / ("evidence-quick" if quick else "evidence")
+        self.root = HERE / "runs" / (f"{name}-quick" if quick else name)
         self.seeds = SEEDS[:1] if quick else SEEDS
         self.quiet = Console(stderr=True, quiet=True)
 
@@ -117,25 +117,31 @@ def run_lane(study: Study, student: str) -> list[dict[str, Any]]:
     """Every run of one student: full data (m2mKD, scratch at equal epochs and equal compute), then few labels."""
     rows: list[dict[str, Any]] = []
     for seed in study.seeds:
-        full = study.convert(f"{student}-m2mkd-s{seed}", student=student, seed=seed)
-        report = load_run(full).report
-        pipeline, long_steps = _pipeline(full, rate_of="baseline")
-        rows.append(_row(student, M2MKD, seed, None, report["student"], pipeline, _compound(full, "finetune")))
-        rows.append(_row(student, SCRATCH, seed, None, report["baseline"], _job_seconds(full)["baseline"],
-                         _compound(full, "baseline"), compare=None))
-        long = study.convert(f"{student}-scratch-equalcompute-s{seed}", only=["baseline"], student=student,
-                             seed=seed, budgets=study.budgets(finetune=long_steps))
-        rows.append(_row(student, EQUAL_COMPUTE, seed, None, _evaluate_product(long),
-                         _job_seconds(long)["baseline"], _compound(long, "baseline"), compare=None, steps=long_steps))
-        for shots in SHOTS:
-            few = study.convert(f"{student}-shots{shots}-s{seed}", student=student, seed=seed,
-                                data=f"digits:shots={shots}", distill_data="digits",
-                                budgets=study.budgets(finetune=30 if study.quick else SHOT_STEPS))
-            report = load_run(few).report
-            rows.append(_row(student, M2MKD, seed, shots, report["student"], None, _compound(few, "finetune")))
-            rows.append(_row(student, SCRATCH, seed, shots, report["baseline"], None, _compound(few, "baseline"),
-                             compare=None))
+        rows += seed_rows(study, student, seed)
         atomic_write_json(study.rows_file(student), rows)
+    return rows
+
+
+def seed_rows(study: Study, student: str, seed: int, **options: Any) -> list[dict[str, Any]]:
+    """One seed of a student's lane; ``options`` go to every run (e.g. ``assemble``)."""
+    full = study.convert(f"{student}-m2mkd-s{seed}", student=student, seed=seed, **options)
+    report = load_run(full).report
+    pipeline, long_steps = _pipeline(full, rate_of="baseline")
+    rows = [_row(student, M2MKD, seed, None, report["student"], pipeline, _compound(full, "finetune")),
+            _row(student, SCRATCH, seed, None, report["baseline"], _job_seconds(full)["baseline"],
+                 _compound(full, "baseline"), compare=None)]
+    long = study.convert(f"{student}-scratch-equalcompute-s{seed}", only=["baseline"], student=student, seed=seed,
+                         budgets=study.budgets(finetune=long_steps), **options)
+    rows.append(_row(student, EQUAL_COMPUTE, seed, None, _evaluate_product(long), _job_seconds(long)["baseline"],
+                     _compound(long, "baseline"), compare=None, steps=long_steps))
+    for shots in SHOTS:
+        few = study.convert(f"{student}-shots{shots}-s{seed}", student=student, seed=seed,
+                            data=f"digits:shots={shots}", distill_data="digits",
+                            budgets=study.budgets(finetune=30 if study.quick else SHOT_STEPS), **options)
+        report = load_run(few).report
+        rows.append(_row(student, M2MKD, seed, shots, report["student"], None, _compound(few, "finetune")))
+        rows.append(_row(student, SCRATCH, seed, shots, report["baseline"], None, _compound(few, "baseline"),
+                         compare=None))
     return rows
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from monomod.errors import MonomodError
 from monomod.plan import Plan
 from monomod.rundir import RunDir
-from monomod.runtime.jobs import RunContext
+from monomod.runtime.jobs import RunContext, assembly_mode
 
 if TYPE_CHECKING:
     from monomod.passes.export import Exportable
@@ -97,7 +97,7 @@ class Run:
         """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
         from monomod.frontend import check_trusted
 
-        if which != "baseline" and self.plan.job("assemble").config.get("keep_stitches"):
+        if which != "baseline" and assembly_mode(self.plan) != "dropped":
             check_trusted(self.plan.settings, str(RunDir(self.path).plan_file), self.trust_code)  # stitches trace it
         problem = RunDir(self.path).done_problem(self.plan.job(which))
         if problem is not None:

@@ -53,11 +53,11 @@ SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
     "teacher": _TEACHER_SETTINGS,
     "meta": (*_TEACHER_SETTINGS, "modules", "partition"),
     "incubate": (*_TEACHER_SETTINGS, "modules", "meta", "partition"),
-    "baseline": ("student", "student_preset", "student_overrides", "modules", "seed", "data", "ood", "num_classes",
-                 *_TEACHER_SETTINGS),
+    "baseline": ("student", "student_preset", "student_overrides", "student_revision", "modules", "seed", "data", "ood",
+                 "num_classes", *_TEACHER_SETTINGS),
     # m2mKD trains on the distillation data alone: runs that fine-tune on other labelled data (few shots) share it
-    "m2mkd": (*_TEACHER_SETTINGS, "student", "student_preset", "student_overrides", "modules", "seed", "meta",
-              "partition", "teacher_training"),
+    "m2mkd": (*_TEACHER_SETTINGS, "student", "student_preset", "student_overrides", "student_revision", "modules",
+              "seed", "meta", "partition", "teacher_training"),
 }
 
 

@@ -214,9 +214,20 @@ def module_results(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def module_warnings(modules: list[dict[str, Any]], num_classes: int, teacher_training: str = "incubate",
-                    margin: float = 0.10) -> list[str]:
-    """One line per module whose teacher hybrid is within ``margin`` of chance: its distillation target is noise."""
+                    margin: float = 0.10, distilled: float = 0.80) -> list[str]:
+    """One line per module whose distillation did not work: its teacher hybrid is within ``margin`` of chance (the
+    target was noise), or its student hybrid is below ``distilled`` times its teacher hybrid (the student did not
+    learn the target)."""
     chance = 1.0 / max(num_classes, 1)
+    noise = [m for m in modules
+             if m.get("teacher_hybrid_acc") is not None and m["teacher_hybrid_acc"] < chance + margin]
+    lagging = [m for m in modules if m not in noise and m.get("student_hybrid_acc") is not None
+               and m.get("teacher_hybrid_acc") and m["student_hybrid_acc"] < distilled * m["teacher_hybrid_acc"]]
+    return ([_noise_warning(m, chance, margin, teacher_training) for m in noise]
+            + [_lagging_warning(m, distilled) for m in lagging])
+
+
+def _noise_warning(m: dict[str, Any], chance: float, margin: float, teacher_training: str) -> str:
     if teacher_training == "end-to-end":
         cause = ("teacher module {i} was trained apart from the meta model and writes a representation the meta model "
                  "cannot read: train the teacher with --teacher-training incubate (the default with --meta trained) "
@@ -224,13 +235,16 @@ def module_warnings(modules: list[dict[str, Any]], num_classes: int, teacher_tra
     else:
         cause = ("incubation did not fit teacher module {i} into the meta model: raise budgets.incubate (and "
                  "budgets.meta if the meta model itself is weak)")
-    return [
-        f"module {m['module']}: its teacher hybrid reaches {_pct(m['teacher_hybrid_acc'])} on val, within "
-        f"{round(100 * margin)} points of chance ({_pct(chance)}), so m2mKD distilled it towards noise; likely cause: "
-        + cause.format(i=m["module"])
-        for m in modules
-        if m.get("teacher_hybrid_acc") is not None and m["teacher_hybrid_acc"] < chance + margin
-    ]
+    return (f"module {m['module']}: its teacher hybrid reaches {_pct(m['teacher_hybrid_acc'])} on val, within "
+            f"{round(100 * margin)} points of chance ({_pct(chance)}), so m2mKD distilled it towards noise; likely "
+            "cause: " + cause.format(i=m["module"]))
+
+
+def _lagging_warning(m: dict[str, Any], distilled: float) -> str:
+    return (f"module {m['module']}: its student hybrid reaches {_pct(m['student_hybrid_acc'])} on val, below "
+            f"{round(100 * distilled)} % of its teacher hybrid ({_pct(m['teacher_hybrid_acc'])}), so it did not distil; "
+            "likely cause: too few m2mKD steps or a learning rate that does not suit this student: raise "
+            "budgets.m2mkd.steps (e.g. --set budgets.m2mkd.steps=N) or try another budgets.m2mkd.lr")
 
 
 def _module_columns(modules: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -86,10 +86,12 @@ def resolve_teacher_training(teacher_training: str | None, teacher_trained: bool
     return "incubate" if meta == "trained" else "end-to-end"
 
 
-def schedule(options: Any, data: DataInfo, partition: PartitionRecord) -> Plan:
+def schedule(options: Any, data: DataInfo, partition: PartitionRecord, *, student_revision: int = 0) -> Plan:
     """Lay out the jobs of ``options`` (a validated ``monomod.compiler.ConvertOptions``). Pure: the same options,
     data facts and partition give the same plan. The partition is recorded in the plan's settings: jobs replay its
-    cuts, and the jobs that use the teacher's modules hash them (``monomod.plan.SETTINGS_SCOPE``)."""
+    cuts, and the jobs that use the teacher's modules hash them (``monomod.plan.SETTINGS_SCOPE``).
+    ``student_revision`` (``monomod.students.student_revision``) enters the student jobs' hashes only, so a changed
+    student family re-runs its jobs and keeps a finished teacher."""
     budget = PRESET_BUDGETS[options.preset]
     training = resolve_teacher_training(options.teacher_training, options.teacher_trained, options.meta)
     distill_classes = data.distill_num_classes or data.num_classes
@@ -100,7 +102,7 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord) -> Plan:
         "distill_data": options.distill_data or options.data, "distill_num_classes": distill_classes,
         "img_size": options.img_size or budget["img_size"], "in_chans": options.in_chans or data.in_chans,
         "num_classes": data.num_classes, "meta": options.meta, "preset": options.preset, "seed": options.seed,
-        "teacher_training": training, "partition": partition.to_dict(),
+        "teacher_training": training, "partition": partition.to_dict(), "student_revision": student_revision,
         "threads": options.threads,  # torch threads of every job, whichever executor runs it (not in job hashes)
         "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
     }
@@ -109,7 +111,7 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord) -> Plan:
     jobs += _m2mkd_jobs(options, training, train)
     distilled = [f"m2mkd:{i}" for i in range(options.modules)]
     jobs += [
-        Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"keep_stitches": options.keep_stitches}),
+        Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"assemble": options.assemble}),
         Job("finetune", "finetune", ["assemble"], ["jobs/finetune/model.safetensors"], {"train": train("finetune", 3)}),
         # an upcycled baseline copies the teacher's MLPs, so it must wait for the teacher
         Job("baseline", "baseline", ["teacher"] if options.upcycle else [], ["jobs/baseline/model.safetensors"],

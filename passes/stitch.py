@@ -141,10 +141,32 @@ class Stitch(nn.Module):
         return tokens
 
 
+def fuse_stitches(post: nn.Module, pre: nn.Module) -> nn.Module:
+    """One layer computing ``pre(post(x))``, for a boundary kept in an assembled student ("bridged").
+
+    Two Linears (or a Linear and an Identity) fuse into one Linear, ``W = W_pre W_post``, ``b = W_pre b_post +
+    b_pre``: the same map with the meta width gone. Anything else (LayerNorm + Linear, a resampling ``Stitch``) is
+    kept as the two layers in sequence, which computes the same.
+    """
+    if isinstance(post, nn.Identity):
+        return pre
+    if isinstance(pre, nn.Identity):
+        return post
+    if not (type(post) is nn.Linear and type(pre) is nn.Linear):
+        return nn.Sequential(post, pre)
+    fused = nn.Linear(post.in_features, pre.out_features, device=post.weight.device, dtype=post.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(pre.weight @ post.weight)
+        b_post = post.bias if post.bias is not None else torch.zeros_like(post.weight[:, 0])
+        b_pre = pre.bias if pre.bias is not None else torch.zeros_like(pre.weight[:, 0])
+        fused.bias.copy_(pre.weight @ b_post + b_pre)
+    return fused
+
+
 def _square(n: int) -> tuple[int, int]:
     """The most nearly square (H, W) with H*W = n: where a token set that is no grid lands when it becomes tokens."""
     h = next(d for d in range(math.isqrt(n), 0, -1) if n % d == 0)
     return h, n // h
 
 
-__all__ = ["Layout", "STITCH_KINDS", "Stitch", "check_stitchable", "describe", "layout", "stitch_layer"]
+__all__ = ["Layout", "STITCH_KINDS", "Stitch", "check_stitchable", "describe", "fuse_stitches", "layout", "stitch_layer"]

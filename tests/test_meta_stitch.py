@@ -181,9 +181,10 @@ def test_hybrid_trains_only_the_student_stage(request, part, images, family, i):
     assert all(p.grad is None for p in meta.parameters())
     assert not any(p.requires_grad for s in context for p in s.parameters())
     # In distillation mode NAC stages run dense attention with one fixed shared code (METHOD.md: m2mKD distils
-    # simplified NAC modules), so the cells' codes, signatures and kernel bandwidth are never trained there.
+    # simplified NAC modules), so the cells' codes, signatures and kernel bandwidth are never trained there; the
+    # read-in hands the meta model only its image-carrying latents, so the mediators' initial states wait too.
     cells = {"stage.codes", "stage.signatures", "stage.kernel.bandwidth", "stage.cell_signatures",
-             "stage.sender_codes"}
+             "stage.sender_codes", "stage.mediator_init"}
     unused = {n for n, _ in stitched.named_parameters() if n in cells} if family == "nac" else set()
     got = {name for name, p in stitched.named_parameters() if p.grad is not None}
     assert got == {name for name, _ in stitched.named_parameters()} - unused

@@ -24,6 +24,7 @@ from monomod.data import parse_data_spec
 from monomod.runtime.config import PRECISIONS
 from monomod.students import STUDENT_KINDS
 from monomod.students.custom import resolve_student
+from monomod.students.stitching import ASSEMBLY_MODES
 
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
 _PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
@@ -165,7 +166,10 @@ OPTIONS: tuple[Option, ...] = (
            "a mapping of student config fields"),
     _choice("stitch", (None, *sorted(set(DEFAULT_STITCH.values()))), None,
             "Stitch layers (default: the reference's per family).", flag="--stitch"),
-    _flag("keep_stitches", "Keep the stitch layers as adapters in the assembled student.", flag="--keep-stitches"),
+    _choice("assemble", ASSEMBLY_MODES, "dropped",
+            "How the distilled stages are assembled: drop the stitch layers (as the reference), or keep each boundary's "
+            "post-stitch and the next pre-stitch, fused into one layer where both are linear, so the assembled "
+            "student computes through the meta model's boundary space as its hybrids did.", flag="--assemble"),
     _flag("upcycle", "MoE: initialise experts from the teacher's MLPs (beyond the paper).", flag="--upcycle"),
     Option("alpha", 0.5, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]",
            "Weight of the distillation term.", flag="--alpha", kind=float),

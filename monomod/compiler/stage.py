@@ -30,6 +30,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     """
     from monomod.frontend import load_model
     from monomod.passes.schedule import PRESET_BUDGETS, DataInfo, schedule
+    from monomod.students import student_revision
     from monomod.runtime.execute import check_train_configs
     from monomod.runtime.executors import cpu_count
     from monomod.runtime.config import resolve_precision
@@ -59,7 +60,8 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
         _check_upcycling(options, probe, facts[0])
     plan = schedule(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
                                       distill_num_classes=distill[0] if distill else None,
-                                      distill_train_size=distill[1] if distill else None), record)
+                                      distill_train_size=distill[1] if distill else None), record,
+                    student_revision=student_revision(options.student))
     set_checkpointing(plan, options.checkpoint_every, options.checkpoint_minutes)
     check_train_configs(plan)
     return plan

@@ -24,11 +24,12 @@ from monomod.io import atomic_save_tensors
 from monomod.ir import Partition
 from monomod.plan import DISTILL_KINDS, Job, Plan
 from monomod.rundir import RunDir
-from monomod.runtime.config import TrainConfig, resolve_device
+from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
 from monomod.runtime.distributed import barrier, is_writer, world_size
 from monomod.runtime.losses import m2mkd_loss, soft_cross_entropy
 from monomod.runtime.train import correct_predictions, evaluate, seed_everything, train
 from monomod.students.base import StagedModel
+from monomod.students.stitching import bridge
 
 
 
@@ -233,13 +234,17 @@ class RunContext:
         return stitch_student(student, self.partition(), i, kind)
 
     def assembled_student(self) -> StagedModel:
-        """The student structure the assemble job produced (stitches kept as adapters when asked)."""
-        job = self.plan.job("assemble")
-        student = self.new_student(self.settings["seed"])
-        if job.config["keep_stitches"]:
-            kind = self.plan.job("m2mkd:0").config["stitch"]
-            student.stages = nn.ModuleList([self.stitched(student, i, kind) for i in range(len(student.stages))])
+        """The student structure the assemble job produced (stitches dropped, or bridged between the stages)."""
+        student, mode = self.new_student(self.settings["seed"]), assembly_mode(self.plan)
+        if mode != "dropped":
+            stitched = self.all_stitched(student)
+            student.stages = nn.ModuleList(bridge(stitched) if mode == "bridged" else stitched)
         return student
+
+    def all_stitched(self, student: StagedModel) -> list:
+        """Every stage of ``student`` between its m2mKD stitch layers."""
+        kind = self.plan.job("m2mkd:0").config["stitch"]
+        return [self.stitched(student, i, kind) for i in range(len(student.stages))]
 
     # ----------------------------------------------------------------------------------------- products
 
@@ -267,6 +272,13 @@ class RunContext:
         if not is_writer():
             return  # under torchrun only rank 0 writes products
         atomic_save_tensors(self.dirs.product(name), dict(module.state_dict()))
+
+
+def assembly_mode(plan: Plan) -> str:
+    """``dropped`` or ``bridged``; or ``stitched`` for plans written before ``--assemble`` with ``keep_stitches``
+    (each stage kept between its own stitches: bridged, unfused)."""
+    config = plan.job("assemble").config
+    return config.get("assemble") or ("stitched" if config.get("keep_stitches") else "dropped")
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -361,13 +373,15 @@ def run_incubate(ctx: RunContext, job: Job) -> dict[str, Any]:
 
     i = job.config["module"]
     cfg = _train_config(ctx, job)
-    meta = ctx.meta().to(resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    meta = ctx.meta().to(device)
     seed_everything(cfg.seed)
     module = ctx.initial_teacher_module(i)
     pair = hybrid(meta, i, module)
     info = _fit(ctx, job, module, _classification(pair, cfg.label_smoothing), cfg)
     ctx.save_product(job.name, module)
-    return {**info, **measure_hybrids(ctx, i, {"teacher_hybrid": module.eval()})}
+    precision = resolve_precision(cfg.precision, device)
+    return {**info, **measure_hybrids(ctx, i, {"teacher_hybrid": module.eval()}, precision=precision)}
 
 
 def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -409,14 +423,17 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
 
     info = _fit(ctx, job, stitched, loss_fn, cfg)
     ctx.save_product(job.name, stitched)
-    scores = measure_hybrids(ctx, i, {"teacher_hybrid": teacher_module, "student_hybrid": stitched.eval()})
+    scores = measure_hybrids(ctx, i, {"teacher_hybrid": teacher_module, "student_hybrid": stitched.eval()},
+                             precision=resolve_precision(cfg.precision, device))
     return {**info, **scores}
 
 
 @torch.inference_mode()
-def measure_hybrids(ctx: RunContext, i: int, stages: dict[str, nn.Module], batch_size: int = 256) -> dict[str, float]:
+def measure_hybrids(ctx: RunContext, i: int, stages: dict[str, nn.Module], batch_size: int = 256,
+                    precision: str = "fp32") -> dict[str, float]:
     """Val top-1 of ``meta[:i] -> stage -> meta[i+1:]`` for each named stage (``<name>_acc``), and, for two stages,
-    the fraction of images on which their predictions agree (``agreement``): whether module i's pair worked."""
+    the fraction of images on which their predictions agree (``agreement``): whether module i's pair worked.
+    Measured in ``precision``, the one the job trained in."""
     from monomod.students.hybrid import hybrid
 
     meta = ctx.meta()
@@ -426,7 +443,8 @@ def measure_hybrids(ctx: RunContext, i: int, stages: dict[str, nn.Module], batch
     agree = seen = 0
     for x, y in ctx.loader("val", batch_size, shuffle=False, distill=True)(0):
         x, y = x.to(device), y.to(device)
-        predictions = {name: pair(x).argmax(dim=-1) for name, pair in pairs.items()}
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            predictions = {name: pair(x).argmax(dim=-1) for name, pair in pairs.items()}
         for name, predicted in predictions.items():
             correct[name] += int((predicted == y).sum())
         if len(predictions) == 2:
@@ -440,28 +458,31 @@ def measure_hybrids(ctx: RunContext, i: int, stages: dict[str, nn.Module], batch
 
 
 def run_assemble(ctx: RunContext, job: Job) -> dict[str, Any]:
-    """Load every distilled stage into the full student, check each tensor landed, drop or keep the stitches.
+    """Load every distilled stage into the full student, check each tensor landed, then drop the stitches or bridge
+    the boundaries with them (``assemble``).
 
     A head distilled for other classes (``--distill-data`` with another class count) is left freshly initialised."""
     student = ctx.new_student(ctx.settings["seed"])
-    kind = ctx.plan.job("m2mkd:0").config["stitch"]
-    stages, reset = [], []
-    for i in range(len(student.stages)):
-        stitched = ctx.stitched(student, i, kind)
-        own = stitched.state_dict()
-        state = ctx.product(f"m2mkd:{i}")
-        fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-        reset += [f"stage {i}: {k}" for k in state if k not in fits]
-        stitched.load_state_dict(fits, strict=False)
-        landed = stitched.state_dict()
-        wrong = [k for k, v in fits.items() if not torch.equal(landed[k], v)]
-        if wrong or set(own) - set(state):
-            raise MonomodError(f"stage {i}'s distilled weights did not land ({', '.join((wrong or sorted(set(own) - set(state)))[:3])})",
-                               "report this as a bug")
-        stages.append(stitched if job.config["keep_stitches"] else stitched.stage)
-    student.stages = nn.ModuleList(stages)
+    stitched, reset = ctx.all_stitched(student), []
+    for i, stage in enumerate(stitched):
+        reset += _load_distilled(stage, ctx.product(f"m2mkd:{i}"), i)
+    mode = assembly_mode(ctx.plan)
+    student.stages = nn.ModuleList(bridge(stitched) if mode == "bridged" else [s.stage for s in stitched])
     ctx.save_product(job.name, student)
-    return {"stages": len(stages), "kept_stitches": job.config["keep_stitches"], "reinitialised": reset}
+    return {"stages": len(stitched), "assemble": mode, "reinitialised": reset}
+
+
+def _load_distilled(stitched: nn.Module, state: dict[str, torch.Tensor], i: int) -> list[str]:
+    """Load stage i's m2mKD product into its stitched stage; the names of tensors left fresh (a head of another
+    class count). Refuses, as a bug, a tensor that did not land."""
+    own = stitched.state_dict()
+    fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    stitched.load_state_dict(fits, strict=False)
+    landed = stitched.state_dict()
+    wrong = [k for k, v in fits.items() if not torch.equal(landed[k], v)] or sorted(set(own) - set(state))
+    if wrong:
+        raise MonomodError(f"stage {i}'s distilled weights did not land ({', '.join(wrong[:3])})", "report this as a bug")
+    return [f"stage {i}: {k}" for k in state if k not in fits]
 
 
 def run_finetune(ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -493,23 +514,32 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
     students["baseline"] = baseline
     context = {"teacher": ctx.teacher(), **({"meta": ctx.meta()} if ctx.settings["meta"] == "trained" else {})}
     same_data = ctx.settings.get("distill_data", ctx.settings["data"]) == ctx.settings["data"]
-    results = accuracies(ctx, students, batch, distill=False)
-    results.update(accuracies(ctx, context, batch, distill=not same_data))  # teacher and meta know the distill classes
+    precision = _eval_precision(ctx)
+    results = accuracies(ctx, students, batch, distill=False, precision=precision)
+    results.update(accuracies(ctx, context, batch, distill=not same_data, precision=precision))  # teacher and meta know the distill classes
     write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
     return {name: r for name, r in results.items()}
 
 
-def accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, distill: bool) -> dict[str, dict]:
+def _eval_precision(ctx: RunContext) -> str:
+    """The precision the students were trained in (the fine-tune job's, resolved on this machine): a model is
+    measured as it runs."""
+    asked = ctx.plan.job("finetune").config["train"].get("precision", "fp32")
+    return resolve_precision(asked, resolve_device("auto"))
+
+
+def accuracies(ctx: RunContext, models: dict[str, nn.Module], batch: int, *, distill: bool,
+               precision: str = "fp32") -> dict[str, dict]:
     """IID (val) and OOD top-1 of each model, on the task's data or the distillation data (which has no OOD)."""
     device = resolve_device("auto")
     bundle = ctx.distill_data if distill else ctx.data
     results: dict[str, dict[str, float | None]] = {}
     for name, model in models.items():
         model.to(device)
-        iid = evaluate(model, ctx.loader("val", batch, shuffle=False, distill=distill)(0), device)
+        iid = evaluate(model, ctx.loader("val", batch, shuffle=False, distill=distill)(0), device, precision)
         results[name] = {"iid_acc": iid, "ood_acc": None}
         if not distill and bundle.ood is not None:
-            correct = correct_predictions(model, ctx.loader("ood", batch, shuffle=False)(0), device)
+            correct = correct_predictions(model, ctx.loader("ood", batch, shuffle=False)(0), device, precision)
             results[name].update(ood_accuracies(correct, getattr(bundle.ood, "tags", None)))
     return results
 

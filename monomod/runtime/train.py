@@ -152,19 +152,22 @@ def _module_modes(model: nn.Module) -> list[tuple[nn.Module, bool]]:
     return [(m, m.training) for m in model.modules()]
 
 
-def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu") -> float:
+def evaluate(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu",
+             precision: str = "fp32") -> float:
     """Top-1 accuracy of ``model`` over ``loader`` in eval mode without gradients (see ``correct_predictions``)."""
-    correct = correct_predictions(model, loader, device)
+    correct = correct_predictions(model, loader, device, precision)
     return float(correct.sum()) / len(correct) if len(correct) else 0.0
 
 
 @torch.no_grad()
 def correct_predictions(
-    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu"
+    model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]], device: str | torch.device = "cpu",
+    precision: str = "fp32",
 ) -> Tensor:
     """Whether each sample of ``loader`` is classified right (a CPU bool tensor in loader order), so accuracies per
-    subset (per OOD corruption) come from one pass. Eval mode without gradients; every submodule's previous
-    train/eval mode is restored afterwards. Batches are moved to ``device``; the model must already be there."""
+    subset (per OOD corruption) come from one pass. Eval mode without gradients, in ``precision`` (``bf16``: under
+    the same autocast as training, so a bf16 model is measured as it runs); every submodule's previous train/eval
+    mode is restored afterwards. Batches are moved to ``device``; the model must already be there."""
     modes = _module_modes(model)
     device = torch.device(device)
     model.eval()
@@ -172,7 +175,8 @@ def correct_predictions(
     try:
         for x, y in loader:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            out = model(x)
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                out = model(x)
             if isinstance(out, (tuple, list)):
                 out = out[0]
             correct.append(out.argmax(dim=-1) == _hard_labels(y))

@@ -12,6 +12,14 @@ from monomod.errors import MonomodError
 from monomod.students.base import Stage, StagedModel, StageInterface
 
 STUDENT_KINDS: tuple[str, ...] = ("nac", "moe", "vit")
+# Raised when a family's computation or initialisation changes: the student jobs of a plan hash it, so finished
+# (or --reuse'd) student jobs made by the old code run again while the teacher side is kept.
+STUDENT_REVISIONS: dict[str, int] = {"nac": 2, "moe": 1, "vit": 1}
+
+
+def student_revision(kind: str) -> int:
+    """The revision of a built-in family (0 for a student the user brings: its code is theirs)."""
+    return STUDENT_REVISIONS.get(kind, 0)
 
 
 def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, in_chans: int = 3,
@@ -56,4 +64,5 @@ def _is_timm(name: str) -> bool:
     return is_timm_model(name)
 
 
-__all__ = ["STUDENT_KINDS", "Stage", "StageInterface", "StagedModel", "build_student"]
+__all__ = ["STUDENT_KINDS", "STUDENT_REVISIONS", "Stage", "StageInterface", "StagedModel", "build_student",
+           "student_revision"]

@@ -10,8 +10,9 @@ Layout of the K stages (``build_nac(modules=K, ...)``):
 * stage K-1, ``tokens->logits``: read-out through the kernel (no residual), then the output latents are pooled
   with learned confidence weights (Gumbel-softmax in training, softmax at eval) and classified.
 
-Every linear layer inside the cells is code-modulated (:class:`ModLinear`), every residual branch carries a
-LayerScale (0.1) and DropPath, and the feed-forwards are GEGLU (timm's ``GluMlp``). Cell links come from the
+Every linear layer inside the cells is code-modulated (:class:`ModLinear`, PyTorch's Linear init as the reference's
+ModFC), every residual branch carries a LayerScale (0.1; the read-in's attention 1.0 and feed-forward 1e-6, as the
+reference's read-in) and DropPath, and the feed-forwards are GEGLU (timm's ``GluMlp``). Cell links come from the
 kernel over signatures (:class:`SignatureKernel`); the mediators' signatures start from a graph prior. End to end,
 the full student (:class:`NACStudent`) adds the signature regulariser to the task loss through ``aux_loss()``.
 
@@ -31,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, GluMlp, LayerScale, trunc_normal_
+from timm.layers import DropPath, GluMlp, LayerNorm, LayerNorm2d, LayerScale, trunc_normal_
+from timm.models.convnext import ConvNeXtStage
 from torch import nn
 
 from monomod.students.base import Stage, StagedModel, StageInterface, preset_config
@@ -39,6 +41,7 @@ from monomod.students.nac_graph import GRAPH_PRIORS, check_graph_fields, fit_sig
 from monomod.students.nac_graph import prior_adjacency as graph_adjacency
 from monomod.students.nac_simple import SIMPLE_PRESETS, build_simple_nac
 
+TOKENIZERS = ("convnext", "patch")
 CUT = -1e4  # log link weight of a truncated link: its exp is exactly 0 in float32, yet a fully cut row stays finite
 
 
@@ -50,10 +53,15 @@ class NACConfig:
     num_heads: int = 4
     head_dim: int = 16
     ffn_capacity: float = 2.0  # GEGLU hidden width = ffn_capacity * dim
-    layer_scale: float = 0.1  # LayerScale initial value on every residual branch
+    layer_scale: float = 0.1  # LayerScale initial value on the propagators' residual branches
+    read_in_layer_scale: float = 1.0  # the read-in's attention branch (the reference's AttentiveReadIn default)
+    read_in_ffn_layer_scale: float = 1e-6  # the read-in's feed-forward branch (likewise)
+    latent_std: float = 0.6  # initial states of the input latents and mediators: the reference seeder's scale
     drop_path: float = 0.0
     norm_eps: float = 1e-6
-    patch_size: int = 4  # patch conv kernel = stride; img_size must be a multiple
+    patch_size: int = 4  # stride from pixels to tokens; img_size must be a multiple
+    tokenizer: str = "convnext"  # "convnext": the reference's 2-stage ConvNeXt tokenizer; "patch": one patch conv
+    tokenizer_depths: tuple[int, int] = (3, 3)  # ConvNeXt blocks per tokenizer stage (the reference's "tiny")
     num_input_latents: int = 8
     num_mediator_latents: int = 16
     num_output_latents: int = 8
@@ -79,6 +87,10 @@ class NACConfig:
     signature_fit_lr: float = 0.05
     signature_fit_margin: float = 0.15
 
+    def __post_init__(self) -> None:
+        if isinstance(self.tokenizer_depths, list):  # as YAML and JSON give it
+            self.tokenizer_depths = tuple(self.tokenizer_depths)
+
     @property
     def n_cells(self) -> int:
         return self.num_input_latents + self.num_mediator_latents
@@ -99,6 +111,14 @@ class NACConfig:
             raise ValueError(f"kernel_truncation is a distance 1 - cos in (0, 2]; got {self.kernel_truncation}")
         if self.kernel_bandwidth <= 0 or self.link_temperature <= 0:
             raise ValueError("kernel_bandwidth and link_temperature must be > 0")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"tokenizer must be one of {', '.join(TOKENIZERS)}; got {self.tokenizer!r}")
+        depths = self.tokenizer_depths
+        if not (isinstance(depths, tuple) and len(depths) == 2 and all(isinstance(d, int) and d >= 0 for d in depths)):
+            raise ValueError(f"tokenizer_depths must be two integers >= 0 (blocks per ConvNeXt stage); got {depths!r}")
+        if self.tokenizer == "convnext" and (self.patch_size % 2 or self.dim % 2):
+            raise ValueError(f"the convnext tokenizer halves patch_size and dim; got patch_size={self.patch_size}, "
+                             f"dim={self.dim} (use even values or tokenizer='patch')")
 
 
 NAC_PRESETS: dict[str, NACConfig] = {
@@ -161,11 +181,16 @@ def signature_repulsion(signatures: torch.Tensor, hinge: float) -> torch.Tensor:
     return -(distance * close).sum()
 
 
-def relaxed_bernoulli_log(log_p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log of a relaxed-Bernoulli sample with probabilities ``exp(log_p)``, computed in log space (no 0 * inf)."""
-    log_p = log_p.clamp(max=-1e-6)
+def relaxed_bernoulli_log(log_p: torch.Tensor, temperature: float, batch: int | None = None) -> torch.Tensor:
+    """Log of a relaxed-Bernoulli sample with probabilities ``exp(log_p)``, computed in log space (no 0 * inf).
+
+    With ``batch``, one independent sample per batch element (``[batch, *log_p.shape]``), as the reference draws
+    them. Computed in float32 whatever the autocast: in bf16, ``1 - 1e-6`` rounds to 1 and the noise's tail is lost.
+    """
+    log_p = log_p.float().clamp(max=-1e-6)
     logits = log_p - torch.log(-torch.expm1(log_p))
-    u = torch.rand_like(log_p).clamp(1e-6, 1.0 - 1e-6)
+    shape = log_p.shape if batch is None else (batch, *log_p.shape)
+    u = torch.rand(shape, device=log_p.device, dtype=torch.float32).clamp(1e-6, 1.0 - 1e-6)
     return F.logsigmoid((logits + torch.log(u) - torch.log1p(-u)) / temperature)
 
 
@@ -173,8 +198,9 @@ class SignatureKernel(nn.Module):
     """Links between cells: ``log K = -(1 - cos(s_i, s_j)) / bandwidth``, cut above the truncation distance.
 
     The cut is straight-through (the forward sees the cut, the backward the uncut distance), the bandwidth is
-    learnable, and in training each link is sampled from a relaxed Bernoulli of probability K. At eval the links
-    are the deterministic kernel, so exported graphs hold no sampling.
+    learnable, and in training each link is sampled from a relaxed Bernoulli of probability K, independently for
+    each batch element. At eval the links are the deterministic kernel, so exported graphs hold no sampling. The
+    kernel runs in float32 under autocast: bf16 cosines move distances across the truncation.
     """
 
     def __init__(self, cfg: NACConfig) -> None:
@@ -183,13 +209,16 @@ class SignatureKernel(nn.Module):
         self.truncation = cfg.kernel_truncation
         self.temperature = cfg.link_temperature
 
-    def forward(self, receivers: torch.Tensor, senders: torch.Tensor) -> torch.Tensor:
-        """``[R, S]`` log link weights from receiver and sender signatures, added to attention logits."""
-        distance = 1.0 - F.normalize(receivers, dim=-1) @ F.normalize(senders, dim=-1).t()
-        log_k = -distance / self.bandwidth.clamp_min(1e-3)
-        cut = torch.where(distance.detach() > self.truncation, torch.full_like(log_k, CUT), log_k)
-        log_k = log_k + (cut - log_k).detach()
-        return relaxed_bernoulli_log(log_k, self.temperature) if self.training else log_k
+    def forward(self, receivers: torch.Tensor, senders: torch.Tensor, batch: int = 1) -> torch.Tensor:
+        """Log link weights from receiver and sender signatures, added to attention logits: ``[R, S]`` at eval,
+        ``[batch, R, S]`` (one sample per element) in training."""
+        with torch.autocast(receivers.device.type, enabled=False):
+            receivers, senders = receivers.float(), senders.float()
+            distance = 1.0 - F.normalize(receivers, dim=-1) @ F.normalize(senders, dim=-1).t()
+            log_k = -distance / self.bandwidth.float().clamp_min(1e-3)
+            cut = torch.where(distance.detach() > self.truncation, torch.full_like(log_k, CUT), log_k)
+            log_k = log_k + (cut - log_k).detach()
+            return relaxed_bernoulli_log(log_k, self.temperature, batch) if self.training else log_k
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -257,13 +286,15 @@ class ModAttention(nn.Module):
 
     def forward(self, receivers: torch.Tensor, senders: torch.Tensor, receiver_code: torch.Tensor,
                 sender_code: torch.Tensor, links: torch.Tensor | None = None) -> torch.Tensor:
-        """``links`` is ``[R, S]`` (log link weights), or None for dense attention."""
+        """``links`` is ``[R, S]`` or ``[B, R, S]`` (log link weights), or None for dense attention."""
         q = self._heads(self.q(receivers, receiver_code))
         k, v = self._heads(self.k(senders, sender_code)), self._heads(self.v(senders, sender_code))
         if links is None:
             out = F.scaled_dot_product_attention(q, k, v)
-        else:  # written out: it exports cleanly, unlike SDPA with a float mask
-            out = ((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5 + links.to(q.dtype)).softmax(-1) @ v
+        else:  # written out (it exports cleanly, unlike SDPA with a float mask); logits + links in float32
+            links = links.unsqueeze(1) if links.dim() == 3 else links
+            logits = (q @ k.transpose(-2, -1)).float() * self.head_dim ** -0.5 + links.float()
+            out = logits.softmax(-1).to(v.dtype) @ v
         return self.proj(out.transpose(1, 2).flatten(2), receiver_code)
 
 
@@ -281,8 +312,8 @@ class CodeConditionedReadIn(ModAttention):
         w_k = self.k.weight.unflatten(0, (self.num_heads, self.head_dim))  # [H, dh, D]
         w_v = self.v.weight.unflatten(0, (self.num_heads, self.head_dim))
         q_in = torch.einsum("bhld,hde->bhle", q, w_k) * self.k.mod(code)  # [B, H, L, D]
-        logits = q_in @ tokens.unsqueeze(1).transpose(-2, -1) * self.head_dim ** -0.5
-        context = logits.softmax(-1) @ tokens.unsqueeze(1)  # [B, H, L, D]
+        logits = (q_in @ tokens.unsqueeze(1).transpose(-2, -1)).float() * self.head_dim ** -0.5
+        context = logits.softmax(-1).to(tokens.dtype) @ tokens.unsqueeze(1)  # [B, H, L, D]
         out = torch.einsum("bhle,hde->bhld", context * self.v.mod(code), w_v)
         return self.proj(out.transpose(1, 2).flatten(2), code)
 
@@ -307,20 +338,39 @@ class ConfidencePooling(nn.Module):
         return (self.weights(latents).unsqueeze(-1) * self.norm(latents)).sum(1)
 
 
+def tokenizer(cfg: NACConfig, in_chans: int) -> nn.Module:
+    """Pixels -> a ``[B, dim, H/patch, W/patch]`` map.
+
+    ``convnext`` is the reference's tokenizer (timm's ConvNeXt stages): a stem to half the grid's resolution at
+    ``dim/2`` channels, one stage there, a downsampling stage to the grid at ``dim`` channels. A single patch conv
+    (``patch``) gives the read-in only linear features of each patch to attend to.
+    """
+    if cfg.tokenizer == "patch":
+        return nn.Conv2d(in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+    half, stride = cfg.dim // 2, cfg.patch_size // 2
+    kw = dict(ls_init_value=1e-6, norm_layer=LayerNorm2d, norm_layer_cl=LayerNorm)
+    return nn.Sequential(
+        nn.Conv2d(in_chans, half, kernel_size=stride, stride=stride), LayerNorm2d(half),
+        ConvNeXtStage(half, half, stride=1, depth=cfg.tokenizer_depths[0], **kw),
+        ConvNeXtStage(half, cfg.dim, stride=2, depth=cfg.tokenizer_depths[1], **kw),
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------------------------
 class _CellStage(Stage):
     """What every NAC stage shares: codes (noisy in training), the fixed shared code, the GEGLU branch."""
 
-    def __init__(self, cfg: NACConfig, num_codes: int) -> None:
+    def __init__(self, cfg: NACConfig, num_codes: int, ffn_layer_scale: float | None = None) -> None:
         super().__init__()
+        ffn_layer_scale = cfg.layer_scale if ffn_layer_scale is None else ffn_layer_scale
         self.code_noise = cfg.code_noise
         self.codes = nn.Parameter(torch.randn(num_codes, cfg.code_dim))
         self.register_buffer("shared_code", fixed_shared_code(cfg))
         self.ffn = ModGEGLU(cfg)
         self.norm_ffn = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.ls_ffn = LayerScale(cfg.dim, init_values=cfg.layer_scale)
+        self.ls_ffn = LayerScale(cfg.dim, init_values=ffn_layer_scale)
         self.drop_path = DropPath(cfg.drop_path) if cfg.drop_path > 0 else nn.Identity()
 
     def cell_codes(self) -> torch.Tensor:
@@ -340,34 +390,45 @@ class _CellStage(Stage):
                              "run on other tokens (m2mKD) must be put in distillation_mode(True)")
 
     def _init_weights(self) -> None:
+        """Plain linear layers (pooling score, head) get timm's trunc-normal 0.02. The code-modulated layers keep
+        PyTorch's Linear init (kaiming-uniform), as the reference's ModFC does: with 0.02 the read-in's queries are
+        so small that its attention starts uniform and stage 0 starts close to a constant."""
+        modulated = {id(m) for layer in self.modules() if isinstance(layer, (ModLinear, ModGEGLU, CodeModulation))
+                     for m in layer.modules()}
         for m in self.modules():
-            if isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) and id(m) not in modulated:
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
 
 class NACReadIn(_CellStage):
-    """Stage 0: patch tokenizer + code-conditioned read-in. Image -> cell states ``[B, L_in + L_med, D]``."""
+    """Stage 0: patch tokenizer + code-conditioned read-in. Image -> cell states ``[B, L_in + L_med, D]``.
+
+    As the reference's read-in student: LayerScale 1.0 on the read-in attention and 1e-6 on its feed-forward, and
+    initial states at the scale of the reference's latent seeder (``latent_std``). In distillation mode the stage
+    emits only the ``L_in`` read-in latents, the tokens that carry the image: the mediators' initial states are
+    constants, and handing them to the meta model would drown the image in them.
+    """
 
     def __init__(self, cfg: NACConfig, *, img_size: int, in_chans: int) -> None:
-        super().__init__(cfg, cfg.num_input_latents)
+        super().__init__(cfg, cfg.num_input_latents, ffn_layer_scale=cfg.read_in_ffn_layer_scale)
         if img_size % cfg.patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={cfg.patch_size}")
         self.interface = StageInterface("image->tokens", None, cfg.dim)
         grid = img_size // cfg.patch_size
-        self.patch_embed = nn.Conv2d(in_chans, cfg.dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = tokenizer(cfg, in_chans)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, cfg.dim))
         self.latents = nn.Parameter(torch.zeros(cfg.num_input_latents, cfg.dim))
         self.mediator_init = nn.Parameter(torch.zeros(cfg.num_mediator_latents, cfg.dim))
         self.norm_q = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.norm_kv = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = CodeConditionedReadIn(cfg)
-        self.ls_attn = LayerScale(cfg.dim, init_values=cfg.layer_scale)
+        self.ls_attn = LayerScale(cfg.dim, init_values=cfg.read_in_layer_scale)
         self._init_weights()
         trunc_normal_(self.pos_embed, std=0.02)
-        trunc_normal_(self.mediator_init, std=0.02)
-        nn.init.normal_(self.latents, std=1.0)  # unit-scale latents: with 0.02 they attend uniformly at first
+        nn.init.normal_(self.latents, std=cfg.latent_std)
+        nn.init.normal_(self.mediator_init, std=cfg.latent_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
@@ -375,6 +436,8 @@ class NACReadIn(_CellStage):
         lat = self.latents.unsqueeze(0).expand(x.shape[0], -1, -1)
         lat = lat + self.drop_path(self.ls_attn(self.attn(self.norm_q(lat), self.norm_kv(tokens), code)))
         lat = self.feed_forward(lat, code)
+        if self.distilling:
+            return lat
         return torch.cat([lat, self.mediator_init.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=1)
 
 
@@ -404,7 +467,7 @@ class NACPropagator(_CellStage):
             return self._update(x, 0, self.shared_code, self.shared_code, None)
         self._check_cells(x, self.n_cells)
         code = self.cell_codes()
-        links = self.kernel(self.signatures[self.num_inputs:], self.signatures)
+        links = self.kernel(self.signatures[self.num_inputs:], self.signatures, x.shape[0])
         return self._update(x, self.num_inputs, code[self.num_inputs:], code, links)
 
     def _update(self, x: torch.Tensor, first: int, receiver_code: torch.Tensor, sender_code: torch.Tensor,
@@ -454,7 +517,7 @@ class NACReadOut(_CellStage):
         else:
             self._check_cells(x, self.n_cells)
             code, senders = self.cell_codes(), self.sender_codes
-            links = self.kernel(self.signatures, self.cell_signatures)
+            links = self.kernel(self.signatures, self.cell_signatures, x.shape[0])
         lat = self.feed_forward(self.attn(lat, self.norm_kv(x), code, senders, links), code)
         return self.head(self.pool(lat))
 

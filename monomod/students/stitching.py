@@ -3,7 +3,8 @@
 ``pre`` carries the meta model's boundary into the stage's input, ``post`` the stage's output back to the meta
 model's boundary; either is ``nn.Identity`` where the two already agree, where the stage takes images (no pre) or
 where it produces logits (no post). The layers come from ``monomod.passes.stitch`` and are chosen by the boundary
-shapes. Keeping them as separate attributes lets assembly drop them (``stitched.stage``) or keep them as adapters.
+shapes. Keeping them as separate attributes lets assembly drop them (``stitched.stage``) or keep them between the
+stages (``bridge``).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 from monomod.errors import MonomodError
 from monomod.frontend import example_input
 from monomod.ir import Partition
-from monomod.passes.stitch import STITCH_KINDS, StitchKind, check_stitchable, stitch_layer
+from monomod.passes.stitch import STITCH_KINDS, StitchKind, check_stitchable, fuse_stitches, stitch_layer
 from monomod.students.base import Stage, StagedModel, StageInterface
 
 Shape = tuple[int, ...]
@@ -31,6 +32,24 @@ class Stitched(Stage):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.post(self.stage(self.pre(x)))
+
+
+ASSEMBLY_MODES: tuple[str, ...] = ("dropped", "bridged")
+
+
+def bridge(stitched: list[Stitched]) -> list[Stitched]:
+    """The stages of a "bridged" assembly: stage i followed by ``pre_{i+1}(post_i(.))``, fused where both are linear.
+
+    The assembled student then computes through the meta model's boundary space exactly as the chain of its
+    hybrids' stitched stages: ``bridged(x) == post_{K-1}(S_{K-1}(pre_{K-1}(... post_0(S_0(x)))))``. Dropping the
+    stitches instead hands stage i+1 what stage i wrote, which it never saw in m2mKD.
+    """
+    stages = []
+    for i, s in enumerate(stitched):
+        after = stitched[i + 1].pre if i + 1 < len(stitched) else nn.Identity()
+        own = s.stage.interface
+        stages.append(Stitched(s.pre if i == 0 else nn.Identity(), s.stage, fuse_stitches(s.post, after), own))
+    return stages
 
 
 def stitch(stage: Stage, meta_width_in: int | None, meta_width_out: int | None,
@@ -125,5 +144,5 @@ def check_student_stitches(student: StagedModel, partition: Partition) -> None:
                 raise MonomodError(f"boundary {i} (after module {i}): {e.problem}", e.fix) from None
 
 
-__all__ = ["Stitched", "boundary_shapes", "check_student_stitches", "stitch", "stitch_shapes", "stitch_student",
-           "teacher_boundaries"]
+__all__ = ["ASSEMBLY_MODES", "Stitched", "boundary_shapes", "bridge", "check_student_stitches", "stitch",
+           "stitch_shapes", "stitch_student", "teacher_boundaries"]
