@@ -495,7 +495,8 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
     same_data = ctx.settings.get("distill_data", ctx.settings["data"]) == ctx.settings["data"]
     results = accuracies(ctx, students, batch, distill=False)
     results.update(accuracies(ctx, context, batch, distill=not same_data))  # teacher and meta know the distill classes
-    write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
+    write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)},
+                     partition=ctx.partition())
     return {name: r for name, r in results.items()}
 
 
