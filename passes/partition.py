@@ -201,14 +201,14 @@ def cut_points(traced: TracedModel) -> dict[str, str]:
     for i, name in enumerate(names):
         info = traced.nodes[name]
         if _is_compute(info):
-            for key in (name, *_prefixes(info.module)):
+            for key in (name, *path_prefixes(info.module)):
                 first.setdefault(key, i)
     points = {}
     for i, name in enumerate(names):
         info = traced.nodes[name]
         if i == 0 or not _is_compute(info):
             continue
-        mine = [key for key in _prefixes(info.module) if first[key] == i]
+        mine = [key for key in path_prefixes(info.module) if first[key] == i]
         indexed = [key for key in mine if key.rpartition(".")[2].isdigit()]
         label = (indexed or mine or [name])[0]
         if first[label] == i:
@@ -216,7 +216,7 @@ def cut_points(traced: TracedModel) -> dict[str, str]:
     return points
 
 
-def _prefixes(path: str) -> list[str]:
+def path_prefixes(path: str) -> list[str]:
     """"a.b.c" -> ["a", "a.b", "a.b.c"] (what a cut name can match at a segment boundary)."""
     parts = path.split(".") if path else []
     return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]

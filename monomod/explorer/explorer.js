@@ -481,6 +481,11 @@
     return { x: (ev.clientX - r.left - S.view.tx) / S.view.s, y: (ev.clientY - r.top - S.view.ty) / S.view.s };
   }
 
+  function toScreen(p) {
+    const r = canvas.getBoundingClientRect();
+    return [r.left + S.view.tx + p.x * S.view.s, r.top + S.view.ty + p.y * S.view.s];
+  }
+
   function itemAt(p) {
     for (let n = S.items.length - 1; n >= 0; n--) {
       const it = S.items[n];
@@ -834,6 +839,9 @@
     window.monomodRendered = performance.now();
   });
 
+  /* A node by its fx name, or by the --cuts name of the point it starts. */
+  const nodeIndex = (name) => (C.name.includes(name) ? C.name.indexOf(name) : C.cut.indexOf(name));
+
   // For tests and scripting: the figures the page shows, and the actions its controls take.
   window.monomod = {
     figures: () => ({ ...S.fig, asg: undefined, cuts: S.cuts.slice(), cut_names: S.cuts.map((c) => C.cut[c]) }),
@@ -844,6 +852,8 @@
     collapseAll: () => $("#btn-collapse").click(),
     selected: () => (S.selected >= 0 ? C.name[S.selected] : null),
     centre: () => ({ x: (canvas.clientWidth / 2 - S.view.tx) / S.view.s, y: (canvas.clientHeight / 2 - S.view.ty) / S.view.s }),
-    itemPosition: (name) => { const it = S.items[S.itemOf[C.name.indexOf(name)]]; return it ? { x: it.x, y: it.y } : null; },
+    itemPosition: (name) => { const it = itemOfNode(nodeIndex(name)); return it ? { x: it.x, y: it.y } : null; },
+    screenOf: (name) => toScreen(itemOfNode(nodeIndex(name))),
+    cutHandle: (b) => toScreen({ x: S.bounds.x0 + 100, y: S.cutY[b] }),
   };
 })();

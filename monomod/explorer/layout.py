@@ -20,7 +20,7 @@ from monomod.ir import TracedModel
 def layered_layout(traced: TracedModel, drawn: Sequence[str], sweeps: int = 4) -> dict[str, tuple[float, int]]:
     """``name -> (x, layer)`` for the ``drawn`` nodes; x is in node widths (one unit = one node slot)."""
     graph = _drawn_graph(traced, drawn)
-    layers = _layers(graph, drawn)
+    layers = _layers(graph, drawn, [n for n in drawn if traced.nodes[n].op == "placeholder"])
     rows: dict[int, list[str]] = {}
     for name in drawn:
         rows.setdefault(layers[name], []).append(name)
@@ -46,15 +46,18 @@ def _drawn_graph(traced: TracedModel, drawn: Sequence[str]) -> nx.DiGraph:
     return graph
 
 
-def _layers(graph: nx.DiGraph, order: Sequence[str]) -> dict[str, int]:
-    """Longest-path layers in graph order; then sources other than the inputs move down next to their consumers."""
+def _layers(graph: nx.DiGraph, order: Sequence[str], inputs: Sequence[str]) -> dict[str, int]:
+    """Longest-path layers from the inputs, in graph order. What does not depend on an input (parameter reads and
+    what is computed from them alone, such as a relative position bias) goes as late as its first user allows,
+    so it sits beside the block that uses it and not at the top of the picture."""
+    fed = set(inputs).union(*(nx.descendants(graph, name) for name in inputs))
     layer: dict[str, int] = {}
     for name in order:
-        layer[name] = 1 + max((layer[p] for p in graph.predecessors(name)), default=-1)
+        if name in fed:
+            layer[name] = 1 + max((layer[p] for p in graph.predecessors(name) if p in fed), default=-1)
     for name in reversed(order):
-        users = list(graph.successors(name))
-        if layer[name] == 0 and users and graph.in_degree(name) == 0 and name != order[0]:
-            layer[name] = max(0, min(layer[u] for u in users) - 1)
+        if name not in fed:
+            layer[name] = max(0, min((layer[u] for u in graph.successors(name)), default=1) - 1)
     return layer
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from monomod.explorer.layout import layered_layout
 from monomod.explorer.records import is_drawn, shape_text
 from monomod.ir import Partition
-from monomod.passes.partition import cut_points, partition
+from monomod.passes.partition import cut_points, partition, path_prefixes
 
 # Bit flags of ``nodes.kind`` (the JS reads the same numbers).
 REMAT, COMPUTE, DRAWN = 1, 2, 4
@@ -110,33 +110,32 @@ def figures(p: Partition) -> dict[str, Any]:
 
 
 def block_paths(paths) -> list[str]:
-    """The module paths the page starts collapsed at: one per repeated block (the deepest path component that is
-    an index: ``blocks.3``, ``layers.1.blocks.0``, ``layer2.1``), else a top-level part (``patch_embed``).
+    """The module paths the page starts collapsed at: one per repeated block, else a top-level part
+    (``patch_embed``). A block is the deepest indexed path that holds more than one module (``blocks.3``,
+    ``layers.1.blocks.0``, ``layer2.1``; not ``layer2.0.downsample.0``, a single conv).
 
     A stage that holds blocks (``layers.1``) stays open and its other children (``layers.1.downsample``) collapse
-    on their own, so no block hides inside a bigger box.
+    on their own, so no block hides inside a bigger box. ``paths`` has one entry per drawn node.
     """
     paths = [path for path in paths if path]
-    deepest = {path: _deepest_index_prefix(path) for path in paths}
+    distinct = set(paths)
+    composite = {prefix for path in distinct for prefix in path_prefixes(path)[:-1]}
+    deepest = {path: _deepest_index_prefix(path, composite) for path in distinct}
     blocks = {d for d in deepest.values() if d}
-    holders = {b.rsplit(".", n)[0] for b in blocks for n in range(1, b.count(".") + 1)}
+    holders = {prefix for b in blocks for prefix in path_prefixes(b)[:-1]}
     chosen = set()
     for path, block in deepest.items():
-        if block and block not in holders:
-            chosen.add(block)
-            continue
-        parts, depth = path.split("."), (block.count(".") + 2 if block else 1)
-        candidate = ".".join(parts[:depth])
+        depth = block.count(".") + 2 if block else 1
+        candidate = block if block and block not in holders else ".".join(path.split(".")[:depth])
         if candidate not in holders:
             chosen.add(candidate)
     counts = {c: sum(1 for path in paths if path == c or path.startswith(c + ".")) for c in chosen}
     return sorted(c for c in chosen if counts[c] > 1)
 
 
-def _deepest_index_prefix(path: str) -> str:
-    parts = path.split(".")
-    hits = [i for i, part in enumerate(parts) if part.isdigit()]
-    return ".".join(parts[: hits[-1] + 1]) if hits else ""
+def _deepest_index_prefix(path: str, composite: set[str]) -> str:
+    """The deepest prefix ending in an index that holds other modules ("" when there is none)."""
+    return next((p for p in reversed(path_prefixes(path)) if p.rpartition(".")[2].isdigit() and p in composite), "")
 
 
 def _asset(name: str) -> str:
