@@ -30,7 +30,7 @@ def find_browser() -> str | None:
 class Chromium:
     """One headless browser with one page; ``load`` a file, ``eval`` JS, read ``console_errors``."""
 
-    def __init__(self, width: int = 1400, height: int = 900, binary: str | None = None) -> None:
+    def __init__(self, width: int = 1400, height: int = 900, binary: str | None = None, args: tuple[str, ...] = ()) -> None:
         binary = binary or find_browser()
         if binary is None:
             raise RuntimeError("no Chromium found (apt-get install chromium)")
@@ -39,7 +39,7 @@ class Chromium:
         self._read, from_child = os.pipe()
         args = [binary, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
                 "--disable-dev-shm-usage", "--no-first-run", "--no-default-browser-check", "--disable-extensions",
-                f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"]
+                f"--user-data-dir={self._profile}", f"--window-size={width},{height}", *args, "about:blank"]
 
         def wire_fds() -> None:  # every other fd of ours is close-on-exec; dup2 onto itself keeps that flag
             high = os.dup(to_child), os.dup(from_child)
@@ -94,9 +94,10 @@ class Chromium:
         return json.loads(message)
 
     def load(self, path: str | Path, timeout: float = 60) -> None:
-        """Open a file and wait for its load event."""
+        """Open a file (or an http URL) and wait for its load event."""
         self.events.clear()
-        self.send("Page.navigate", url=Path(path).resolve().as_uri())
+        url = str(path) if str(path).startswith("http") else Path(path).resolve().as_uri()
+        self.send("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
         while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
             self.events.append(self._receive(deadline))

@@ -221,3 +221,51 @@ def test_dragging_a_cut_moves_it(browser, pages):
     after = browser.eval("monomod.figures()")
     assert after["cuts"][0] == before[0] and after["cuts"][2] == before[2]
     assert after["cut_names"][1] == "blocks.8"
+
+
+# ------------------------------------------------------------------------------------------------ a run's page
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A compiled 3-module plan with a report.json (numbers made up: the page is what is tested, not training)."""
+    from monomod.runtime.execute import prepare_run_dir
+    from tests.test_runtime import tiny_plan
+
+    plan = tiny_plan(modules=3)
+    run_dir = prepare_run_dir(plan, tmp_path_factory.mktemp("run") / "run")
+    modules = [{"module": i, "teacher_hybrid_acc": 0.8 - i / 10, "incubated_hybrid_acc": 0.7, "student_hybrid_acc": 0.6,
+                "agreement": 0.9} for i in range(3)]
+    report = {"teacher": {"iid_acc": 0.81, "ood_acc": 0.5}, "student": {"iid_acc": 0.7, "ood_acc": 0.4},
+              "modules": modules, "warnings": [], "jobs": {"teacher": {"seconds": 1.5}}, "total_seconds": 1.5,
+              "settings": plan.settings}
+    (run_dir / "report.json").write_text(json.dumps(report))
+    return run_dir, report
+
+
+def test_report_html_redraws_a_runs_page(finished_run):
+    run_dir, report = finished_run
+    result = CliRunner().invoke(cli, ["report", str(run_dir), "--html"])
+    assert result.exit_code == 0, result.output
+    assert "teacher hybrid" in result.output and "report.html" in result.output
+    data = embedded_data((run_dir / "report.html").read_text())
+    assert data["run"]["modules"] == report["modules"] and data["k"] == 3
+    assert [r["label"] for r in data["run"]["results"]] == ["teacher", "m2mKD student (assembled + fine-tuned)"]
+    assert [c[0] for c in data["run"]["module_columns"]] == ["teacher_hybrid_acc", "incubated_hybrid_acc",
+                                                             "student_hybrid_acc", "agreement"]
+    missing = CliRunner().invoke(cli, ["report", str(run_dir.parent)])
+    assert missing.exit_code == 2 and "no report.json" in missing.output
+
+
+@needs_browser
+def test_run_page_shows_hybrids_per_module(browser, finished_run):
+    run_dir, _ = finished_run
+    if not (run_dir / "report.html").exists():
+        CliRunner().invoke(cli, ["report", str(run_dir), "--html"])
+    _open(browser, run_dir / "report.html")
+    assert browser.console_errors() == []
+    chart = browser.eval("document.querySelector('#balance-chart').textContent")
+    assert "80.0%" in chart and "70.0%" in chart and "60.0%" in chart  # teacher, incubated, student of module 0
+    assert "teacher hybrid" in browser.eval("document.querySelector('section.run').innerText")
+    browser.eval("monomod.stepCut(0, 1)")  # other cuts: the run's hybrids no longer apply
+    assert "80.0%" not in browser.eval("document.querySelector('#balance-chart').textContent")

@@ -32,8 +32,14 @@
   const DRAWN_TOTAL = C.kind.filter((k) => k & DRAWN).length;
   const legal = [];
   for (let i = 0; i < N; i++) if (C.cut[i]) legal.push(i);
-  const drawnCount = new Map();  // module path prefix -> drawn nodes under it
-  for (let i = 0; i < N; i++) if (isDrawn(i)) for (const p of prefixes(pathOf(i))) drawnCount.set(p, (drawnCount.get(p) || 0) + 1);
+  const drawnCount = new Map(), opCount = new Map();  // module path prefix -> drawn nodes (ops: not parameter reads)
+  for (let i = 0; i < N; i++) {
+    if (!isDrawn(i)) continue;
+    for (const p of prefixes(pathOf(i))) {
+      drawnCount.set(p, (drawnCount.get(p) || 0) + 1);
+      if (C.op[i] !== "get_attr") opCount.set(p, (opCount.get(p) || 0) + 1);
+    }
+  }
 
   function prefixes(path) {
     if (!path) return [];
@@ -508,10 +514,11 @@
   }
 
   // ------------------------------------------------------------------------------------ collapse / expand
+  /* Open one level: the children that hold several operations come up collapsed (Model Explorer's way). */
   function expand(path) {
     S.collapsed.delete(path);
     const depth = path.split(".").length;
-    for (const [p, n] of drawnCount) if (n > 1 && p.split(".").length === depth + 1 && within(p, path)) S.collapsed.add(p);
+    for (const [p, n] of opCount) if (n > 1 && p.split(".").length === depth + 1 && within(p, path)) S.collapsed.add(p);
     relayout();
   }
 
@@ -847,6 +854,8 @@
     figures: () => ({ ...S.fig, asg: undefined, cuts: S.cuts.slice(), cut_names: S.cuts.map((c) => C.cut[c]) }),
     visibleCount: () => S.items.length,
     search, nextMatch, reveal, expand, collapse, stepCut, moveCut,
+    redraw: () => { const t = performance.now(); draw(); return performance.now() - t; },
+    zoom: (s) => { S.view.s = s; draw(); },
     collapseToBlocks: () => $("#btn-blocks").click(),
     expandAll: () => $("#btn-expand").click(),
     collapseAll: () => $("#btn-collapse").click(),
