@@ -24,6 +24,7 @@ BASE = ("vit_base_patch16_224", 8)
 # The largest fx graph among timm models under 100M parameters (a scan of every timm.list_models() name).
 LARGE = ("swin_s3_base_224", 8)
 BUDGET_BYTES, BUDGET_SECONDS = 1.5e6, 2.0
+SCAN = Path(__file__).parent / "results" / "explorer_scan.jsonl"
 
 
 def build_page(model: str, k: int, out: Path) -> dict[str, Any]:
@@ -82,7 +83,64 @@ def run(quick: bool = False) -> dict[str, Any]:
             row["first_render_ms"] = round(first_render_ms(browser, page, repeats), 1)
             row.update(handling(browser, page))
             rows.append(row)
-    return {"rows": rows, "budget": {"page_bytes": BUDGET_BYTES, "first_render_s": BUDGET_SECONDS}}
+    return {"rows": rows, "budget": {"page_bytes": BUDGET_BYTES, "first_render_s": BUDGET_SECONDS},
+            "scan": _scan_summary(SCAN)}
+
+
+def _scan_summary(path: Path) -> dict[str, Any] | None:
+    """The largest graphs of the last ``scan`` (run apart: ``python -m benchmarks.explorer``)."""
+    import json
+
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    counted = sorted((r for r in rows if "nodes" in r), key=lambda r: -r["nodes"])
+    return {"models": len(rows), "under_limit": len(counted), "failed": sum(1 for r in rows if "error" in r),
+            "top": counted[:8]}
+
+
+def scan(out: Path, limit: float = 100e6) -> list[dict[str, Any]]:
+    """fx node count (eval mode, as ``trace`` sees it) of every ``timm.list_models()`` architecture under ``limit``
+    parameters, built on the meta device; one JSON line per model appended to ``out`` (so it resumes); the 15
+    largest graphs. About 20 minutes on one core."""
+    import json
+    import signal
+
+    import timm
+    import torch
+
+    from monomod.passes.trace import symbolic_trace
+
+    done = {json.loads(line)["model"] for line in out.read_text().splitlines()} if out.exists() else set()
+
+    def give_up(*_: Any) -> None:
+        raise TimeoutError("over 60 s")
+
+    signal.signal(signal.SIGALRM, give_up)
+    with out.open("a") as sink:
+        for name in (n for n in timm.list_models() if n not in done):
+            sink.write(json.dumps(_count(name, limit, torch, timm, symbolic_trace)) + "\n")
+            sink.flush()
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    return sorted((r for r in rows if "nodes" in r), key=lambda r: -r["nodes"])[:15]
+
+
+def _count(name: str, limit: float, torch: Any, timm: Any, symbolic_trace: Any) -> dict[str, Any]:
+    import signal
+
+    row: dict[str, Any] = {"model": name}
+    signal.alarm(60)
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False).eval()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        if row["params"] < limit:
+            row["nodes"] = len(symbolic_trace(model).graph.nodes)
+    except Exception as e:  # noqa: BLE001 - an architecture fx cannot trace is recorded, not fatal
+        row["error"] = f"{type(e).__name__}: {str(e)[:80]}"
+    finally:
+        signal.alarm(0)
+    return row
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -99,4 +157,20 @@ def markdown(result: dict[str, Any]) -> str:
               f"{b['first_render_s']:g} s. First render: navigation start to the first frame in headless Chromium "
               "(median). The expanded figures draw every node of the graph; edges and boxes outside the view are "
               "culled, labels drawn from zoom 0.45 up.", ""]
+    if result.get("scan"):
+        scan_ = result["scan"]
+        lines += [f"Largest fx graphs (eval mode) among the {scan_['under_limit']} timm architectures under 100M "
+                  f"parameters that fx traces ({scan_['models']} names scanned, {scan_['failed']} failed to build or "
+                  "trace; `python -m benchmarks.explorer`, results/explorer_scan.jsonl):", "",
+                  "| model | params | fx nodes |", "|---|---:|---:|"]
+        lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['nodes']} |" for r in scan_["top"]]
+        lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    top = scan(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("benchmarks/results/explorer_scan.jsonl"))
+    print(json.dumps(top, indent=1))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
+import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -269,3 +272,32 @@ def test_run_page_shows_hybrids_per_module(browser, finished_run):
     assert "teacher hybrid" in browser.eval("document.querySelector('section.run').innerText")
     browser.eval("monomod.stepCut(0, 1)")  # other cuts: the run's hybrids no longer apply
     assert "80.0%" not in browser.eval("document.querySelector('#balance-chart').textContent")
+
+
+@pytest.mark.slow
+@needs_browser
+def test_model_explorer_opens_the_files_offline(tmp_path):
+    """Model Explorer's own server and web app (the optional extra) load the graph and the module overlay."""
+    server = Path(sys.executable).with_name("model-explorer")
+    if not server.exists():
+        pytest.skip("ai-edge-model-explorer is not installed (pip install 'monomod[model-explorer]')")
+    result = CliRunner().invoke(cli, ["inspect", "vit_tiny", "--img-size", "32", "-k", "3", "--format",
+                                      "model-explorer", "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(server), str(tmp_path / "vit_tiny.graph.json"), "--no_open_in_browser",
+                             f"--node_data_paths={tmp_path / 'vit_tiny.modules.json'}", f"--port={port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        url = next(line.strip() for line in proc.stdout if line.startswith("http://localhost"))
+        with Chromium(args=("--enable-unsafe-swiftshader", "--use-angle=swiftshader")) as browser:
+            browser.load(url)
+            nodes = sum(1 for n in json.loads((tmp_path / "vit_tiny.graph.json").read_text())["graphs"][0]["nodes"])
+            browser.wait_for(f"document.body.innerText.includes('{nodes} nodes')", timeout=60)
+            browser.wait_for("document.body.innerText.includes('monomod module (K=3)')", timeout=60)  # the overlay
+            assert "blocks" in browser.eval("document.body.innerText")  # a namespace from the module paths
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
