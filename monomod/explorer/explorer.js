@@ -482,6 +482,12 @@
     S.view = { s, tx: canvas.clientWidth / 2 - s * it.x, ty: canvas.clientHeight / 2 - s * it.y };
   }
 
+  /* Zoom to scale s keeping the world point under screen point (mx, my) in place. */
+  function zoomAt(mx, my, scale) {
+    const s = Math.min(4, Math.max(0.02, scale));
+    S.view.tx = mx - (mx - S.view.tx) * s / S.view.s; S.view.ty = my - (my - S.view.ty) * s / S.view.s; S.view.s = s;
+  }
+
   function toWorld(ev) {
     const r = canvas.getBoundingClientRect();
     return { x: (ev.clientX - r.left - S.view.tx) / S.view.s, y: (ev.clientY - r.top - S.view.ty) / S.view.s };
@@ -557,7 +563,9 @@
     );
     $("#cuts-arg").value = S.cuts.length ? `--cuts ${f.cuts_arg}` : "(one module: no cuts)";
     const changed = S.cuts.some((c, n) => c !== D.cuts[n]);
-    $("#changed").textContent = changed ? "edited: not the partition this page was made from" : "";
+    const replayed = Math.abs(D.found.balance - D.reference.balance) > 1e-9 || D.found.bytes_cut !== D.reference.bytes_cut;
+    $("#changed").textContent = changed ? "edited: not the partition this page was made from"
+      : replayed ? `the search's own split (max/mean ${D.found.balance.toFixed(3)}) shown as its --cuts replay it` : "";
   }
 
   /* One bar per module (its share of the balancing cost), the mean as a dashed line, the largest in red; a run's
@@ -719,8 +727,7 @@
     canvas.addEventListener("wheel", (ev) => {
       ev.preventDefault();
       const r = canvas.getBoundingClientRect(), mx = ev.clientX - r.left, my = ev.clientY - r.top;
-      const s = Math.min(4, Math.max(0.02, S.view.s * Math.exp(-ev.deltaY * 0.0015)));
-      S.view.tx = mx - (mx - S.view.tx) * s / S.view.s; S.view.ty = my - (my - S.view.ty) * s / S.view.s; S.view.s = s;
+      zoomAt(mx, my, S.view.s * Math.exp(-ev.deltaY * 0.0015));
       draw();
     }, { passive: false });
     canvas.addEventListener("pointerleave", () => { S.hoverItem = null; $("#tooltip").style.display = "none"; draw(); });
@@ -746,6 +753,10 @@
       if (ev.target.tagName === "INPUT") return;
       if (ev.key === "/") { ev.preventDefault(); $("#search").focus(); }
       if (ev.key === "f") { fit(); draw(); }
+      if (ev.key === "+" || ev.key === "=" || ev.key === "-") {
+        zoomAt(canvas.clientWidth / 2, canvas.clientHeight / 2, S.view.s * (ev.key === "-" ? 0.8 : 1.25));
+        draw();
+      }
     });
   }
 
@@ -793,7 +804,7 @@
   <div class="row">colour by <select id="colour"><option value="module">module</option><option value="flops">FLOPs</option>
     <option value="params">params</option><option value="bytes">bytes</option></select></div>
   <div class="muted">click a ▸ box to expand it, a ▾ frame title to collapse it; drag to pan, wheel to zoom;
-    drag a red ✂ handle to move a cut.</div>
+    +/- zoom; drag a red ✂ handle to move a cut.</div>
   <h2>Balance</h2><div id="chart"></div><div class="muted" id="chart-legend"></div>
   <h2>Cuts</h2><div id="cuts"></div>
   <input id="cuts-arg" readonly><div class="row"><button id="btn-copy">copy --cuts</button><button id="btn-reset">reset cuts</button></div>
@@ -855,7 +866,7 @@
     visibleCount: () => S.items.length,
     search, nextMatch, reveal, expand, collapse, stepCut, moveCut,
     redraw: () => { const t = performance.now(); draw(); return performance.now() - t; },
-    zoom: (s) => { S.view.s = s; draw(); },
+    zoom: (s) => { zoomAt(canvas.clientWidth / 2, canvas.clientHeight / 2, s); draw(); },
     collapseToBlocks: () => $("#btn-blocks").click(),
     expandAll: () => $("#btn-expand").click(),
     collapseAll: () => $("#btn-collapse").click(),
