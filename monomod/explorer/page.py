@@ -53,7 +53,7 @@ def page_data(p: Partition, run: dict[str, Any] | None = None) -> dict[str, Any]
     return {
         "model": traced.name, "cost": p.cost, "method": p.method, "k": p.k,
         "input_shape": ["B", *traced.input_shape[1:]], "params": traced.params, "flops": traced.flops,
-        "nodes": _node_columns(p, layout),
+        "nodes": _node_columns(p, layout, labels),
         "inputs": [[index[a.name] for a in node.all_input_nodes] for node in traced.graph_module.graph.nodes],
         "cuts": positions,
         "collapsed": block_paths(info.module for name, info in traced.nodes.items() if name in layout),
@@ -63,9 +63,8 @@ def page_data(p: Partition, run: dict[str, Any] | None = None) -> dict[str, Any]
     }
 
 
-def _node_columns(p: Partition, layout: dict[str, tuple[float, int]]) -> dict[str, list]:
+def _node_columns(p: Partition, layout: dict[str, tuple[float, int]], points: dict[str, str]) -> dict[str, list]:
     traced = p.traced
-    points = cut_points(traced)
     paths = sorted({info.module for info in traced.nodes.values()})
     path_index = {path: i for i, path in enumerate(paths)}
     infos = list(traced.nodes.values())
