@@ -622,12 +622,14 @@
   }
 
   function nodeTable(i) {
-    const table = el("table");
-    for (const [k, v] of [["name", C.name[i]], ["op", C.op[i]], ["target", C.target[i]], ["module path", pathOf(i) || "(top level)"],
+    return pairs([["name", C.name[i]], ["op", C.op[i]], ["target", C.target[i]], ["module path", pathOf(i) || "(top level)"],
       ["shape", C.shape[i]], ["dtype", C.dtype[i] || "-"], ["FLOPs", human(C.flops[i])], ["params", human(C.params[i])],
-      ["bytes", humanBytes(C.bytes[i])], ["module", String(S.vis[i])]]) {
-      const tr = el("tr"); tr.append(el("td", {}, k), el("td", {}, v)); table.append(tr);
-    }
+      ["bytes", humanBytes(C.bytes[i])], ["module", String(S.vis[i])]]);
+  }
+
+  function pairs(rows) {
+    const table = el("table");
+    for (const [k, v] of rows) { const tr = el("tr"); tr.append(el("td", {}, k), el("td", {}, v)); table.append(tr); }
     return table;
   }
 
@@ -650,19 +652,19 @@
     let f = 0, p = 0, by = 0;
     for (const i of it.members) { f += C.flops[i]; p += C.params[i]; by += C.bytes[i]; }
     const mods = [...new Set(it.members.map((i) => S.vis[i]))].join(", ");
-    const table = el("table");
-    for (const [k, v] of [["group", it.path], ["nodes", String(it.members.length)], ["FLOPs", human(f)],
-      ["params", human(p)], ["bytes out", humanBytes(by)], ["module", mods]]) {
-      const tr = el("tr"); tr.append(el("td", {}, k), el("td", {}, v)); table.append(tr);
-    }
-    return table;
+    return pairs([["group", it.path], ["nodes", String(it.members.length)], ["FLOPs", human(f)], ["params", human(p)],
+      ["bytes out", humanBytes(by)], ["module", mods]]);
   }
 
   function tooltip(ev, it) {
     const tip = $("#tooltip");
     if (!it) { tip.style.display = "none"; return; }
-    tip.replaceChildren(it.node >= 0 ? nodeTable(it.node) : groupDetails(it));
-    const r = $("#stage").getBoundingClientRect();
+    showTip(ev, it.node >= 0 ? nodeTable(it.node) : groupDetails(it));
+  }
+
+  function showTip(ev, content) {
+    const tip = $("#tooltip"), r = $("#stage").getBoundingClientRect();
+    tip.replaceChildren(content);
     tip.style.display = "block";
     tip.style.left = Math.min(ev.clientX - r.left + 14, r.width - 300) + "px";
     tip.style.top = ev.clientY - r.top + 14 + "px";
@@ -761,9 +763,15 @@
   }
 
   function hover(ev) {
-    const it = itemAt(toWorld(ev));
+    const p = toWorld(ev), cut = cutAt(p), it = cut >= 0 ? null : itemAt(p);
     if (it !== S.hoverItem) { S.hoverItem = it; draw(); }
-    tooltip(ev, it);
+    if (cut >= 0) cutTooltip(ev, cut); else tooltip(ev, it);
+  }
+
+  /* Every value crossing cut b: what module b + 1 onwards receives per sample. */
+  function cutTooltip(ev, b) {
+    showTip(ev, pairs([[`cut ${b} at ${C.cut[S.cuts[b]]}`, `${humanBytes(S.fig.cut_bytes[b])} per sample`],
+      ...S.fig.boundaries[b].map((u) => [C.name[u], `${C.shape[u]} · ${humanBytes(C.bytes[u])}`])]));
   }
 
   function click(p) {
