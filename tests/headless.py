@@ -94,9 +94,9 @@ class Chromium:
         return json.loads(message)
 
     def load(self, path: str | Path, timeout: float = 60) -> None:
-        """Open a file (or an http URL) and wait for its load event."""
+        """Open a file (or a file:, http: or about: URL) and wait for its load event."""
         self.events.clear()
-        url = str(path) if str(path).startswith("http") else Path(path).resolve().as_uri()
+        url = str(path) if str(path).startswith(("http:", "file:", "about:")) else Path(path).resolve().as_uri()
         self.send("Page.navigate", url=url)
         deadline = time.monotonic() + timeout
         while not any(e.get("method") == "Page.loadEventFired" for e in self.events):

@@ -854,6 +854,7 @@
     return t;
   }
 
+  if (location.hash === "#expanded") S.collapsed = new Set();  // open with every node drawn (benchmarks, links)
   skeleton();
   runSection();
   wire();
