@@ -190,17 +190,19 @@
     for (const it of items) {
       const path = it.node >= 0 ? it.path : it.path.split(".").slice(0, -1).join(".");
       for (const p of prefixes(path)) {
-        if (drawnCount.get(p) < 2 || S.collapsed.has(p) && it.node < 0 && p === it.path) continue;
+        if (drawnCount.get(p) < 2) continue;
         const b = boxes.get(p) || { path: p, x0: Infinity, y0: Infinity, x1: -Infinity, y1: -Infinity, n: 0 };
         b.x0 = Math.min(b.x0, it.x - it.w / 2); b.x1 = Math.max(b.x1, it.x + it.w / 2);
         b.y0 = Math.min(b.y0, it.y - NH / 2); b.y1 = Math.max(b.y1, it.y + NH / 2); b.n++;
         boxes.set(p, b);
       }
     }
-    return [...boxes.values()].filter((b) => b.n > 1).map((b) => {
-      const d = b.path.split(".").length * 6;
+    const frames = [...boxes.values()].filter((b) => b.n > 1);
+    const depth = (b) => b.path.split(".").length, deepest = Math.max(0, ...frames.map(depth));
+    return frames.map((b) => {
+      const d = 6 * (deepest - depth(b));  // outer frames wider, so nested ones stay inside
       return { ...b, x0: b.x0 - 14 - d, x1: b.x1 + 14 + d, y0: b.y0 - 16 - d, y1: b.y1 + 6 + d };
-    }).sort((a, b) => a.path.split(".").length - b.path.split(".").length);
+    }).sort((a, b) => depth(a) - depth(b));
   }
 
   function boundsOf(items) {
@@ -339,7 +341,6 @@
   }
 
   function drawEdges(view, s) {
-    const fig = S.fig;
     for (const e of S.edges) {
       const a = S.items[e.a], b = S.items[e.b];
       if (Math.max(a.y, b.y) < view.y0 - YS || Math.min(a.y, b.y) > view.y1 + YS) continue;
