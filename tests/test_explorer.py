@@ -17,7 +17,7 @@ from monomod.cli import cli
 from monomod.explorer import explorer_html, model_explorer_files, page_data
 from monomod.explorer.layout import layered_layout
 from monomod.explorer.page import block_paths
-from monomod.explorer.records import is_drawn
+from monomod.explorer.records import drawn_nodes
 from monomod.passes.partition import cut_points, partition
 from tests.headless import Chromium, find_browser
 
@@ -82,7 +82,7 @@ def test_block_level_collapse():
 @pytest.mark.parametrize("family", ["vit", "swin"])
 def test_layout_goes_down_along_the_data(traced_models, family):
     traced = traced_models[family]
-    drawn = [n for n, info in traced.nodes.items() if is_drawn(info)]
+    drawn = drawn_nodes(traced)
     layout = layered_layout(traced, drawn)
     keep = set(drawn)
     for node in traced.graph_module.graph.nodes:

@@ -32,14 +32,8 @@
   const DRAWN_TOTAL = C.kind.filter((k) => k & DRAWN).length;
   const legal = [];
   for (let i = 0; i < N; i++) if (C.cut[i]) legal.push(i);
-  const drawnCount = new Map(), opCount = new Map();  // module path prefix -> drawn nodes (ops: not parameter reads)
-  for (let i = 0; i < N; i++) {
-    if (!isDrawn(i)) continue;
-    for (const p of prefixes(pathOf(i))) {
-      drawnCount.set(p, (drawnCount.get(p) || 0) + 1);
-      if (C.op[i] !== "get_attr") opCount.set(p, (opCount.get(p) || 0) + 1);
-    }
-  }
+  const drawnCount = new Map();  // module path prefix -> drawn nodes under it
+  for (let i = 0; i < N; i++) if (isDrawn(i)) for (const p of prefixes(pathOf(i))) drawnCount.set(p, (drawnCount.get(p) || 0) + 1);
 
   function prefixes(path) {
     if (!path) return [];
@@ -349,9 +343,12 @@
       ctx.strokeStyle = cross ? "#c0392b" : lit ? "#2f6fde" : "#8792a6";
       ctx.lineWidth = (cross || lit ? 2.2 : 1) / Math.max(s, 0.4);
       const y0 = a.y + NH / 2, y1 = b.y - NH / 2, dy = Math.max(20, (y1 - y0) / 2);
+      // A long edge (a residual) bows out to the side instead of running over the column it skips.
+      const bow = y1 - y0 > 3 * YS && Math.abs(a.x - b.x) < NW ? Math.min(NW, (y1 - y0) / 5) : 0;
       ctx.beginPath();
       ctx.moveTo(a.x, y0);
-      if (y1 > y0) ctx.bezierCurveTo(a.x, y0 + dy, b.x, y1 - dy, b.x, y1);
+      if (bow) ctx.bezierCurveTo(a.x - bow * 1.4, y0 + YS, b.x - bow * 1.4, y1 - YS, b.x, y1);
+      else if (y1 > y0) ctx.bezierCurveTo(a.x, y0 + dy, b.x, y1 - dy, b.x, y1);
       else ctx.bezierCurveTo(a.x + 120, y0 + 60, b.x + 120, y1 - 60, b.x, y1);
       ctx.stroke();
     }
@@ -525,7 +522,7 @@
   function expand(path) {
     S.collapsed.delete(path);
     const depth = path.split(".").length;
-    for (const [p, n] of opCount) if (n > 1 && p.split(".").length === depth + 1 && within(p, path)) S.collapsed.add(p);
+    for (const [p, n] of drawnCount) if (n > 1 && p.split(".").length === depth + 1 && within(p, path)) S.collapsed.add(p);
     relayout();
   }
 
@@ -623,8 +620,10 @@
   }
 
   function nodeTable(i) {
+    const folded = inputs[i].filter((u) => C.op[u] === "get_attr" && !isDrawn(u)).reduce((a, u) => a + C.params[u], 0);
     return pairs([["name", C.name[i]], ["op", C.op[i]], ["target", C.target[i]], ["module path", pathOf(i) || "(top level)"],
-      ["shape", C.shape[i]], ["dtype", C.dtype[i] || "-"], ["FLOPs", human(C.flops[i])], ["params", human(C.params[i])],
+      ["shape", C.shape[i]], ["dtype", C.dtype[i] || "-"], ["FLOPs", human(C.flops[i])],
+      ["params", human(C.params[i] + folded) + (folded ? " (with the parameters it reads)" : "")],
       ["bytes", humanBytes(C.bytes[i])], ["module", String(S.vis[i])]]);
   }
 

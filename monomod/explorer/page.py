@@ -12,7 +12,7 @@ from importlib import resources
 from typing import Any
 
 from monomod.explorer.layout import layered_layout
-from monomod.explorer.records import is_drawn, shape_text
+from monomod.explorer.records import drawn_nodes, shape_text
 from monomod.ir import Partition
 from monomod.passes.partition import cut_points, partition, path_prefixes
 
@@ -46,7 +46,7 @@ def page_data(p: Partition, run: dict[str, Any] | None = None) -> dict[str, Any]
     traced = p.traced
     names = list(traced.nodes)
     index = {name: i for i, name in enumerate(names)}
-    drawn = [name for name, info in traced.nodes.items() if is_drawn(info)]
+    drawn = drawn_nodes(traced)
     layout = layered_layout(traced, drawn)
     positions = _cut_positions(p, index)
     labels = cut_points(traced)

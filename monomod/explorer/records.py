@@ -34,7 +34,16 @@ def shape_text(info: NodeInfo) -> str:
     return "tensors" if info.holds_tensors else "value"
 
 
-def is_drawn(info: NodeInfo) -> bool:
-    """Whether the page draws a node: everything but shape arithmetic (ints, sizes), which says nothing about the
-    cut and would double the picture; such nodes stay in the JSON records."""
-    return info.holds_tensors or info.op in ("placeholder", "output")
+def drawn_nodes(traced: TracedModel) -> list[str]:
+    """The nodes the page draws, graph order: all but shape arithmetic (ints, sizes), which says nothing about the
+    cut and would double the picture, and a module's reads of its own parameters (a functional norm's weight and
+    bias), which the page folds into the node that uses them. Both stay in the JSON records."""
+    drawn = []
+    for node in traced.graph_module.graph.nodes:
+        info = traced.nodes[node.name]
+        if not (info.holds_tensors or info.op in ("placeholder", "output")):
+            continue
+        if info.op == "get_attr" and node.users and all(traced.nodes[u.name].module == info.module for u in node.users):
+            continue
+        drawn.append(node.name)
+    return drawn
