@@ -22,7 +22,7 @@ from tests.headless import Chromium
 
 BASE = ("vit_base_patch16_224", 8)
 # The largest fx graph among timm models under 100M parameters (a scan of every timm.list_models() name).
-LARGE = ("swin_s3_base_224", 8)
+LARGE = ("regnetz_d8_evos", 8)
 BUDGET_BYTES, BUDGET_SECONDS = 1.5e6, 2.0
 SCAN = Path(__file__).parent / "results" / "explorer_scan.jsonl"
 
@@ -79,6 +79,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     repeats = 2 if quick else 7
     rows = []
     with tempfile.TemporaryDirectory() as tmp, Chromium(width=1400, height=900) as browser:
+        version = browser.send("Browser.getVersion", session=None)["product"]
         for model, k in (BASE, LARGE):
             page = Path(tmp) / f"{model}.html"
             row = build_page(model, k, page)
@@ -86,7 +87,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             row["first_render_expanded_ms"] = round(first_render_ms(browser, page, repeats, expanded=True), 1)
             row.update(handling(browser, page))
             rows.append(row)
-    return {"rows": rows, "budget": {"page_bytes": BUDGET_BYTES, "first_render_s": BUDGET_SECONDS},
+    return {"rows": rows, "browser": f"{version}, headless, 1400x900", "repeats": repeats,
+            "budget": {"page_bytes": BUDGET_BYTES, "first_render_s": BUDGET_SECONDS},
             "scan": _scan_summary(SCAN)}
 
 
@@ -157,15 +159,17 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{r['boxes_expanded']} | {r['expand_all_ms']} | {r['redraw_fit_ms']} | {r['redraw_zoom1_ms']} | "
                      f"{r['move_cut_ms']} | {r['search_ms']} |")
     b = result["budget"]
-    lines += ["", f"Bars (issue 24): vit_base K=8 page at most {b['page_bytes'] / 1e6:g} MB, first render at most "
+    lines += ["", f"Browser: {result.get('browser', 'Chromium')}; first renders are medians of "
+              f"{result.get('repeats', '?')} loads, the rest of 5.", "", f"Bars (issue 24): vit_base K=8 page at most {b['page_bytes'] / 1e6:g} MB, first render at most "
               f"{b['first_render_s']:g} s. First render: navigation start to the first frame in headless Chromium "
               "(median). The expanded figures draw every node of the graph; edges and boxes outside the view are "
               "culled, labels drawn from zoom 0.45 up.", ""]
     if result.get("scan"):
         scan_ = result["scan"]
-        lines += [f"Largest fx graphs (eval mode) among the {scan_['under_limit']} timm architectures under 100M "
-                  f"parameters that fx traces ({scan_['models']} names scanned, {scan_['failed']} failed to build or "
-                  "trace; `python -m benchmarks.explorer`, results/explorer_scan.jsonl):", "",
+        lines += [f"Largest fx graphs (eval mode, as `inspect` traces them) of the {scan_['models']} names in "
+                  f"`timm.list_models()`: {scan_['under_limit']} under 100M parameters traced, "
+                  f"{scan_['models'] - scan_['under_limit'] - scan_['failed']} at or over 100M, {scan_['failed']} "
+                  "failed to build or trace (`python -m benchmarks.explorer`, results/explorer_scan.jsonl):", "",
                   "| model | params | fx nodes |", "|---|---:|---:|"]
         lines += [f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['nodes']} |" for r in scan_["top"]]
         lines.append("")
