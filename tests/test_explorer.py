@@ -305,3 +305,27 @@ def test_model_explorer_opens_the_files_offline(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@needs_browser
+@pytest.mark.parametrize("family", ["vit", "swin", "resnet"])
+def test_random_cuts_match_the_partition_pass(browser, traced_models, tmp_path, family):
+    """The page's port of the cut rule against the partition pass, on random legal cuts (parameter reads and shape
+    arithmetic recomputed across cuts included)."""
+    import random
+
+    traced = traced_models[family]
+    page = tmp_path / "page.html"
+    page.write_text(explorer_html(partition(traced, 4)))
+    _open(browser, page)
+    legal = browser.eval("monomod.legalPoints()")
+    rng = random.Random(family)
+    for k in (2, 3, 5, 8):
+        cuts = sorted(rng.sample(legal, k - 1))
+        assert browser.eval(f"monomod.setCuts({json.dumps(cuts)})")
+        page_figures = browser.eval("monomod.figures()")
+        expected = partition(traced, cuts=page_figures["cut_names"])
+        assert page_figures["flops"] == [m.flops for m in expected.modules], cuts
+        assert page_figures["params"] == [m.params for m in expected.modules], cuts
+        assert page_figures["cut_bytes"] == [sum(v.bytes for v in cut) for cut in expected.cuts], cuts
+    assert browser.console_errors() == []

@@ -874,6 +874,12 @@
     figures: () => ({ ...S.fig, asg: undefined, cuts: S.cuts.slice(), cut_names: S.cuts.map((c) => C.cut[c]) }),
     visibleCount: () => S.items.length,
     search, nextMatch, reveal, expand, collapse, stepCut, moveCut,
+    legalPoints: () => legal.slice(),
+    setCuts: (positions) => {
+      const ok = positions.every((c, n) => C.cut[c] && (n === 0 || c > positions[n - 1]));
+      if (ok) { S.cuts = positions.slice(); refresh(); }
+      return ok;
+    },
     redraw: () => { const t = performance.now(); draw(); return performance.now() - t; },
     zoom: (s) => { zoomAt(canvas.clientWidth / 2, canvas.clientHeight / 2, s); draw(); },
     collapseToBlocks: () => $("#btn-blocks").click(),
