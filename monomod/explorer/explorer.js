@@ -228,7 +228,7 @@
     S.bands = bands;
     S.cutY = S.cuts.map((c, b) => {
       const above = bands[b].y1, below = bands[b + 1].y0;
-      return below > above ? (above + below) / 2 : S.items[S.itemOf[firstDrawnFrom(c)]].y;
+      return below > above ? (above + below) / 2 : itemOfNode(c).y;
     });
   }
 
@@ -240,10 +240,13 @@
 
   const itemOfNode = (i) => S.items[S.itemOf[firstDrawnFrom(i)]];
 
+  /* Cut b may sit strictly between its neighbours (the graph's ends for the first and last). */
+  const room = (b) => [b > 0 ? S.cuts[b - 1] : 0, b < S.cuts.length - 1 ? S.cuts[b + 1] : N];
+
   /* The next legal point in direction dir whose box differs from the cut's current one (a collapsed block is one
    * step), taking the first legal node of that box: where its module path begins. */
   function stepCut(b, dir) {
-    const lo = b > 0 ? S.cuts[b - 1] : 0, hi = b < S.cuts.length - 1 ? S.cuts[b + 1] : N;
+    const [lo, hi] = room(b);
     const here = itemOfNode(S.cuts[b]).id;
     const cands = legal.filter((p) => p > lo && p < hi);
     let target = -1;
@@ -259,7 +262,7 @@
   }
 
   function moveCut(b, position) {
-    const lo = b > 0 ? S.cuts[b - 1] : 0, hi = b < S.cuts.length - 1 ? S.cuts[b + 1] : N;
+    const [lo, hi] = room(b);
     if (!(position > lo && position < hi) || !C.cut[position]) return false;
     S.cuts[b] = position;
     refresh();
@@ -268,7 +271,7 @@
 
   /* While dragging cut b: the legal point between its neighbours whose box is nearest the pointer. */
   function nearestCutPoint(b, worldY) {
-    const lo = b > 0 ? S.cuts[b - 1] : 0, hi = b < S.cuts.length - 1 ? S.cuts[b + 1] : N;
+    const [lo, hi] = room(b);
     let best = -1, bestD = Infinity;
     for (const p of legal) {
       if (p <= lo || p >= hi) continue;
@@ -532,7 +535,7 @@
     for (const p of [...S.collapsed]) if (within(pathOf(i), p)) S.collapsed.delete(p);
     relayout();
     S.selected = i;
-    centreOn(S.items[S.itemOf[firstDrawnFrom(i)]], Math.max(S.view.s, 1));
+    centreOn(itemOfNode(i), Math.max(S.view.s, 1));
     showDetails(i);
     draw();
   }
@@ -639,7 +642,7 @@
     box.replaceChildren(nodeTable(i));
     if (!C.cut[i]) return;
     S.cuts.forEach((c, b) => {
-      const lo = b > 0 ? S.cuts[b - 1] : 0, hi = b < S.cuts.length - 1 ? S.cuts[b + 1] : N;
+      const [lo, hi] = room(b);
       if (i > lo && i < hi && i !== c) {
         const btn = el("button", {}, `move cut ${b} here (${C.cut[i]})`);
         btn.onclick = () => moveCut(b, i);
