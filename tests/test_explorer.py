@@ -329,3 +329,21 @@ def test_random_cuts_match_the_partition_pass(browser, traced_models, tmp_path, 
         assert page_figures["params"] == [m.params for m in expected.modules], cuts
         assert page_figures["cut_bytes"] == [sum(v.bytes for v in cut) for cut in expected.cuts], cuts
     assert browser.console_errors() == []
+
+
+@needs_browser
+def test_clicks_expand_and_collapse(browser, pages):
+    """A real click on a collapsed block opens it; a click on its frame's title closes it again."""
+    _open(browser, pages["vit"])
+    before = browser.eval("monomod.visibleCount()")
+    _click(browser, browser.eval("monomod.screenOf('blocks.5')"))
+    opened = browser.eval("monomod.visibleCount()")
+    assert opened > before
+    _click(browser, browser.eval("monomod.frameTitle('blocks.5')"))
+    assert browser.eval("monomod.visibleCount()") == before
+
+
+def _click(browser, at) -> None:
+    x, y = at
+    for kind, buttons in (("mousePressed", 1), ("mouseReleased", 0)):
+        browser.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", buttons=buttons, clickCount=1)

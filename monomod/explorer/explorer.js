@@ -893,5 +893,6 @@
     itemPosition: (name) => { const it = itemOfNode(nodeIndex(name)); return it ? { x: it.x, y: it.y } : null; },
     screenOf: (name) => toScreen(itemOfNode(nodeIndex(name))),
     cutHandle: (b) => toScreen({ x: S.bounds.x0 + 100, y: S.cutY[b] }),
+    frameTitle: (path) => { const f = S.frames.find((g) => g.path === path); return f ? toScreen({ x: f.x0 + 8, y: f.y0 + 7 }) : null; },
   };
 })();

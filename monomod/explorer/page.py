@@ -146,7 +146,7 @@ _TEMPLATE = """<!doctype html>
 <title>{title}</title>
 <style>{css}</style></head>
 <body>
-<div id="app"></div>
+<div id="app"><noscript>This page draws the partition with JavaScript: allow scripts for this file.</noscript></div>
 <script type="application/json" id="monomod-data">{data}</script>
 <script>{js}</script>
 </body></html>
