@@ -478,6 +478,14 @@
     S.view = { s, tx: (w - s * (b.x1 + b.x0)) / 2, ty: 20 - s * b.y0 };
   }
 
+  /* Fit the whole graph, unless that makes labels unreadable: then start readable at the top (f fits). */
+  function firstView() {
+    fit();
+    if (S.view.s >= 0.3) return;
+    const b = S.bounds, s = 0.6;
+    S.view = { s, tx: canvas.clientWidth / 2 - s * (b.x0 + b.x1) / 2, ty: 20 - s * b.y0 };
+  }
+
   function centreOn(it, scale) {
     const s = scale || Math.max(S.view.s, 0.8);
     S.view = { s, tx: canvas.clientWidth / 2 - s * it.x, ty: canvas.clientHeight / 2 - s * it.y };
@@ -863,7 +871,7 @@
   wire();
   build();
   recompute();
-  fit();
+  firstView();
   refresh();
   requestAnimationFrame(() => {
     window.monomodRendered = performance.now();
