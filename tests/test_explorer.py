@@ -208,6 +208,7 @@ def test_moved_cuts_give_the_cli_figures(browser, pages, family):
     cli_data = json.loads(result.output)
     assert after["flops"] == [m["flops"] for m in cli_data["modules"]]
     assert after["params"] == [m["params"] for m in cli_data["modules"]]
+    assert after["nodes"] == [m["nodes"] for m in cli_data["modules"]]
     assert after["bytes_cut"] == cli_data["bytes_cut"]
     assert round(after["balance"], 4) == cli_data["balance"]
     shown = browser.eval("document.querySelector('#figures').textContent")

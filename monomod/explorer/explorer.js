@@ -112,7 +112,7 @@
     const costs = D.cost === "flops" ? flops : params;
     const mean = costs.reduce((a, b) => a + b, 0) / k;
     return {
-      flops, params, costs, asg, boundaries, cut_bytes: cutBytes,
+      flops, params, costs, asg, boundaries, cut_bytes: cutBytes, nodes: lists.map((l) => l.length),
       bytes_cut: cutBytes.reduce((a, b) => a + b, 0),
       balance: mean ? Math.max(...costs) / mean : 1.0,
       cuts_arg: cuts.map((c) => C.cut[c]).join(","),
@@ -557,6 +557,7 @@
     renderFigures();
     renderChart();
     renderCuts();
+    renderModules();
     $("#status").textContent = `${S.items.length} boxes (${S.items.filter((it) => it.node >= 0).length} single nodes) · ` +
       `${S.edges.length} edges · ${DRAWN_TOTAL} nodes drawn of ${N} fx nodes`;
     draw();
@@ -613,6 +614,17 @@
     $("#chart-legend").textContent = hybrids
       ? "under each bar: teacher / incubated / student hybrid top-1 on val (a hybrid runs module i in the meta model)"
       : (D.run ? "hybrid accuracies hidden: the cuts differ from the run's" : "");
+  }
+
+  /* The CLI's table, as far as the page can recompute it: where each module starts, its nodes, params, FLOPs, share
+   * of the balancing cost and the bytes it sends on. */
+  function renderModules() {
+    const f = S.fig, total = f.costs.reduce((a, b) => a + b, 0) || 1;
+    const t = table(["#", "starts at", "nodes", "params", "FLOPs", "share", "sends"], f.costs.map((c, j) => [
+      String(j), j ? C.cut[S.cuts[j - 1]] : "(input)", String(f.nodes[j]), human(f.params[j]), human(f.flops[j]),
+      (100 * c / total).toFixed(1) + "%", j < f.cut_bytes.length ? humanBytes(f.cut_bytes[j]) : "-"]));
+    t.className = "modules";
+    $("#modules").replaceChildren(t);
   }
 
   function renderCuts() {
@@ -825,6 +837,7 @@
   <div class="muted">click a ▸ box to expand it, a ▾ frame title to collapse it; drag to pan, wheel to zoom;
     +/- zoom; drag a red ✂ handle to move a cut.</div>
   <h2>Balance</h2><div id="chart"></div><div class="muted" id="chart-legend"></div>
+  <h2>Modules</h2><div id="modules"></div>
   <h2>Cuts</h2><div id="cuts"></div>
   <input id="cuts-arg" readonly><div class="row"><button id="btn-copy">copy --cuts</button><button id="btn-reset">reset cuts</button></div>
   <h2>Selected</h2><div id="details" class="muted">click a node</div>
