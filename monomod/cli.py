@@ -199,16 +199,27 @@ def report_cmd(run_dir: str, redraw: bool, fmt: str) -> None:
     summary = run.report()
     if summary is None:
         raise MonomodError(f"{run_dir!r} has no report.json yet", "finish the run first: monomod run RUN_DIR")
-    page = report.write_run_html(run, summary, RunContext(Path(run_dir), Plan.load(run_dir)).partition()) if redraw else None
+    page = None
+    if redraw:
+        page = report.write_run_html(run, summary, RunContext(Path(run_dir), Plan.load(run_dir)).partition())
     if fmt == "json":
         click.echo(json.dumps({**summary, **({"html": str(page)} if page else {})}, indent=2))
         return
+    _print_summary(summary)
+    if page:
+        out.print(f"[dim]wrote {page}[/dim]")
+
+
+def _print_summary(summary: dict) -> None:
+    """A finished run's results, per-module hybrids and warnings."""
+    from monomod import report
+
     out.print(report.results_table(summary))
     modules = report.modules_table(summary)
     if modules is not None:
         out.print(modules)
-    if page:
-        out.print(f"[dim]wrote {page}[/dim]")
+    for warning in summary.get("warnings", []):
+        err.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @cli.command()
@@ -479,7 +490,6 @@ def _job_state(run_dir: Path, job) -> str:
 def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
                         workers: int | None = None, ray_address: str | None = None, max_retries: int = 0,
                         loader_workers: int | None = None) -> None:
-    from monomod import report
     from monomod.rundir import RunDir
     from monomod.runtime.execute import execute
 
@@ -502,12 +512,7 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
                                "jobs": [s.__dict__ for s in statuses]}, indent=2))
         return
     if summary:
-        out.print(report.results_table(summary))
-        modules = report.modules_table(summary)
-        if modules is not None:
-            out.print(modules)
-        for warning in summary.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {warning}")
+        _print_summary(summary)
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
               f"report: {run_dir / 'report.md'} and report.html[/dim]")
