@@ -25,6 +25,7 @@ BENCHMARKS = {
                 "Incubation teacher, NAC and V-MoE, 3 seeds, full data and few labels)",
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
+    "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",
 }
 
 

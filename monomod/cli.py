@@ -113,12 +113,17 @@ def _run_dir_options(command):
 @click.option("--in-chans", type=int, help="Input channels (default: the model's own).")
 @click.option("--num-classes", type=int, help="Classifier size (default: the model's own).")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local .safetensors or .pth state dict to load.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "model-explorer"]), default="table",
+              show_default=True, help="json: modules, nodes and edges (schema in the README); model-explorer: "
+              "Google Model Explorer's graph and node-data files, written to --out-dir.")
+@click.option("--out-dir", type=click.Path(file_okay=False), default=".", show_default=True,
+              help="Where --format model-explorer writes MODEL.graph.json, MODEL.modules.json, MODEL.flops.json.")
 @click.option("--dot", type=click.Path(dir_okay=False), help="Also write the partition graph as Graphviz DOT.")
-@click.option("--html", "html_path", type=click.Path(dir_okay=False), help="Also write a self-contained HTML page.")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False),
+              help="Also write the partition explorer: one offline page, node by node, re-cut by hand.")
 def inspect(
     model: str, k: int, cost: str, tolerance: float, cuts: str | None, img_size: int | None, in_chans: int | None,
-    num_classes: int | None, weights: str | None, fmt: str, dot: str | None, html_path: str | None,
+    num_classes: int | None, weights: str | None, fmt: str, out_dir: str, dot: str | None, html_path: str | None,
 ) -> None:
     """Trace MODEL and show how it splits into K contiguous teacher modules.
 
@@ -129,6 +134,7 @@ def inspect(
       monomod inspect vit_base --modules 8
       monomod inspect vit_tiny --img-size 32 --modules 4 --format json
       monomod inspect deit_small --cuts blocks.4,blocks.8 --html deit.html --dot deit.dot
+      monomod inspect vit_base --modules 8 --format model-explorer --out-dir me/
     """
     from monomod import report
     from monomod.frontend import load_model
@@ -152,9 +158,68 @@ def inspect(
     if fmt == "json":
         click.echo(report.partition_json(part))
         return
+    if fmt == "model-explorer":
+        _write_model_explorer(part, model, Path(out_dir))
+        return
     out.print(report.partition_table(part))
     out.print(report.balance_line(part))
     out.print(f"[dim]traced {len(traced.nodes)} nodes and partitioned in {elapsed:.2f} s[/dim]")
+
+
+def _write_model_explorer(part, model: str, out_dir: Path) -> None:
+    """Model Explorer's files, named after MODEL (a ``pkg.module:factory`` name keeps only its factory)."""
+    from monomod import report
+
+    stem = model.rpartition(":")[2].replace("/", "_")
+    for suffix, text in report.model_explorer_json(part).items():
+        path = out_dir / f"{stem}.{suffix}"
+        _write_atomic(path, text)
+        click.echo(str(path))
+
+
+@cli.command("report")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True))
+@click.option("--html", "redraw", is_flag=True, help="Redraw RUN_DIR/report.html (the explorer with the run's "
+              "results) from report.json and the plan's recorded cuts.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def report_cmd(run_dir: str, redraw: bool, fmt: str) -> None:
+    """Show a finished run's results; with --html, redraw its report.html.
+
+    \b
+    Examples:
+      monomod report runs/vit_tiny-nac-k4
+      monomod report runs/vit_tiny-nac-k4 --html
+    """
+    from monomod import report
+    from monomod.plan import Plan
+    from monomod.rundir import RunDir
+    from monomod.runtime.jobs import RunContext
+
+    run = RunDir(Path(run_dir))
+    summary = run.report()
+    if summary is None:
+        raise MonomodError(f"{run_dir!r} has no report.json yet", "finish the run first: monomod run RUN_DIR")
+    page = None
+    if redraw:
+        page = report.write_run_html(run, summary, RunContext(Path(run_dir), Plan.load(run_dir)).partition())
+    if fmt == "json":
+        click.echo(json.dumps({**summary, **({"html": str(page)} if page else {})}, indent=2))
+        return
+    _print_summary(summary)
+    if page:
+        out.print(f"[dim]wrote {page}[/dim]")
+
+
+def _print_summary(summary: dict) -> None:
+    """A finished run's results, per-module hybrids and warnings."""
+    from monomod import report
+
+    out.print(report.results_table(summary))
+    modules = report.modules_table(summary)
+    if modules is not None:
+        out.print(modules)
+    for warning in summary.get("warnings", []):
+        err.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 @cli.command()
@@ -425,7 +490,6 @@ def _job_state(run_dir: Path, job) -> str:
 def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
                         workers: int | None = None, ray_address: str | None = None, max_retries: int = 0,
                         loader_workers: int | None = None) -> None:
-    from monomod import report
     from monomod.rundir import RunDir
     from monomod.runtime.execute import execute
 
@@ -448,15 +512,10 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
                                "jobs": [s.__dict__ for s in statuses]}, indent=2))
         return
     if summary:
-        out.print(report.results_table(summary))
-        modules = report.modules_table(summary)
-        if modules is not None:
-            out.print(modules)
-        for warning in summary.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {warning}")
+        _print_summary(summary)
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
-              f"report: {run_dir / 'report.md'}[/dim]")
+              f"report: {run_dir / 'report.md'} and report.html[/dim]")
 
 
 @cli.command("export")

@@ -1,7 +1,7 @@
 """Render a Partition for people and machines: rich table, JSON, Graphviz DOT, and a self-contained HTML page."""
 from __future__ import annotations
 
-import html
+import base64
 import io
 import json
 import math
@@ -11,9 +11,10 @@ from typing import Any, Sequence
 from rich.table import Table
 from rich.text import Text
 
+from monomod.explorer import edge_records, explorer_html, model_explorer_files, node_records
 from monomod.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monomod.ir import Partition
-from monomod.rundir import CURVES_PNG, REPORT_JSON, REPORT_MD, RunDir
+from monomod.rundir import CURVES_PNG, REPORT_HTML, REPORT_JSON, REPORT_MD, RunDir
 
 
 def human(n: float, unit: str = "") -> str:
@@ -58,7 +59,13 @@ def balance_line(p: Partition) -> Text:
 
 
 def partition_json(p: Partition) -> str:
-    return json.dumps(p.to_json(), indent=2)
+    """The module-level summary plus one record per fx node and its edges (schema in the README)."""
+    return json.dumps({**p.to_json(), "nodes": node_records(p), "edges": edge_records(p.traced)}, indent=2)
+
+
+def model_explorer_json(p: Partition) -> dict[str, str]:
+    """Google Model Explorer files as ``suffix -> text``: the graph and its node-data overlays."""
+    return {suffix: json.dumps(data) for suffix, data in model_explorer_files(p).items()}
 
 
 def partition_dot(p: Partition) -> str:
@@ -93,69 +100,8 @@ def _dot_escape(text: str) -> str:
 
 
 def partition_html(p: Partition) -> str:
-    """A page that opens offline: an inline SVG of the modules and the cut tensors between them, and the table."""
-    data = p.to_json()
-    esc = html.escape
-    rows = "".join(
-        f"<tr><td>{m['index']}</td><td>{esc(', '.join(m['covers']))}</td><td>{m['nodes']}</td>"
-        f"<td>{human(m['params'])}</td><td>{human(m['flops'])}</td>"
-        f"<td>{esc('; '.join(_shape_text(v) for v in m['inputs']))}</td>"
-        f"<td>{esc('; '.join(_shape_text(v) for v in m['outputs']))}</td></tr>"
-        for m in data["modules"]
-    )
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>monomod · {esc(p.traced.name)}</title>
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 2em; color: #1d2433; }}
-table {{ border-collapse: collapse; margin-top: 1.5em; }}
-td, th {{ border: 1px solid #c9d1dd; padding: 4px 8px; text-align: left; vertical-align: top; }}
-th {{ background: #eef2f7; }}
-.meta {{ color: #555; }}
-</style></head><body>
-<h1>{esc(p.traced.name)} → {p.k} modules</h1>
-<p class="meta">balanced by {esc(p.cost)} ({esc(p.method)}): max/mean {p.balance:.3f} · {human(p.traced.params)} params ·
-{human(p.traced.flops)} FLOPs per sample · {human_bytes(p.bytes_cut)} per sample cross the cuts</p>
-{_svg(p)}
-<table><tr><th>#</th><th>covers</th><th>nodes</th><th>params</th><th>FLOPs</th><th>inputs</th><th>outputs</th></tr>
-{rows}</table>
-<script type="application/json" id="partition">{esc(json.dumps(data))}</script>
-</body></html>
-"""
-
-
-def _shape_text(value: dict[str, Any]) -> str:
-    shape = value["shape"]
-    return f"{value['name']} " + ("×".join(map(str, shape)) if shape else str(value["dtype"]))
-
-
-def _svg(p: Partition) -> str:
-    """Modules as boxes left to right, sized by their share of the cost, with the cut tensors on the arrows."""
-    box_w, gap, height, top = 170, 90, 240, 30
-    width = p.k * box_w + (p.k - 1) * gap + 40
-    costs = [p.module_cost(m) for m in p.modules]
-    peak = max(costs) or 1
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 2 * top}" '
-             f'viewBox="0 0 {width} {height + 2 * top}" font-family="system-ui, sans-serif" font-size="11">',
-             '<defs><marker id="arrow" markerWidth="10" markerHeight="8" refX="9" refY="4" orient="auto">'
-             '<path d="M0,0 L10,4 L0,8 z" fill="#c0392b"/></marker></defs>']
-    for m, cost in zip(p.modules, costs):
-        x = 20 + m.index * (box_w + gap)
-        bar = int((height - 80) * cost / peak)
-        parts.append(f'<rect x="{x}" y="{top}" width="{box_w}" height="{height}" rx="8" fill="#f4f7fb" stroke="#4a6fa5"/>')
-        parts.append(f'<rect x="{x + 10}" y="{top + height - 10 - bar}" width="{box_w - 20}" height="{bar}" fill="#c9d8ee"/>')
-        parts.append(f'<text x="{x + 10}" y="{top + 18}" font-weight="bold">module {m.index}</text>')
-        parts.append(f'<text x="{x + 10}" y="{top + 34}">{human(m.flops)} FLOPs · {human(m.params)} params</text>')
-        for i, label in enumerate(m.covers[:8]):
-            parts.append(f'<text x="{x + 10}" y="{top + 54 + 14 * i}">{html.escape(label[:28])}</text>')
-        if m.index < p.k - 1:
-            y = top + height // 2
-            parts.append(f'<line x1="{x + box_w}" y1="{y}" x2="{x + box_w + gap - 2}" y2="{y}" stroke="#c0392b" '
-                         f'stroke-width="2" marker-end="url(#arrow)"/>')
-            for i, value in enumerate(m.outputs[:4]):
-                parts.append(f'<text x="{x + box_w + 4}" y="{y - 8 - 13 * i}" fill="#c0392b" font-size="9">'
-                             f'{html.escape(_shape_text(value.to_json())[:22])}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+    """The partition explorer: one offline page, node by node, re-cut by hand (``monomod.explorer``)."""
+    return explorer_html(p)
 
 
 # ------------------------------------------------------------------------------------------------ run reports
@@ -170,8 +116,9 @@ RESULT_ROWS = (
 
 
 def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, Any]],
-                     running: dict[str, float] | None = None) -> dict[str, Any]:
-    """Write report.json, report.md and curves.png for a finished run; returns the JSON object.
+                     running: dict[str, float] | None = None, partition: Partition | None = None) -> dict[str, Any]:
+    """Write report.json, report.md, curves.png and (given the run's ``partition``) report.html for a finished
+    run; returns the JSON object.
 
     Wall times come from each finished job's record; ``running`` adds jobs still going (the one writing this).
     """
@@ -192,10 +139,41 @@ def write_run_report(run_dir: Path, plan: Any, results: dict[str, dict[str, Any]
     atomic_write_json(run.report_file(REPORT_JSON), report)
     curves = _plot_curves(run, plan)
     atomic_write_text(run.report_file(REPORT_MD), run_report_markdown(report, curves))
+    if partition is not None:
+        write_run_html(run, report, partition)
     return report
 
 
+def write_run_html(run: RunDir, report: dict[str, Any], partition: Partition) -> Path:
+    """report.html: the partition explorer of the run's teacher, with its results, per-module hybrids and curves
+    (``monomod report RUN_DIR --html`` redraws it from report.json)."""
+    path = run.report_file(REPORT_HTML)
+    atomic_write_text(path, explorer_html(partition, run_page_section(report, run.report_file(CURVES_PNG))))
+    return path
+
+
+def run_page_section(report: dict[str, Any], curves: Path | None = None) -> dict[str, Any]:
+    """What the explorer page shows of a run: the same rows and columns as report.md, the curves inlined."""
+    s = report["settings"]
+    modules = report.get("modules") or []
+    keys = _module_keys(modules)
+    return {
+        "title": f"{s['teacher']} → {s['student']} ({s['modules']} modules)",
+        "description": f"data {s['data']} at {s['img_size']} px, preset {s['preset']}, meta {s['meta']}, seed {s['seed']}",
+        "results": [{"label": label, "iid_acc": report[name]["iid_acc"], "ood_acc": report[name]["ood_acc"]}
+                    for name, label in RESULT_ROWS if name in report],
+        "modules": modules,
+        "module_columns": [[key, MODULE_COLUMN_NAMES[key]] for key in keys],
+        "warnings": report.get("warnings", []),
+        "jobs": [[name, info["seconds"]] for name, info in report["jobs"].items()],
+        "curves": ("data:image/png;base64," + base64.b64encode(curves.read_bytes()).decode()
+                   if curves is not None and curves.exists() else None),
+    }
+
+
 MODULE_KEYS = ("teacher_hybrid_acc", "student_hybrid_acc", "agreement")
+MODULE_COLUMN_NAMES = {"teacher_hybrid_acc": "teacher hybrid", "incubated_hybrid_acc": "incubated hybrid",
+                       "student_hybrid_acc": "student hybrid", "agreement": "agreement"}
 
 
 def module_results(records: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -247,14 +225,17 @@ def _lagging_warning(m: dict[str, Any], distilled: float) -> str:
             "budgets.m2mkd.steps (e.g. --set budgets.m2mkd.steps=N) or try another budgets.m2mkd.lr")
 
 
+def _module_keys(modules: list[dict[str, Any]]) -> list[str]:
+    """The per-module columns a run has (the incubated one only when the teacher was incubated)."""
+    incubated = ["incubated_hybrid_acc"] if any("incubated_hybrid_acc" in m for m in modules) else []
+    return ["teacher_hybrid_acc", *incubated, "student_hybrid_acc", "agreement"]
+
+
 def _module_columns(modules: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the per-module table (the incubated column only when the teacher was incubated)."""
-    keys = ["teacher_hybrid_acc"] + (["incubated_hybrid_acc"] if any("incubated_hybrid_acc" in m for m in modules)
-                                     else []) + ["student_hybrid_acc", "agreement"]
-    names = {"teacher_hybrid_acc": "teacher hybrid", "incubated_hybrid_acc": "incubated hybrid",
-             "student_hybrid_acc": "student hybrid", "agreement": "agreement"}
+    keys = _module_keys(modules)
     rows = [[str(m["module"])] + [_pct(m.get(key)) for key in keys] for m in modules]
-    return ["module"] + [names[key] for key in keys], rows
+    return ["module"] + [MODULE_COLUMN_NAMES[key] for key in keys], rows
 
 
 def modules_markdown(modules: list[dict[str, Any]]) -> list[str]:

@@ -9,7 +9,7 @@ RUN_DIR/jobs/<dir>/                one folder per job (``Job.dir``: the name wit
     metrics.jsonl                  training log (one record per log step; a torn last line is skipped)
     checkpoint/                    resume state of a training job
     result.json, log.txt, worker.json
-RUN_DIR/report.json, report.md, curves.png
+RUN_DIR/report.json, report.md, curves.png, report.html
 ```
 Every path of that layout is spelled here and nowhere else.
 """
@@ -31,7 +31,7 @@ RESULT_FILE = "result.json"
 CHECKPOINT_DIR = "checkpoint"
 LOG_FILE = "log.txt"
 WORKER_FILE = "worker.json"
-REPORT_JSON, REPORT_MD, CURVES_PNG = "report.json", "report.md", "curves.png"
+REPORT_JSON, REPORT_MD, CURVES_PNG, REPORT_HTML = "report.json", "report.md", "curves.png", "report.html"
 
 
 def job_dir_name(job: Job | str) -> str:

@@ -189,6 +189,39 @@ def _min_cut(
     return {name for side, name in (v for v in reachable if v not in (_SOURCE, _SINK)) if side == "in"}
 
 
+def cut_points(traced: TracedModel) -> dict[str, str]:
+    """Every legal cut point of ``traced``: compute node name -> the ``--cuts`` name that starts a module there.
+
+    The name is the one ``_manual_assignment`` resolves back to that very node: a module path (preferring one that
+    ends in an index, such as ``blocks.3``) whose first compute node it is, else the node's own name. Viewers offer
+    exactly these points, so a cut moved by hand always replays through ``--cuts``.
+    """
+    first: dict[str, int] = {}
+    names = list(traced.nodes)
+    for i, name in enumerate(names):
+        info = traced.nodes[name]
+        if _is_compute(info):
+            for key in (name, *path_prefixes(info.module)):
+                first.setdefault(key, i)
+    points = {}
+    for i, name in enumerate(names):
+        info = traced.nodes[name]
+        if i == 0 or not _is_compute(info):
+            continue
+        mine = [key for key in path_prefixes(info.module) if first[key] == i]
+        indexed = [key for key in mine if key.rpartition(".")[2].isdigit()]
+        label = (indexed or mine or [name])[0]
+        if first[label] == i:
+            points[name] = label
+    return points
+
+
+def path_prefixes(path: str) -> list[str]:
+    """"a.b.c" -> ["a", "a.b", "a.b.c"] (what a cut name can match at a segment boundary)."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:n]) for n in range(1, len(parts) + 1)]
+
+
 def _manual_assignment(traced: TracedModel, cuts: list[str]) -> dict[str, int]:
     names = list(traced.nodes)
     positions = []

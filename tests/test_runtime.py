@@ -51,6 +51,7 @@ def test_tiny_plan_end_to_end(tmp_path, student, modules, meta):
     assert all(info["seconds"] >= 0 for info in report["jobs"].values())
     assert "| m2mKD student (assembled + fine-tuned) |" in (run_dir / "report.md").read_text()
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert '"student_hybrid_acc"' in (run_dir / "report.html").read_text()  # the explorer with the run's hybrids
     assert Plan.load(run_dir).to_yaml() == (run_dir / "plan.yaml").read_text()
     # The loaded student takes raw [0, 1] images and normalises them itself.
     deployed = load_student(run_dir)

@@ -517,7 +517,8 @@ def run_evaluate(ctx: RunContext, job: Job) -> dict[str, Any]:
     precision = _eval_precision(ctx)
     results = accuracies(ctx, students, batch, distill=False, precision=precision)
     results.update(accuracies(ctx, context, batch, distill=not same_data, precision=precision))  # teacher and meta know the distill classes
-    write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)})
+    write_run_report(ctx.run_dir, ctx.plan, results, {job.name: round(time.perf_counter() - started, 3)},
+                     partition=ctx.partition())
     return {name: r for name, r in results.items()}
 
 
