@@ -23,6 +23,9 @@ BENCHMARKS = {
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
     "evidence": "Evidence of the method, second round: m2mKD + fine-tune against training from scratch (Deep "
                 "Incubation teacher, NAC and V-MoE, 3 seeds, full data and few labels)",
+    "evidence_nac": "Evidence, third round: the NAC with the reference's read-in against the same NAC from scratch "
+                    "(3 seeds, full data at equal epochs and equal compute, few labels, dropped and bridged assembly)",
+    "precision_nac": "The NAC in bf16 against fp32 on this CPU, at a reduced budget (module 0's m2mKD; inference)",
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
     "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",

@@ -152,3 +152,24 @@ def test_a_module_that_did_not_distil_is_named_with_the_fix():
     assert len(warnings) == 1
     assert warnings[0].startswith("module 0:") and "did not distil" in warnings[0]
     assert "budgets.m2mkd.steps" in warnings[0]
+
+
+def test_tokenizers_and_their_checks():
+    """The reference's ConvNeXt tokenizer by default (the CPU preset without blocks at twice the grid), the
+    earlier single patch convolution on request; depths given as a YAML list work; bad values fail at build."""
+    from timm.models.convnext import ConvNeXtStage
+
+    x = _digits(2)
+    default = build_nac(modules=3, num_classes=NC, img_size=IMG).stages[0]
+    stages = [m for m in default.patch_embed.modules() if isinstance(m, ConvNeXtStage)]
+    assert [len(s.blocks) for s in stages] == [0, 3]
+    assert nac_config("tinyimagenet").tokenizer_depths == (3, 3)
+    for overrides in ({"tokenizer": "patch"}, {"tokenizer": "vit", "tokenizer_blocks": 1},
+                      {"tokenizer_depths": [1, 1]}):
+        stage = build_nac(modules=3, num_classes=NC, img_size=IMG, **overrides).stages[0].eval()
+        assert stage(x).shape == (2, nac_config().n_cells, nac_config().dim)
+    assert isinstance(build_nac(modules=3, num_classes=NC, img_size=IMG, tokenizer="patch").stages[0].patch_embed,
+                      nn.Conv2d)
+    for bad in ({"tokenizer": "resnet"}, {"tokenizer_depths": [1]}, {"patch_size": 3, "tokenizer": "convnext"}):
+        with pytest.raises(ValueError):
+            nac_config(**bad)

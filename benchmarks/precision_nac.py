@@ -1,0 +1,109 @@
+"""The NAC in bf16 against fp32 on this CPU (issue 23), at a reduced budget: bf16 is emulated here (no native bf16),
+about ten times slower than fp32, so the whole demo in bf16 would take hours.
+
+Settings, fixed before the first run:
+
+- Training: the NAC's first module (``m2mkd:0``, tokenizer + read-in, the module whose signal bf16 used to lose)
+  distilled for 100 steps (the demo's 250 x 0.4) in fp32 and under bf16 autocast, seeds 0, 1, 2, in the evidence
+  round's meta model and teacher (``benchmarks/evidence_nac.py``, teacher seed 0); its student hybrid is measured in
+  the precision it trained in.
+- Inference: the evidence round's fine-tuned NAC students (fp32-trained, seeds 0-2) evaluated in fp32 and under
+  bf16 autocast.
+
+``python -m benchmarks.precision_nac`` after the evidence round's seeds (a seed whose fine-tune is missing is left
+out of the inference table; run again once it is there: finished jobs are kept); one job at a time on 1 thread.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks import evidence as ev
+from benchmarks.evidence_nac import NAME
+from monomod.api import load_run
+from monomod.compiler import ConvertOptions, compile_options
+from monomod.rundir import RunDir
+from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
+from monomod.runtime.jobs import RunContext, accuracies
+
+HERE = Path(__file__).parent
+STEPS = 100
+PRECISIONS = ("fp32", "bf16")
+
+
+def distil_first_module(seed: int, precision: str, root: Path) -> dict[str, Any]:
+    """``m2mkd:0`` alone in ``precision``, with the evidence round's teacher side reused."""
+    plan = compile_options(ConvertOptions(
+        teacher="vit_tiny", student="nac", modules=4, preset="demo", teacher_seed=0, seed=seed, threads=1,
+        precision=precision, budgets={"m2mkd": {"steps": STEPS}}))
+    run_dir = prepare_run_dir(plan, root / f"m2mkd0-{precision}-s{seed}", force=True)
+    reuse_finished(plan, run_dir, [HERE / "runs" / NAME / "teacher"])
+    execute(plan, run_dir, only=["m2mkd:0"], console=ev.Study().quiet)
+    record = RunDir(run_dir).done(plan.job("m2mkd:0"))
+    return {"seed": seed, "precision": precision, "seconds": record["seconds"],
+            **{k: record["result"][k] for k in ("teacher_hybrid_acc", "student_hybrid_acc")}}
+
+
+def inference(seed: int) -> dict[str, Any]:
+    """IID / OOD of the evidence round's fine-tuned student of ``seed`` evaluated in fp32 and in bf16."""
+    run_dir = HERE / "runs" / NAME / f"nac-m2mkd-s{seed}"
+    ctx = RunContext(run_dir=run_dir, plan=load_run(run_dir).plan)
+    model = ctx.assembled_student()
+    model.load_state_dict(ctx.product("finetune"))
+    out = {"seed": seed}
+    for precision in PRECISIONS:
+        result = accuracies(ctx, {"student": model}, 256, distill=False, precision=precision)["student"]
+        out[precision] = {"iid": result["iid_acc"], "ood": result["ood_acc"]}
+    return out
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    root = HERE / "runs" / "precision-nac"
+    seeds = ev.SEEDS[:1] if quick else ev.SEEDS
+    training = [distil_first_module(seed, precision, root) for seed in seeds for precision in PRECISIONS]
+    runs = HERE / "runs" / NAME
+    finished = [seed for seed in seeds if (runs / f"nac-m2mkd-s{seed}" / "jobs" / "finetune" / "done.json").is_file()]
+    return {"steps": STEPS, "training": training, "inference": [inference(seed) for seed in finished]}
+
+
+def _diff(pairs: list[tuple[float, float]]) -> str:
+    gaps = [100 * (b - a) for a, b in pairs]
+    spread = statistics.stdev(gaps) if len(gaps) > 1 else 0.0
+    return f"{statistics.fmean(gaps):+.1f} ± {spread:.1f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    by = {(r["seed"], r["precision"]): r for r in result["training"]}
+    seeds = sorted({r["seed"] for r in result["training"]})
+    lines = [f"NAC module 0 (tokenizer + read-in) distilled for {result['steps']} steps in each precision (student "
+             "hybrid measured in that precision), and the evidence round's fp32-trained fine-tuned students "
+             "evaluated in each. Points, bf16 minus fp32, mean ± std over seeds.", "",
+             "| seed | module 0 student hybrid fp32 | bf16 | teacher hybrid | m2mkd:0 s fp32 / bf16 |",
+             "|---:|---:|---:|---:|---:|"]
+    for seed in seeds:
+        f, b = by[(seed, "fp32")], by[(seed, "bf16")]
+        lines.append(f"| {seed} | {100 * f['student_hybrid_acc']:.1f} | {100 * b['student_hybrid_acc']:.1f} | "
+                     f"{100 * f['teacher_hybrid_acc']:.1f} | {f['seconds']:.0f} / {b['seconds']:.0f} |")
+    pairs = [(by[(s, "fp32")]["student_hybrid_acc"], by[(s, "bf16")]["student_hybrid_acc"]) for s in seeds]
+    lines += ["", f"Module 0 student hybrid, bf16 minus fp32: {_diff(pairs)} points.", "",
+              "| seed | student IID fp32 | bf16 | OOD fp32 | bf16 |", "|---:|---:|---:|---:|---:|"]
+    for r in result["inference"]:
+        lines.append(f"| {r['seed']} | {100 * r['fp32']['iid']:.1f} | {100 * r['bf16']['iid']:.1f} | "
+                     f"{100 * r['fp32']['ood']:.1f} | {100 * r['bf16']['ood']:.1f} |")
+    iid = [(r["fp32"]["iid"], r["bf16"]["iid"]) for r in result["inference"]]
+    return "\n".join(lines + ["", f"Fine-tuned student IID, bf16 minus fp32 inference: {_diff(iid)} points.", ""])
+
+
+def main() -> int:
+    from benchmarks.run import write_result
+
+    started = time.perf_counter()
+    write_result("precision_nac", run(), started, quick=False, command="python -m benchmarks.precision_nac")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
