@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from monomod.errors import MonomodError
 from monomod.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from monomod.rundir import CHECKPOINT_DIR, METRICS_FILE, RESULT_FILE
+from monomod.safe import open_append
 from monomod.runtime import distributed
 from monomod.runtime.checkpoint import (
     capture_rng_state,
@@ -544,7 +545,7 @@ class _Metrics:
 
     def __enter__(self) -> "_Metrics":
         if self.writer:
-            self.file = open(self.path, "a", encoding="utf-8")
+            self.file = open_append(self.path)
         return self
 
     def __exit__(self, *exc: object) -> None:
