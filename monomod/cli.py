@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 
 out = Console()
 err = Console(stderr=True)
@@ -27,8 +27,6 @@ class _Cli(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except OSError as e:  # an unwritable or read-only folder, a path too long for the file system, ...
-            from monomod.errors import shorten
-
             where = f" {shorten(str(e.filename))!r}" if e.filename else ""
             click.echo(f"error: cannot use{where} ({e.strerror or e}); choose a writable path with a shorter name",
                        err=True)
@@ -501,7 +499,12 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
     path = Path(target)
     is_run = path.is_dir() and (path / PLAN_FILE).is_file()
     if path.is_dir() and not is_run:
-        raise MonomodError(f"{target!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
+        raise MonomodError(f"{shorten(target)!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
+    if not is_run and ("/" in target or os.sep in target or target.startswith(".")):
+        raise MonomodError(f"{shorten(target)!r} is neither a RUN_DIR nor a model name (no such folder)",
+                           "pass the RUN_DIR of a `monomod convert` run, or a timm model name")
+    ex.check_opset(opset)
+    ex.check_out_dir(onnx_dir)  # before any work: a folder that cannot be replaced is refused at once
     try:
         batches = [int(b) for b in bench_batches.split(",") if b.strip()]
     except ValueError:
