@@ -282,6 +282,16 @@ def _digits_ood(images: torch.Tensor, compound: bool = False) -> tuple[torch.Ten
     return out, tags
 
 
+_IN_MEMORY_IMAGES = {"digits": 2 * 1797, "synthetic": 512 + 2 * 128 + 128}  # with their OOD copies
+
+
+def in_memory_bytes(spec: Any, img_size: int, in_chans: int) -> int:
+    """Peak bytes of drawing an in-memory data set (digits, synthetic) at this size: float images and their noise,
+    8 bytes a value. Image folders stream from disk: 0. For the compile-time memory estimate."""
+    name = parse_data_spec(spec).kind if isinstance(spec, str) else None
+    return _IN_MEMORY_IMAGES.get(name, 0) * in_chans * img_size * img_size * 8
+
+
 def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool, compound: bool = False) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split

@@ -50,10 +50,35 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
     return model
 
 
+def build_on_meta(kind: str, **kwargs: Any) -> StagedModel:
+    """``build_student`` on the meta device: shapes and parameter counts without memory, so a student too large
+    to build (a 100000-pixel input, a huge width) is measured and refused instead of allocated. A NAC computes its
+    cell signatures at init on the CPU (from the config alone, small), so they are computed first and cached."""
+    import torch
+
+    if kind == "nac" and kwargs.get("preset") not in _simple_nac_presets():
+        from monomod.students.nac import cell_signatures, nac_config
+
+        overrides = {k: v for k, v in kwargs.items() if k not in ("modules", "num_classes", "img_size", "in_chans",
+                                                                  "preset")}
+        try:
+            cell_signatures(nac_config(kwargs.get("preset") or "small", **overrides))
+        except (TypeError, ValueError) as e:
+            raise MonomodError(f"the nac student cannot be built ({e})", "fix the student_overrides") from None
+    with torch.device("meta"):
+        return build_student(kind, **kwargs)
+
+
+def _simple_nac_presets() -> tuple[str, ...]:
+    from monomod.students.nac import SIMPLE_PRESETS
+
+    return tuple(SIMPLE_PRESETS)
+
+
 def _is_timm(name: str) -> bool:
     from monomod.students.custom import is_timm_model
 
     return is_timm_model(name)
 
 
-__all__ = ["STUDENT_KINDS", "Stage", "StageInterface", "StagedModel", "build_student"]
+__all__ = ["STUDENT_KINDS", "Stage", "StageInterface", "StagedModel", "build_on_meta", "build_student"]
