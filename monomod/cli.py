@@ -129,12 +129,13 @@ def inspect(
       monomod inspect deit_small --cuts blocks.4,blocks.8 --html deit.html --dot deit.dot
     """
     from monomod import report
+    from monomod.compiler import check_values
     from monomod.frontend import load_model
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
 
-    if k < 1:
-        raise MonomodError(f"--modules must be at least 1, got {k}", "pass --modules 1 or more")
+    check_values({"modules": k, "tolerance": tolerance, "cuts": cuts, "img_size": img_size, "in_chans": in_chans,
+                  "num_classes": num_classes})
     started = time.perf_counter()
     with err.status(f"tracing {model} ...", spinner="dots"):
         net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
@@ -179,15 +180,15 @@ def student(kind: str, k: int, preset: str | None, img_size: int, num_classes: i
     from rich.table import Table
 
     from monomod import report
-    from monomod.students import build_student
+    from monomod.compiler import check_values
+    from monomod.compiler.checks import check_student_memory
+    from monomod.students import build_on_meta, build_student
     from monomod.students.summary import stage_costs
 
-    for flag, value in (("--modules", k), ("--img-size", img_size), ("--in-chans", in_chans),
-                        ("--num-classes", num_classes)):
-        if value < 1:
-            raise MonomodError(f"{flag} must be at least 1, got {value}", f"pass {flag} 1 or more")
-    model = build_student(kind, modules=k, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                          preset=preset)
+    check_values({"modules": k, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
+    sizes = {"modules": k, "num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, "preset": preset}
+    check_student_memory(build_on_meta(kind, **sizes))  # a huge --img-size or --num-classes, before allocating
+    model = build_student(kind, **sizes)
     costs = stage_costs(model)
     params, flops = sum(c.params for c in costs), sum(c.flops for c in costs)
     if fmt == "json":
@@ -543,6 +544,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
 
 def _model_exportables(model: str, k: int | None, cuts: str | None, cost: str, img_size: int | None,
                        in_chans: int | None, num_classes: int | None, weights: str | None):
+    from monomod.compiler import check_values
     from monomod.frontend import load_model
     from monomod.passes.export import teacher_exportables
     from monomod.passes.partition import partition
@@ -550,8 +552,7 @@ def _model_exportables(model: str, k: int | None, cuts: str | None, cost: str, i
 
     if k is None and not cuts:
         raise MonomodError("exporting a MODEL needs --modules K (or --cuts)", "pass e.g. --modules 4")
-    if k is not None and k < 1:
-        raise MonomodError(f"--modules must be at least 1, got {k}", "pass --modules 1 or more")
+    check_values({"modules": k, "cuts": cuts, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
     net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
     traced = trace(net, _example_input(net, img_size, in_chans), name=model)
     part = partition(traced, None if cuts else k, cost=cost, cuts=_split(cuts))

@@ -172,7 +172,8 @@ def training_bytes(params: int, activation_bytes_per_sample: int, batch_size: in
     return {"parameters": 16 * params, "activations": activation_bytes_per_sample * batch_size}
 
 
-def check_memory(terms: dict[str, int], fixes: dict[str, str], *, limit: int | None = None) -> None:
+def check_memory(terms: dict[str, int], fixes: dict[str, str], *, limit: int | None = None,
+                 what: str = "the run") -> None:
     """Refuse, before any work, a run whose estimated memory exceeds the machine's, naming the largest term and
     the option that sets it (``fixes``: term -> advice)."""
     limit = memory_limit() if limit is None else limit
@@ -181,7 +182,7 @@ def check_memory(terms: dict[str, int], fixes: dict[str, str], *, limit: int | N
         return
     largest = max(terms, key=terms.get)
     detail = ", ".join(f"{name} {_gib(terms[name])}" for name in terms if terms[name])
-    raise MonomodError(f"the run needs about {_gib(total)} GiB of memory ({detail}), more than {_gib(limit)} GiB "
+    raise MonomodError(f"{what} needs about {_gib(total)} GiB of memory ({detail}), more than {_gib(limit)} GiB "
                        f"({'this machine' if limit == memory_limit() else 'any single device'})",
                        fixes.get(largest, "use a smaller model or input"))
 
@@ -190,6 +191,14 @@ def _gib(n: int) -> str:
     """Bytes as GiB, readable at any size: 0.08, 12.5, 7,150,000,000."""
     gib = n / GIB
     return f"{gib:.3g}" if gib < 1000 else f"{gib:,.0f}"
+
+
+def check_student_memory(student: nn.Module) -> None:
+    """A (meta) student whose fp32 weights alone exceed this machine's memory is refused before it is built."""
+    params = sum(p.numel() for p in student.parameters())
+    check_memory({"student parameters": 4 * params},
+                 {"student parameters": "lower --img-size, --in-chans, --num-classes or the --preset"},
+                 what="the student")
 
 
 def traced_bytes(traced: TracedModel) -> tuple[int, int]:

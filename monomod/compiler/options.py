@@ -124,7 +124,7 @@ OPTIONS: tuple[Option, ...] = (
            "a list of module paths or fx node names (or one comma-separated string), or null",
            "Manual cut points, comma-separated: where each new teacher module begins (e.g. blocks.3,blocks.6); "
            "default: the minimum-cut search. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
-               c.strip() for c in text.split(",") if c.strip()]),
+               c.strip() for c in text.split(",") if c.strip()], fix="name cut points, e.g. --cuts blocks.4,blocks.8"),
     _choice("cost", COSTS, "flops", "What the teacher's modules are balanced by.", flag="--cost"),
     Option("tolerance", 0.25, lambda v: _is_num(v) and v >= 0, "a number >= 0",
            "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
@@ -207,6 +207,11 @@ OPTIONS: tuple[Option, ...] = (
            field=False),
 )
 SPEC: dict[str, Option] = {o.name: o for o in OPTIONS}
+# Flags of the other commands (inspect, student, export) that convert lacks; checked by ``check_values`` like the rest.
+COMMAND_OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("num_classes", None, _optional(_is_int), _POSITIVE_OR_NULL, flag="--num-classes", kind=int,
+           must="at least 1", fix="pass --num-classes 1 or more", field=False),
+)}
 REQUIRED = ("teacher", "student", "modules")
 
 
@@ -248,6 +253,16 @@ def validate(values: Mapping[str, Any], source: str | None = None, *, partial: b
             _check_combinations({**{o.name: o.default for o in OPTIONS}, **values})
     except MonomodError as e:
         raise MonomodError(f"{where}{e.problem}", e.fix) from None
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """The option spec's check of each value a command was given (None: not given), in the words of its flag: the
+    one check that ``inspect``, ``student`` and ``export`` share with ``convert`` and ``--set`` (a negative or NaN
+    --tolerance, an empty --cuts, a --num-classes below 1 are refused the same way everywhere)."""
+    for name, value in values.items():
+        option = SPEC.get(name) or COMMAND_OPTIONS[name]
+        if value is not None and not option.allows(value):
+            raise option.problem(value)
 
 
 def _check_combinations(o: Mapping[str, Any]) -> None:

@@ -12,6 +12,7 @@ from monomod.errors import MonomodError
 from monomod.students.base import Stage, StagedModel, StageInterface
 
 STUDENT_KINDS: tuple[str, ...] = ("nac", "moe", "vit")
+MAX_STAGES = 256  # a student of more stages is no modular model (the paper's have 4 to 10)
 
 
 def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, in_chans: int = 3,
@@ -23,6 +24,9 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
     input (unknown kind or preset, K too small for the family, bad override) raises MonomodError, so the CLI
     reports it as one line.
     """
+    if isinstance(modules, int) and modules > MAX_STAGES:  # 100000 NAC stages hung before the family said no
+        raise MonomodError(f"--modules {modules} is more stages than a student can have ({MAX_STAGES} at most)",
+                           f"pass --modules {MAX_STAGES} or fewer")
     if kind == "nac":
         from monomod.students.nac import build_nac as build
     elif kind == "moe":

@@ -107,6 +107,14 @@ class StagedModel(nn.Module):
 Config = TypeVar("Config")
 
 
+def check_patch_grid(img_size: int, patch_size: Any) -> None:
+    """A patch-embedding student takes only images its patches tile: ``img_size=7`` with patch 4 would silently
+    drop a row and a column of pixels (timm floors the grid), so it is refused (ValueError, one line)."""
+    patch = patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size
+    if isinstance(patch, int) and patch > 0 and img_size % patch:
+        raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch}; pass an --img-size that is")
+
+
 def preset_config(presets: Mapping[str, Config], preset: str, overrides: Mapping[str, Any], *, family: str,
                   also: tuple[str, ...] = ()) -> Config:
     """A student family's preset config with ``overrides`` (any field of its config dataclass) applied and
