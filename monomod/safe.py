@@ -224,6 +224,13 @@ def markdown_text(value: Any) -> str:
     return _MARKDOWN_SPECIAL.sub(r"\\\1", html.escape(text, quote=True))
 
 
+def markdown_code(value: Any) -> str:
+    """``value`` as a Markdown code span (shown literally, HTML included), or as escaped text when it holds a
+    backtick (which would end the span early)."""
+    text = " ".join(str(value).split())
+    return f"`{text}`" if "`" not in text else markdown_text(text)
+
+
 def html_text(value: Any) -> str:
     """``value`` as literal text in HTML (element content or a quoted attribute)."""
     return html.escape(str(value), quote=True)
