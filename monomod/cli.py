@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from monomod.errors import MonomodError, shorten
+from monomod.safe import rich_text
 
 out = Console()
 err = Console(stderr=True)
@@ -137,7 +138,7 @@ def inspect(
     check_values({"modules": k, "tolerance": tolerance, "cuts": cuts, "img_size": img_size, "in_chans": in_chans,
                   "num_classes": num_classes})
     started = time.perf_counter()
-    with err.status(f"tracing {model} ...", spinner="dots"):
+    with err.status(f"tracing {rich_text(model)} ...", spinner="dots"):
         net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                          device=None if weights else "meta")
         example = _example_input(net, img_size, in_chans)
@@ -195,7 +196,7 @@ def student(kind: str, k: int, preset: str | None, img_size: int, num_classes: i
         click.echo(json.dumps({"kind": kind, "preset": model.preset, "params": params, "flops": flops,
                                "stages": [c.to_json() for c in costs]}, indent=2))
         return
-    table = Table(title=f"{kind} student: {len(costs)} stages (preset {model.preset}, {img_size} px)",
+    table = Table(title=rich_text(f"{kind} student: {len(costs)} stages (preset {model.preset}, {img_size} px)"),
                   title_justify="left")
     for column, justify in (("#", "right"), ("interface", "left"), ("width in", "right"), ("width out", "right"),
                             ("params", "right"), ("FLOPs", "right")):
@@ -260,7 +261,7 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
     with err.status("compiling the plan ...", spinner="dots"):
         plan = compile_options(options, dry_run=dry_run, data_info=data_info, notes=notes)
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {note}")
+        err.print(f"[yellow]note:[/yellow] {rich_text(note)}")
     name = options.teacher.replace(":", "_").replace("/", "_")
     run_dir = Path(out_dir or f"runs/{name}-{options.student}-k{options.modules}")
     if dry_run:
@@ -270,7 +271,8 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
             out.print(plan_table(plan, run_dir))
             out.print(partition_line(plan))
             out.print(execution_line(plan))
-            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
+            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to "
+                      f"{rich_text(run_dir / 'plan.yaml')}[/dim]")
         return
     run_options = dict(run_options or {})
     if run_options.get("loader_workers") is None:
@@ -280,7 +282,8 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
         if reuse:
             reused = reuse_finished(plan, run_dir, list(reuse))
             if fmt != "json":
-                err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
+                what = ", ".join(reused) or "nothing (no finished job has the same hash)"
+                err.print(f"[dim]reused from {rich_text(', '.join(reuse))}: {what}[/dim]")
         _execute_and_report(plan, run_dir, fmt, **run_options)
 
 
@@ -395,9 +398,10 @@ def plan_table(plan, run_dir: Path):
     from rich.table import Table
 
     s = plan.settings
-    table = Table(title=f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
-                        f"({s['img_size']} px), meta {s['meta']}, teacher training {s.get('teacher_training', 'end-to-end')}, "
-                        f"preset {s['preset']}", title_justify="left")
+    table = Table(title=rich_text(f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
+                                  f"({s['img_size']} px), meta {s['meta']}, teacher training "
+                                  f"{s.get('teacher_training', 'end-to-end')}, preset {s['preset']}"),
+                  title_justify="left")
     for column in ("job", "kind", "needs", "steps", "hash", "state"):
         table.add_column(column)
     for job in plan.jobs:
@@ -452,10 +456,10 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
         if modules is not None:
             out.print(modules)
         for warning in summary.get("warnings", []):
-            err.print(f"[yellow]warning:[/yellow] {warning}")
+            err.print(f"[yellow]warning:[/yellow] {rich_text(warning)}")
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
-              f"report: {run_dir / 'report.md'}[/dim]")
+              f"report: {rich_text(run_dir / 'report.md')}[/dim]")
 
 
 @cli.command("export")
@@ -521,13 +525,13 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
                 raise MonomodError(f"{', '.join(given)} apply to a MODEL, not to a RUN_DIR (the run fixes them)",
                                    "drop them, or export a model")
             items = run_exportables(path, ex.parse_what(what), source=source, trust_code=trust_code)
-            title = f"ONNX export of {path} ({source})"
+            title = rich_text(f"ONNX export of {path} ({source})")
         else:
             if ex.parse_what(what) != ["teacher"] and what != "stages,student":
                 raise MonomodError(f"--what {what} needs a RUN_DIR; a MODEL exports its teacher modules",
                                    "drop --what, or pass a RUN_DIR")
             items = _model_exportables(target, k, cuts, cost, img_size, in_chans, num_classes, weights)
-            title = f"ONNX export of {target} ({len(items)} modules)"
+            title = rich_text(f"ONNX export of {target} ({len(items)} modules)")
     results = []
     with err.status("exporting ...", spinner="dots") as status:
         results = ex.export_all(items, onnx_dir, opset=opset, bench_batches=batches, repeats=repeats,
@@ -631,7 +635,7 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
                    if values.get(key) is None]
         if missing:
             raise MonomodError(f"convert needs {', '.join(missing)}", "pass them, or start from a --recipe")
-        return to_convert_options(values), None
+        return to_convert_options(values), values.get("data_info")
 
     from monomod.frontend import check_trusted
 

@@ -14,7 +14,7 @@ from rich.text import Text
 from monomod.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monomod.ir import Partition
 from monomod.rundir import CURVES_PNG, REPORT_JSON, REPORT_MD, RunDir
-from monomod.safe import markdown_code, markdown_text
+from monomod.safe import markdown_code, markdown_text, rich_text
 
 
 def human(n: float, unit: str = "") -> str:
@@ -34,15 +34,16 @@ def human_bytes(n: float) -> str:
 
 def partition_table(p: Partition) -> Table:
     total = p.traced.flops if p.cost == "flops" else p.traced.params
-    table = Table(title=f"{p.traced.name}: {p.k} modules ({p.method}, balanced by {p.cost})", title_justify="left")
+    table = Table(title=rich_text(f"{p.traced.name}: {p.k} modules ({p.method}, balanced by {p.cost})"),
+                  title_justify="left")
     for column, justify in (("#", "right"), ("covers", "left"), ("nodes", "right"), ("params", "right"),
                             ("FLOPs", "right"), ("share", "right"), ("outputs → next module", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for m in p.modules:
         outs = ", ".join(v.describe() for v in m.outputs)
         table.add_row(
-            str(m.index), ", ".join(m.covers), str(len(m.nodes)), human(m.params), human(m.flops),
-            f"{100 * p.module_cost(m) / total:.1f}%" if total else "-", outs,
+            str(m.index), rich_text(", ".join(m.covers)), str(len(m.nodes)), human(m.params), human(m.flops),
+            f"{100 * p.module_cost(m) / total:.1f}%" if total else "-", rich_text(outs),
         )
     return table
 

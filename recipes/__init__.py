@@ -128,7 +128,7 @@ def _set_value(raw: str, key: str) -> Any:
     if not raw.strip():
         return None
     try:
-        return load_yaml(raw, f"--set {shorten(key, 60)}", "quote it, or give a plain value")
+        return load_yaml(raw, f"--set {shorten(key, 60)}", "give a plain value (quote text that looks like a date)")
     except MonomodError as e:
         if "is not valid YAML" in e.problem:
             return raw

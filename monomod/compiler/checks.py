@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from monomod.data import IMAGE_SUFFIXES
 from monomod.errors import MonomodError, first_line, shorten
 from monomod.ir import TracedModel
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def check_checkpointing(every: Any, minutes: Any) -> None:
@@ -136,7 +136,8 @@ def check_weights(teacher: nn.Module, path: str | Path) -> None:
 
 
 def check_image_folders(spec: Any) -> None:
-    """An ``imagefolder:`` training split where a class folder holds no image is refused, naming the folder."""
+    """An ``imagefolder:`` training split with one class, or where a class folder holds no image, is refused,
+    naming the folder."""
     from monomod.data import parse_data_spec
 
     if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
@@ -144,7 +145,11 @@ def check_image_folders(spec: Any) -> None:
     train = Path(parse_data_spec(spec).path) / "train"
     if not train.is_dir():
         return  # load_data says what is missing
-    for folder in sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(folders) == 1:
+        raise MonomodError(f"{shorten(str(train))} has one class folder ({shorten(folders[0].name, 40)}); a classifier "
+                           "needs two or more", f"add a folder per class to {shorten(str(train))}")
+    for folder in folders:
         if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
             raise MonomodError(f"class folder {shorten(str(folder))} holds no images",
                                f"add images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or remove the folder")

@@ -15,7 +15,7 @@ from torch import nn
 
 from monomod.compiler import checks
 from monomod.compiler.options import options_dict, validate
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 from monomod.ir import Partition, TracedModel
 from monomod.plan import PartitionRecord, Plan
 
@@ -226,4 +226,16 @@ def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_ru
         notes.append(f"OOD folder {missing(ood)} is missing: skipped for this dry run (the real run needs it)")
         ood = None
     bundle = load_data(data, img_size=img_size, in_chans=in_chans, ood=ood)
-    return bundle.num_classes, len(bundle.train)
+    facts = bundle.num_classes, len(bundle.train)
+    _check_declared(data_info, facts, data)
+    return facts
+
+
+def _check_declared(data_info: dict[str, int] | None, facts: tuple[int, int], data: str) -> None:
+    """Declared data facts (a recipe's or ``--set data_info.*``) that the data read contradicts are refused: a
+    setting is honoured or refused, never silently ignored."""
+    for key, found in zip(("num_classes", "train_size"), facts):
+        declared = (data_info or {}).get(key)
+        if declared is not None and declared != found:
+            raise MonomodError(f"data_info.{key} is {declared}, but {shorten(str(data))} has {found}",
+                               f"set data_info.{key}={found}, or drop data_info (it only stands in for missing data)")
