@@ -178,17 +178,18 @@ def training_bytes(params: int, activation_bytes_per_sample: int, batch_size: in
 
 
 def check_memory(terms: dict[str, int], fixes: dict[str, str], *, limit: int | None = None,
-                 what: str = "the run") -> None:
-    """Refuse, before any work, a run whose estimated memory exceeds the machine's, naming the largest term and
-    the option that sets it (``fixes``: term -> advice)."""
-    limit = memory_limit() if limit is None else limit
+                 where: str = "the limit", what: str = "the run") -> None:
+    """Refuse, before any work, a run whose estimated memory exceeds the machine's (or ``limit``, named
+    ``where``), naming the largest term and the option that sets it (``fixes``: term -> advice)."""
+    if limit is None:
+        limit, where = memory_limit(), "this machine"
     total = sum(terms.values())
     if total <= limit:
         return
     largest = max(terms, key=terms.get)
     detail = ", ".join(f"{name} {_gib(terms[name])}" for name in terms if terms[name])
     raise MonomodError(f"{what} needs about {_gib(total)} GiB of memory ({detail}), more than {_gib(limit)} GiB "
-                       f"({'this machine' if limit == memory_limit() else 'any single device'})",
+                       f"({where})",
                        fixes.get(largest, "use a smaller model or input"))
 
 

@@ -103,7 +103,8 @@ def _check_memory(terms: dict[str, int], dry_run: bool, notes: list[str]) -> Non
     except MonomodError as e:
         if not dry_run:
             raise
-        checks.check_memory(terms, _MEMORY_FIXES, limit=max(checks.memory_limit(), _ANY_MACHINE))
+        checks.check_memory(terms, _MEMORY_FIXES, limit=max(checks.memory_limit(), _ANY_MACHINE),
+                            where="any single device")
         notes.append(f"{e.problem}: a run on this machine would be refused")
 
 
