@@ -464,7 +464,7 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
 
 @cli.command("export")
 @click.argument("target")
-@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False), help="Directory for the .onnx files.")
+@click.option("--onnx", "onnx_dir", required=True, help="Directory for the .onnx files (new, empty, or an earlier export).")
 @click.option("--what", default="stages,student", show_default=True,
               help="RUN_DIR: comma list of stages, student, teacher, or all. MODEL: teacher (its modules).")
 @click.option("--source", type=click.Choice(["finetune", "assemble"]), default="finetune", show_default=True,

@@ -99,7 +99,8 @@ class _Loader(yaml.SafeLoader):
         return super().construct_yaml_int(node)
 
     def _not_plain(self, node: Any) -> Any:
-        raise _Refused(f"{shorten(str(node.value), 40)!r} is a {node.tag.rsplit(':', 1)[-1]}, not a string, number, "
+        shown = f"{shorten(str(node.value), 40)!r} is" if isinstance(node, yaml.ScalarNode) else "a value is"
+        raise _Refused(f"{shown} a {node.tag.rsplit(':', 1)[-1]}, not a string, number, "
                        "boolean, null, list or mapping (quote it to keep it as text)", node)
 
 
@@ -133,8 +134,9 @@ def load_yaml(data: str | bytes, source: str, fix: str = "fix the file") -> Any:
             raise MonomodError(f"{source} is not UTF-8 text (byte {e.start})", fix) from None
     if len(data) > MAX_YAML_BYTES:
         raise MonomodError(f"{source} is {len(data)} characters, more than {MAX_YAML_BYTES} allowed", fix)
-    loader = _Loader(data)
+    loader = None
     try:
+        loader = _Loader(data)  # its reader refuses control characters (a NUL byte) here
         return loader.get_single_data()
     except _Refused as e:
         where = f" (line {e.line})" if e.line else ""
@@ -144,7 +146,8 @@ def load_yaml(data: str | bytes, source: str, fix: str = "fix the file") -> Any:
     except RecursionError:
         raise MonomodError(f"{source}: its values are nested too deeply", fix) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_yaml(path: Path, source: str | None = None, fix: str = "fix the file") -> Any:

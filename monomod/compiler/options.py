@@ -25,6 +25,7 @@ from monomod.runtime.config import PRECISIONS
 from monomod.students import STUDENT_KINDS
 from monomod.students.custom import resolve_student
 
+MAX_IN_CHANS = 1024  # hyperspectral images have a few hundred bands; a million took minutes to refuse by memory
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
 _PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
                "vit": ("monomod.students.vit", "VIT_PRESETS")}
@@ -45,7 +46,8 @@ class Option:
     cli_choice: bool = True  # False: the flag takes any text and ``allows`` decides (--to: more kinds may come)
     parse: Callable[[str], Any] | None = None  # the flag's text -> value (default: click's type for ``kind``)
     kind: type = str  # what the flag parses to: str, int, float or bool (an on/off flag)
-    must: str | None = None  # "--flag must be <must>, got <value>" (default: "unknown --flag 'value'" for choices)
+    must: str | Callable[[Any], str] | None = None  # "--flag must be <must>, got <value>" (default: "unknown
+    # --flag 'value'" for choices); a function of the value where the bound it breaks decides the words
     fix: str | None = None
     label: str | None = None  # how an error names it (default: the flag, else the name)
     field: bool = True  # a ConvertOptions field (description and data_info are recipe keys only)
@@ -56,7 +58,8 @@ class Option:
         if self.must is None and self.choices is not None:
             return MonomodError(f"unknown {label} {shorten(repr(value))}",
                                 self.fix or f"use one of {', '.join(str(c) for c in self.choices if c is not None)}")
-        return MonomodError(f"{label} must be {self.must or self.allowed}, got {shorten(repr(value))}",
+        must = self.must(value) if callable(self.must) else self.must
+        return MonomodError(f"{label} must be {must or self.allowed}, got {shorten(repr(value))}",
                             self.fix or f"use {self.allowed}")
 
 
@@ -143,8 +146,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("img_size", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Input resolution (default: the preset's, else the teacher's).", flag="--img-size", kind=int,
            must="at least 1", fix="pass --img-size 1 or more"),
-    Option("in_chans", None, _optional(_is_int), _POSITIVE_OR_NULL, "Input channels (default: the teacher's).",
-           flag="--in-chans", kind=int, must="at least 1", fix="pass --in-chans 1 or more"),
+    Option("in_chans", None, _optional(lambda v: _is_int(v) and v <= MAX_IN_CHANS),
+           f"null or an integer in [1, {MAX_IN_CHANS}]", "Input channels (default: the teacher's).",
+           flag="--in-chans", kind=int, must=lambda v: f"at most {MAX_IN_CHANS}" if _is_int(v) else "at least 1",
+           fix=f"pass --in-chans 1 to {MAX_IN_CHANS}"),
     Option("weights", None, _optional(lambda v: isinstance(v, str) and v != ""), "a path to .safetensors/.pth, or null",
            "Local teacher weights (.safetensors or .pth).", flag="--weights"),
     _flag("pretrained", "Download the teacher's pretrained weights through timm (needs network).", flag="--pretrained"),

@@ -49,7 +49,7 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
         model = build(modules=modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                       preset=preset, **overrides)
     except ValueError as e:  # the families validate with ValueError; to the user it is one fixable line
-        raise MonomodError(str(e)) from None
+        raise MonomodError(str(e), "change the value it names (--img-size, --modules, --preset or an override)") from None
     model.preset = preset  # plain attribute, for reports
     return model
 
