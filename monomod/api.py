@@ -116,8 +116,14 @@ class Run:
 
 
 def load_run(run_dir: str | Path, *, trust_code: bool = False) -> Run:
+    """A RUN_DIR opened for reading: its plan loaded with limits, and refused when a symbolic link under it leads
+    out (its products would be read from elsewhere). Models are built only through ``Run.check_code``."""
+    from monomod.safe import check_links
+
     path = Path(run_dir)
-    return Run(path=path, plan=Plan.load(path), trust_code=trust_code)
+    plan = Plan.load(path)
+    check_links(path)
+    return Run(path=path, plan=plan, trust_code=trust_code)
 
 
 def load_student(run_dir: str | Path, *, trust_code: bool = False) -> DeployedStudent:

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from monomod.errors import MonomodError, shorten
-from monomod.safe import check_links, load_yaml, read_yaml
+from monomod.safe import check_links, inside, load_yaml, read_yaml
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
@@ -188,7 +188,7 @@ class Plan:
         for job in self.jobs:
             for rel in (f"jobs/{job.dir}", *job.outputs):
                 target = (root / rel).resolve()
-                if target != root and root not in target.parents:
+                if not inside(root, target):
                     raise MonomodError(f"job {job.name!r} would write {shorten(str(target))}, outside {shorten(str(root))}",
                                        "remove the symbolic link that leads out of RUN_DIR, or recompile the plan")
         check_links(root)

@@ -43,20 +43,20 @@ class _Loader(yaml.SafeLoader):
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
         self.aliases = 0
+        self.depth = 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.aliases += 1
             if self.aliases > MAX_ALIASES:
                 raise _Refused(f"it uses more than {MAX_ALIASES} aliases (*name)")
-        depth = getattr(self, "_depth", 0)
-        if depth > MAX_DEPTH:
+        if self.depth >= MAX_DEPTH:
             raise _Refused(f"its values are nested deeper than {MAX_DEPTH} levels")
-        self._depth = depth + 1
+        self.depth += 1
         try:
             return super().compose_node(parent, index)
         finally:
-            self._depth = depth
+            self.depth -= 1
 
     def construct_document(self, node: Any) -> Any:
         """Count the values as they would be once aliases are expanded, before building any of them: an alias bomb

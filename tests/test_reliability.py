@@ -626,7 +626,7 @@ def _image_folder(root: Path, classes: dict[str, int]) -> Path:
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--in-chans", "1000000"], "needs about"),
+    (["--in-chans", "1000000"], "--in-chans must be at most 1024, got 1000000"),
     (["--set", "student_overrides.embed_dim=100000000"], "student parameters"),
     (["--img-size", "100000"], "activations"),
     (["--to", "nac", "-k", "3", "--img-size", "33"], "img_size=33 is not a multiple of patch_size=4"),

@@ -146,13 +146,13 @@ def check_image_folders(spec: Any) -> None:
     if not train.is_dir():
         return  # load_data says what is missing
     folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if len(folders) == 1:
-        raise MonomodError(f"{shorten(str(train))} has one class folder ({shorten(folders[0].name, 40)}); a classifier "
-                           "needs two or more", f"add a folder per class to {shorten(str(train))}")
     for folder in folders:
         if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
             raise MonomodError(f"class folder {shorten(str(folder))} holds no images",
                                f"add images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or remove the folder")
+    if len(folders) == 1:
+        raise MonomodError(f"{shorten(str(train))} has one class folder ({shorten(folders[0].name, 40)}); a classifier "
+                           "needs two or more", f"add a folder per class to {shorten(str(train))}")
 
 
 # ---------------------------------------------------------------------------------------------------- memory
