@@ -505,7 +505,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
     is_run = path.is_dir() and (path / PLAN_FILE).is_file()
     if path.is_dir() and not is_run:
         raise MonomodError(f"{shorten(target)!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
-    if not is_run and ("/" in target or os.sep in target or target.startswith(".")):
+    if not is_run and ":" not in target and ("/" in target or os.sep in target or target.startswith(".")):
         raise MonomodError(f"{shorten(target)!r} is neither a RUN_DIR nor a model name (no such folder)",
                            "pass the RUN_DIR of a `monomod convert` run, or a timm model name")
     ex.check_opset(opset)
