@@ -115,10 +115,10 @@ class UnreadableCheckpoint(Exception):
     """A checkpoint whose files cannot be read (random bytes, a torn copy, garbage JSON); already set aside."""
 
 
-def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
+def load_checkpoint(path: Path | str, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
     """``(tensors, state)`` of the checkpoint at ``path``; safetensors + JSON only, nothing is unpickled.
 
-    A checkpoint that cannot be read is renamed aside (never deleted: it may be someone's only copy) and
+    A checkpoint that cannot be read (or whose state lacks an integer for a ``required`` key) is renamed aside (never deleted: it may be someone's only copy) and
     ``UnreadableCheckpoint`` says where it went, so the job restarts from step 0 instead of failing on every run."""
     path = Path(path)
     where = _resolve(path)
@@ -127,16 +127,13 @@ def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
     try:
         tensors = load_file(str(where / TENSORS_FILE))
         state = json.loads((where / STATE_FILE).read_text(encoding="utf-8"))
-        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in _POSITION):
-            raise ValueError(f"{STATE_FILE} has no {', '.join(_POSITION)}")
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in required):
+            raise ValueError(f"{STATE_FILE} is no mapping with {', '.join(required) or 'keys'}")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
         aside = set_aside(where)
         raise UnreadableCheckpoint(f"the checkpoint in {where} cannot be read ({' '.join(str(e).split())[:160]}); "
                                    f"set aside as {aside.name}, the job restarts from step 0") from None
     return tensors, state
-
-
-_POSITION = ("step", "epoch", "batch_in_epoch")  # what a resume needs from state.json
 
 
 def set_aside(where: Path) -> Path:

@@ -318,7 +318,7 @@ class _Checkpoints:
         if not checkpoint_exists(self.path):
             return _State()
         try:
-            tensors, saved = load_checkpoint(self.path)
+            tensors, saved = load_checkpoint(self.path, required=("step", "epoch", "batch_in_epoch"))
         except UnreadableCheckpoint as e:
             _say(f"{self.label}: {e}")
             return _State()
