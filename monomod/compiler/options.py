@@ -171,10 +171,11 @@ OPTIONS: tuple[Option, ...] = (
            "a mapping of student config fields"),
     _choice("stitch", (None, *sorted(set(DEFAULT_STITCH.values()))), None,
             "Stitch layers (default: the reference's per family).", flag="--stitch"),
-    _choice("assemble", ASSEMBLY_MODES, "dropped",
-            "How the distilled stages are assembled: drop the stitch layers (as the reference), or keep each boundary's "
-            "post-stitch and the next pre-stitch, fused into one layer where both are linear, so the assembled "
-            "student computes through the meta model's boundary space as its hybrids did.", flag="--assemble"),
+    _choice("assemble", ASSEMBLY_MODES, "bridged",
+            "How the distilled stages are assembled: keep each boundary's post-stitch and the next pre-stitch, fused "
+            "into one layer where both are linear, so the assembled student computes through the meta model's "
+            "boundary space as its hybrids did (the default: the better fine-tuned NAC over 3 seeds, see README), or "
+            "drop the stitch layers as the reference does.", flag="--assemble"),
     _flag("upcycle", "MoE: initialise experts from the teacher's MLPs (beyond the paper).", flag="--upcycle"),
     Option("alpha", 0.5, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]",
            "Weight of the distillation term.", flag="--alpha", kind=float),
