@@ -12,7 +12,7 @@ from torch import nn
 from monomod.errors import MonomodError
 from monomod.plan import Plan
 from monomod.rundir import RunDir
-from monomod.runtime.jobs import RunContext, assembly_mode
+from monomod.runtime.jobs import RunContext
 
 if TYPE_CHECKING:
     from monomod.passes.export import Exportable
@@ -47,13 +47,13 @@ def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int 
     (``pkg.module:factory``) runs only with ``trust_code=True``. ``threads`` replaces the plan's threads per job
     (finished jobs are kept: it is not part of their hashes)."""
     from monomod.compiler import set_checkpointing
-    from monomod.frontend import check_trusted
     from monomod.runtime.execute import execute
     from monomod.runtime.lock import run_dir_lock
 
     path = Path(run_dir)
-    plan = Plan.load(path)
-    check_trusted(plan.settings, str(RunDir(path).plan_file), trust_code)
+    opened = load_run(path, trust_code=trust_code)
+    opened.check_code()
+    plan = opened.plan
     with run_dir_lock(path):
         changed = set_checkpointing(plan, checkpoint_every, checkpoint_minutes)
         if threads is not None and plan.settings.get("threads") != threads:
@@ -93,12 +93,17 @@ class Run:
     def status(self) -> dict[str, bool]:
         return {job.name: RunDir(self.path).is_done(job) for job in self.plan.jobs}
 
-    def student(self, which: str = "finetune") -> DeployedStudent:
-        """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
+    def check_code(self) -> None:
+        """Refuse to build any model of this run while its plan.yaml names Python code (teacher or student) and
+        ``trust_code`` is off: a RUN_DIR may come from someone else, and building a model imports that code. Every
+        path that builds a model from a RUN_DIR (``student``, ``run_exportables``, ``run``) passes here."""
         from monomod.frontend import check_trusted
 
-        if which != "baseline" and assembly_mode(self.plan) != "dropped":
-            check_trusted(self.plan.settings, str(RunDir(self.path).plan_file), self.trust_code)  # stitches trace it
+        check_trusted(self.plan.settings, str(RunDir(self.path).plan_file), self.trust_code)
+
+    def student(self, which: str = "finetune") -> DeployedStudent:
+        """The fine-tuned student (``which="assemble"`` for the distilled one before fine-tuning, ``"baseline"``)."""
+        self.check_code()
         problem = RunDir(self.path).done_problem(self.plan.job(which))
         if problem is not None:
             raise MonomodError(f"job {which!r} of {str(self.path)!r}: {problem}", f"run it first: monomod run {self.path}")
@@ -111,8 +116,14 @@ class Run:
 
 
 def load_run(run_dir: str | Path, *, trust_code: bool = False) -> Run:
+    """A RUN_DIR opened for reading: its plan loaded with limits, and refused when a symbolic link under it leads
+    out (its products would be read from elsewhere). Models are built only through ``Run.check_code``."""
+    from monomod.safe import check_links
+
     path = Path(run_dir)
-    return Run(path=path, plan=Plan.load(path), trust_code=trust_code)
+    plan = Plan.load(path)
+    check_links(path)
+    return Run(path=path, plan=plan, trust_code=trust_code)
 
 
 def load_student(run_dir: str | Path, *, trust_code: bool = False) -> DeployedStudent:
@@ -124,14 +135,12 @@ def run_exportables(run_dir: str | Path, what: Sequence[str] = ("stages", "stude
                     trust_code: bool = False) -> list[Exportable]:
     """The modules of a finished RUN_DIR to export (``monomod.passes.export`` says what each kind is); a teacher the
     plan names as Python code is built only with ``trust_code``."""
-    from monomod.frontend import check_trusted
     from monomod.passes import export as ex
 
     if source not in ("finetune", "assemble"):
         raise MonomodError(f"unknown export source {source!r}", "use finetune or assemble")
     run = load_run(run_dir, trust_code=trust_code)
-    if "teacher" in what:
-        check_trusted(run.plan.settings, str(RunDir(run.path).plan_file), trust_code)
+    run.check_code()
     items: list[Exportable] = []
     common = {"source": f"{run.path.name}:{source}", "teacher": run.plan.settings["teacher"],
               "student": run.plan.settings["student"]}

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
+from monomod.safe import rich_text
 
 out = Console()
 err = Console(stderr=True)
@@ -27,8 +28,6 @@ class _Cli(click.Group):
             click.echo(f"error: {e}", err=True)
             ctx.exit(e.exit_code)
         except OSError as e:  # an unwritable or read-only folder, a path too long for the file system, ...
-            from monomod.errors import shorten
-
             where = f" {shorten(str(e.filename))!r}" if e.filename else ""
             click.echo(f"error: cannot use{where} ({e.strerror or e}); choose a writable path with a shorter name",
                        err=True)
@@ -137,14 +136,15 @@ def inspect(
       monomod inspect vit_base --modules 8 --format model-explorer --out-dir me/
     """
     from monomod import report
+    from monomod.compiler import check_values
     from monomod.frontend import load_model
     from monomod.passes.partition import partition
     from monomod.passes.trace import trace
 
-    if k < 1:
-        raise MonomodError(f"--modules must be at least 1, got {k}", "pass --modules 1 or more")
+    check_values({"modules": k, "tolerance": tolerance, "cuts": cuts, "img_size": img_size, "in_chans": in_chans,
+                  "num_classes": num_classes})
     started = time.perf_counter()
-    with err.status(f"tracing {model} ...", spinner="dots"):
+    with err.status(f"tracing {rich_text(model)} ...", spinner="dots"):
         net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes,
                          device=None if weights else "meta")
         example = _example_input(net, img_size, in_chans)
@@ -219,7 +219,7 @@ def _print_summary(summary: dict) -> None:
     if modules is not None:
         out.print(modules)
     for warning in summary.get("warnings", []):
-        err.print(f"[yellow]warning:[/yellow] {warning}")
+        err.print(f"[yellow]warning:[/yellow] {rich_text(warning)}")
 
 
 @cli.command()
@@ -246,22 +246,22 @@ def student(kind: str, k: int, preset: str | None, img_size: int, num_classes: i
     from rich.table import Table
 
     from monomod import report
-    from monomod.students import build_student
+    from monomod.compiler import check_values
+    from monomod.compiler.checks import check_student_memory
+    from monomod.students import build_on_meta, build_student
     from monomod.students.summary import stage_costs
 
-    for flag, value in (("--modules", k), ("--img-size", img_size), ("--in-chans", in_chans),
-                        ("--num-classes", num_classes)):
-        if value < 1:
-            raise MonomodError(f"{flag} must be at least 1, got {value}", f"pass {flag} 1 or more")
-    model = build_student(kind, modules=k, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                          preset=preset)
+    check_values({"modules": k, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
+    sizes = {"modules": k, "num_classes": num_classes, "img_size": img_size, "in_chans": in_chans, "preset": preset}
+    check_student_memory(build_on_meta(kind, **sizes))  # a huge --img-size or --num-classes, before allocating
+    model = build_student(kind, **sizes)
     costs = stage_costs(model)
     params, flops = sum(c.params for c in costs), sum(c.flops for c in costs)
     if fmt == "json":
         click.echo(json.dumps({"kind": kind, "preset": model.preset, "params": params, "flops": flops,
                                "stages": [c.to_json() for c in costs]}, indent=2))
         return
-    table = Table(title=f"{kind} student: {len(costs)} stages (preset {model.preset}, {img_size} px)",
+    table = Table(title=rich_text(f"{kind} student: {len(costs)} stages (preset {model.preset}, {img_size} px)"),
                   title_justify="left")
     for column, justify in (("#", "right"), ("interface", "left"), ("width in", "right"), ("width out", "right"),
                             ("params", "right"), ("FLOPs", "right")):
@@ -326,7 +326,7 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
     with err.status("compiling the plan ...", spinner="dots"):
         plan = compile_options(options, dry_run=dry_run, data_info=data_info, notes=notes)
     for note in notes:
-        err.print(f"[yellow]note:[/yellow] {note}")
+        err.print(f"[yellow]note:[/yellow] {rich_text(note)}")
     name = options.teacher.replace(":", "_").replace("/", "_")
     run_dir = Path(out_dir or f"runs/{name}-{options.student}-k{options.modules}")
     if dry_run:
@@ -336,7 +336,8 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
             out.print(plan_table(plan, run_dir))
             out.print(partition_line(plan))
             out.print(execution_line(plan))
-            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to {run_dir}/plan.yaml[/dim]")
+            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to "
+                      f"{rich_text(run_dir / 'plan.yaml')}[/dim]")
         return
     run_options = dict(run_options or {})
     if run_options.get("loader_workers") is None:
@@ -346,7 +347,8 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
         if reuse:
             reused = reuse_finished(plan, run_dir, list(reuse))
             if fmt != "json":
-                err.print(f"[dim]reused from {', '.join(reuse)}: {', '.join(reused) or 'nothing (no finished job has the same hash)'}[/dim]")
+                what = ", ".join(reused) or "nothing (no finished job has the same hash)"
+                err.print(f"[dim]reused from {rich_text(', '.join(reuse))}: {what}[/dim]")
         _execute_and_report(plan, run_dir, fmt, **run_options)
 
 
@@ -461,9 +463,10 @@ def plan_table(plan, run_dir: Path):
     from rich.table import Table
 
     s = plan.settings
-    table = Table(title=f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
-                        f"({s['img_size']} px), meta {s['meta']}, teacher training {s.get('teacher_training', 'end-to-end')}, "
-                        f"preset {s['preset']}", title_justify="left")
+    table = Table(title=rich_text(f"plan: {s['teacher']} → {s['student']}, {s['modules']} modules, data {s['data']} "
+                                  f"({s['img_size']} px), meta {s['meta']}, teacher training "
+                                  f"{s.get('teacher_training', 'end-to-end')}, preset {s['preset']}"),
+                  title_justify="left")
     for column in ("job", "kind", "needs", "steps", "hash", "state"):
         table.add_column(column)
     for job in plan.jobs:
@@ -515,12 +518,12 @@ def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = 
         _print_summary(summary)
     ran = sum(1 for s in statuses if s.state == "done")
     out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
-              f"report: {run_dir / 'report.md'} and report.html[/dim]")
+              f"report: {rich_text(run_dir / 'report.md')} and report.html[/dim]")
 
 
 @cli.command("export")
 @click.argument("target")
-@click.option("--onnx", "onnx_dir", required=True, type=click.Path(file_okay=False), help="Directory for the .onnx files.")
+@click.option("--onnx", "onnx_dir", required=True, help="Directory for the .onnx files (new, empty, or an earlier export).")
 @click.option("--what", default="stages,student", show_default=True,
               help="RUN_DIR: comma list of stages, student, teacher, or all. MODEL: teacher (its modules).")
 @click.option("--source", type=click.Choice(["finetune", "assemble"]), default="finetune", show_default=True,
@@ -560,7 +563,12 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
     path = Path(target)
     is_run = path.is_dir() and (path / PLAN_FILE).is_file()
     if path.is_dir() and not is_run:
-        raise MonomodError(f"{target!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
+        raise MonomodError(f"{shorten(target)!r} is a directory without {PLAN_FILE}", "pass a RUN_DIR of `monomod convert` or a model name")
+    if not is_run and ":" not in target and ("/" in target or os.sep in target or target.startswith(".")):
+        raise MonomodError(f"{shorten(target)!r} is neither a RUN_DIR nor a model name (no such folder)",
+                           "pass the RUN_DIR of a `monomod convert` run, or a timm model name")
+    ex.check_opset(opset)
+    ex.check_out_dir(onnx_dir)  # before any work: a folder that cannot be replaced is refused at once
     try:
         batches = [int(b) for b in bench_batches.split(",") if b.strip()]
     except ValueError:
@@ -576,13 +584,13 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
                 raise MonomodError(f"{', '.join(given)} apply to a MODEL, not to a RUN_DIR (the run fixes them)",
                                    "drop them, or export a model")
             items = run_exportables(path, ex.parse_what(what), source=source, trust_code=trust_code)
-            title = f"ONNX export of {path} ({source})"
+            title = rich_text(f"ONNX export of {path} ({source})")
         else:
             if ex.parse_what(what) != ["teacher"] and what != "stages,student":
                 raise MonomodError(f"--what {what} needs a RUN_DIR; a MODEL exports its teacher modules",
                                    "drop --what, or pass a RUN_DIR")
             items = _model_exportables(target, k, cuts, cost, img_size, in_chans, num_classes, weights)
-            title = f"ONNX export of {target} ({len(items)} modules)"
+            title = rich_text(f"ONNX export of {target} ({len(items)} modules)")
     results = []
     with err.status("exporting ...", spinner="dots") as status:
         results = ex.export_all(items, onnx_dir, opset=opset, bench_batches=batches, repeats=repeats,
@@ -599,6 +607,7 @@ def export_cmd(target: str, onnx_dir: str, what: str, source: str, k: int | None
 
 def _model_exportables(model: str, k: int | None, cuts: str | None, cost: str, img_size: int | None,
                        in_chans: int | None, num_classes: int | None, weights: str | None):
+    from monomod.compiler import check_values
     from monomod.frontend import load_model
     from monomod.passes.export import teacher_exportables
     from monomod.passes.partition import partition
@@ -606,8 +615,7 @@ def _model_exportables(model: str, k: int | None, cuts: str | None, cost: str, i
 
     if k is None and not cuts:
         raise MonomodError("exporting a MODEL needs --modules K (or --cuts)", "pass e.g. --modules 4")
-    if k is not None and k < 1:
-        raise MonomodError(f"--modules must be at least 1, got {k}", "pass --modules 1 or more")
+    check_values({"modules": k, "cuts": cuts, "img_size": img_size, "in_chans": in_chans, "num_classes": num_classes})
     net = load_model(model, weights=weights, img_size=img_size, in_chans=in_chans, num_classes=num_classes)
     traced = trace(net, _example_input(net, img_size, in_chans), name=model)
     part = partition(traced, None if cuts else k, cost=cost, cuts=_split(cuts))
@@ -686,7 +694,7 @@ def _convert_options(ctx: click.Context, given: dict, recipe: str | None, sets: 
                    if values.get(key) is None]
         if missing:
             raise MonomodError(f"convert needs {', '.join(missing)}", "pass them, or start from a --recipe")
-        return to_convert_options(values), None
+        return to_convert_options(values), values.get("data_info")
 
     from monomod.frontend import check_trusted
 

@@ -18,8 +18,10 @@ import copy
 import hashlib
 import logging
 import math
+import os
 import random
 import re
+import stat
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -53,6 +55,7 @@ _SPEC_FORMS = "'digits', 'synthetic' or 'imagefolder:PATH' (few labels: 'digits:
 _SHOTS_SEED = 20240613  # fixed: every run with the same shots=N trains on the same images, so runs pair up
 MAX_LOADER_WORKERS = 8
 log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # torchvision's
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,16 @@ def _digits_ood(images: torch.Tensor, compound: bool = False) -> tuple[torch.Ten
     return out, tags
 
 
+_IN_MEMORY_IMAGES = {"digits": 2 * 1797, "synthetic": 512 + 2 * 128 + 128}  # with their OOD copies
+
+
+def in_memory_bytes(spec: Any, img_size: int, in_chans: int) -> int:
+    """Peak bytes of drawing an in-memory data set (digits, synthetic) at this size: float images and their noise,
+    8 bytes a value. Image folders stream from disk: 0. For the compile-time memory estimate."""
+    name = parse_data_spec(spec).kind if isinstance(spec, str) else None
+    return _IN_MEMORY_IMAGES.get(name, 0) * in_chans * img_size * img_size * 8
+
+
 def _load_digits(img_size: int, in_chans: int, ood: bool, augment: bool, compound: bool = False) -> DataBundle:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -360,6 +373,8 @@ class _PilLoader:
     def __call__(self, path: str) -> Any:
         from PIL import Image
 
+        if not _is_regular(path):  # opening a FIFO or a device blocks for ever
+            raise MonomodError(f"cannot read image {path} (not a regular file)", "delete or replace that file")
         try:  # a corrupt file is named (and skipped by the folder dataset), never a PIL traceback mid-epoch
             with open(path, "rb") as f:
                 img = Image.open(f)
@@ -369,8 +384,49 @@ class _PilLoader:
                 if img.mode == "CMYK" and self.mode == "L":
                     img = img.convert("RGB")  # PIL has no direct CMYK -> L
                 return img.convert(self.mode)
-        except (OSError, SyntaxError, ValueError) as e:
-            raise MonomodError(f"cannot read image {path} ({e})", "delete or replace that file") from None
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            raise MonomodError(f"cannot read image {path} ({' '.join(str(e).split())[:200]})",
+                               "delete or replace that file") from None
+
+
+def _is_regular(path: str) -> bool:
+    """A regular file (through a link to one): not a FIFO, socket or device, which would block a reader."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _image_files(directory: str | Path, class_to_idx: dict[str, int], extensions: Any = None,
+                 is_valid_file: Any = None, allow_empty: bool = True) -> list[tuple[str, int]]:
+    """``(path, class index)`` of the image files under each class folder, sorted. Links to folders are not
+    followed (a link loop would list the same images again and again); what is not a readable image (a FIFO, a
+    decompression bomb) is dropped by ``_ClassFolder.drop_unreadable``, named."""
+    samples = []
+    for name, index in sorted(class_to_idx.items(), key=lambda item: item[1]):
+        folder = Path(directory) / name
+        for dirpath, dirnames, filenames in os.walk(folder):  # followlinks=False
+            dirnames.sort()
+            for file in sorted(filenames):
+                path = os.path.join(dirpath, file)
+                if file.lower().endswith(IMAGE_SUFFIXES):
+                    samples.append((path, index))
+    return samples
+
+
+def _unreadable(path: str) -> str | None:
+    """Why PIL cannot open ``path`` from its header (garbage, a decompression bomb), or None: read before any
+    job, so each such file is named once per process, not once per read in every loader worker."""
+    from PIL import Image
+
+    if not _is_regular(path):
+        return "not a regular file"
+    try:
+        with Image.open(path) as img:
+            img.size  # noqa: B018 - the header is parsed; pixels are not decoded
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        return " ".join(str(e).split())[:200]
+    return None
 
 
 class _ClassFolder(ImageFolder):
@@ -385,6 +441,22 @@ class _ClassFolder(ImageFolder):
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:
         return self._given[0], dict(self._given[1])
+
+    make_dataset = staticmethod(_image_files)
+
+    def drop_unreadable(self) -> dict[int, int]:
+        """Drop the files whose header cannot be read, each named once; returns unreadable files per class."""
+        kept, dropped = [], Counter()
+        for path, target in self.samples:
+            why = _unreadable(path)
+            if why is None:
+                kept.append((path, target))
+            else:
+                self._warned.add(path)
+                dropped[target] += 1
+                log.warning("skipping unreadable image %s (%s)", path, why)
+        self.samples, self.imgs, self.targets = kept, kept, [t for _, t in kept]
+        return dict(dropped)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         if not -len(self.samples) <= index < len(self.samples):
@@ -425,13 +497,20 @@ def _image_folder(root: Path, class_to_idx: dict[str, int] | None, transform: An
 
     loader = _PilLoader("L" if in_chans == 1 else "RGB")
     ds = _ClassFolder(str(root), folders, mapping, transform=transform, loader=loader)
+    dropped = ds.drop_unreadable()
+    if dropped:
+        log.warning("%d unreadable image(s) skipped in %s", sum(dropped.values()), root)
     if len(ds) == 0:
-        raise MonomodError(f"no images in {what} directory {root}", f"put image files in {root}/<class>/")
+        raise MonomodError(f"no images in {what} directory {root}" + (
+            f" ({sum(dropped.values())} unreadable)" if dropped else ""), f"put image files in {root}/<class>/")
     found = set(ds.targets)
     empty = [c for c in folders if mapping[c] not in found]
     if empty:
-        raise MonomodError(f"class folder {root / empty[0]} has no images" + (f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""),
-                           "put its images in it, or remove the folder")
+        bad = dropped.get(mapping[empty[0]], 0)
+        why = f" it can read ({bad} unreadable)" if bad else ""
+        more = f" (nor {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise MonomodError(f"class folder {root / empty[0]} has no images{why}{more}",
+                           "put readable images in it, or remove the folder")
     return ds
 
 

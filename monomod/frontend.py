@@ -98,7 +98,7 @@ def _from_timm(name: str, *, pretrained: bool, device: str | torch.device | None
     import timm
 
     if not timm.is_model(name):
-        raise MonomodError(f"unknown model {name!r}", _suggest(name))
+        raise MonomodError(f"unknown model {shorten(name)!r}", _suggest(name))
     kwargs = dict(timm_kwargs)
     try:
         with torch.device(device) if device is not None else contextlib.nullcontext():

@@ -40,14 +40,16 @@ def describe(run_dir: Path, outputs: list[str]) -> dict[str, dict[str, int | str
 def problem(run_dir: Path, outputs: list[str], records: dict | None) -> str | None:
     """None when every output exists and matches its record, else one line naming the first file that does not.
 
-    Done records written before products were recorded (``records`` None) are checked for existence only."""
+    A done record without a size and sha256 for an output (its product list lost or edited away) proves nothing:
+    the job counts as not done, so ``monomod run`` runs it again rather than trusting a file nobody can check (a
+    truncated product would otherwise read as done to ``plan show`` and ``run`` and fail in ``export``)."""
     for out in outputs:
         path = run_dir / out
         if not path.exists():
             return f"{path} is missing"
-        record = (records or {}).get(out) if isinstance(records, dict) else None
+        record = records.get(out) if isinstance(records, dict) else None
         if not isinstance(record, dict):
-            continue
+            return f"its done record lists no size and sha256 for {path}"
         try:
             size = os.stat(path).st_size
         except OSError as e:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from monomod.errors import MonomodError, shorten
+from monomod.safe import check_links, inside, load_yaml, read_yaml
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
@@ -181,14 +182,16 @@ class Plan:
             seen.add(job.name)
 
     def check_paths(self, run_dir: str | Path) -> None:
-        """Every folder and output of every job resolves inside RUN_DIR (symbolic links included)."""
+        """Every folder and output of every job resolves inside RUN_DIR, and no symbolic link anywhere under it
+        leads out (a planted ``log.txt`` link would have the runtime append to a file elsewhere)."""
         root = Path(run_dir).resolve()
         for job in self.jobs:
             for rel in (f"jobs/{job.dir}", *job.outputs):
                 target = (root / rel).resolve()
-                if target != root and root not in target.parents:
+                if not inside(root, target):
                     raise MonomodError(f"job {job.name!r} would write {shorten(str(target))}, outside {shorten(str(root))}",
                                        "remove the symbolic link that leads out of RUN_DIR, or recompile the plan")
+        check_links(root)
 
     def to_dict(self) -> dict[str, Any]:
         return {"version": self.version, "settings": self.settings, "jobs": [j.to_dict() for j in self.jobs]}
@@ -206,12 +209,9 @@ class Plan:
         return cls(settings=dict(data.get("settings") or {}), jobs=jobs, version=data["version"])
 
     @classmethod
-    def from_yaml(cls, text: str) -> Plan:
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise MonomodError(f"plan is not valid YAML ({str(e).splitlines()[0]})", "fix the edit or recompile the plan") from None
-        return cls.from_dict(data)
+    def from_yaml(cls, text: str | bytes, source: str = "plan") -> Plan:
+        """The plan in a YAML text, read by the one loader with limits (``monomod.safe.load_yaml``)."""
+        return cls.from_dict(load_yaml(text, source, "fix the edit or recompile the plan"))
 
     def save(self, run_dir: str | Path) -> Path:
         from monomod.io import atomic_write_text
@@ -226,7 +226,7 @@ class Plan:
         path = Path(run_dir) / PLAN_FILE
         if not path.is_file():
             raise MonomodError(f"{str(run_dir)!r} holds no {PLAN_FILE}", "pass the RUN_DIR of a `monomod convert` run")
-        return cls.from_yaml(path.read_text())
+        return cls.from_dict(read_yaml(path, shorten(str(path)), "fix the edit or recompile the plan"))
 
 
 def _job_from_dict(entry: Any, index: int) -> Job:

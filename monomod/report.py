@@ -15,6 +15,7 @@ from monomod.explorer import edge_records, explorer_html, model_explorer_files, 
 from monomod.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from monomod.ir import Partition
 from monomod.rundir import CURVES_PNG, REPORT_HTML, REPORT_JSON, REPORT_MD, RunDir
+from monomod.safe import markdown_code, markdown_text, rich_text
 
 
 def human(n: float, unit: str = "") -> str:
@@ -34,15 +35,16 @@ def human_bytes(n: float) -> str:
 
 def partition_table(p: Partition) -> Table:
     total = p.traced.flops if p.cost == "flops" else p.traced.params
-    table = Table(title=f"{p.traced.name}: {p.k} modules ({p.method}, balanced by {p.cost})", title_justify="left")
+    table = Table(title=rich_text(f"{p.traced.name}: {p.k} modules ({p.method}, balanced by {p.cost})"),
+                  title_justify="left")
     for column, justify in (("#", "right"), ("covers", "left"), ("nodes", "right"), ("params", "right"),
                             ("FLOPs", "right"), ("share", "right"), ("outputs → next module", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     for m in p.modules:
         outs = ", ".join(v.describe() for v in m.outputs)
         table.add_row(
-            str(m.index), ", ".join(m.covers), str(len(m.nodes)), human(m.params), human(m.flops),
-            f"{100 * p.module_cost(m) / total:.1f}%" if total else "-", outs,
+            str(m.index), rich_text(", ".join(m.covers)), str(len(m.nodes)), human(m.params), human(m.flops),
+            f"{100 * p.module_cost(m) / total:.1f}%" if total else "-", rich_text(outs),
         )
     return table
 
@@ -254,12 +256,13 @@ def _pct(value: float | None) -> str:
 
 def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png") -> str:
     s = report["settings"]
+    md, code = markdown_text, markdown_code  # every name, path and tag in the page came from the user's files
     lines = [
-        f"# {s['teacher']} → {s['student']} ({s['modules']} modules)",
+        f"# {md(s['teacher'])} → {md(s['student'])} ({md(s['modules'])} modules)",
         "",
-        f"Data: `{s['data']}` at {s['img_size']} px, preset `{s['preset']}`, meta `{s['meta']}`, teacher training "
-        f"`{s.get('teacher_training', 'end-to-end')}`, seed {s['seed']}."
-        + (f" Distilled on `{s['distill_data']}` (teacher and meta rows measured there)."
+        f"Data: {code(s['data'])} at {md(s['img_size'])} px, preset {code(s['preset'])}, meta {code(s['meta'])}, "
+        f"teacher training {code(s.get('teacher_training', 'end-to-end'))}, seed {md(s['seed'])}."
+        + (f" Distilled on {code(s['distill_data'])} (teacher and meta rows measured there)."
            if s.get("distill_data", s["data"]) != s["data"] else ""),
         "",
         "| model | IID top-1 | OOD top-1 |",
@@ -271,9 +274,9 @@ def run_report_markdown(report: dict[str, Any], curves: str | None = "curves.png
     lines.append("")
     lines += _corruption_markdown(report)
     lines += modules_markdown(report.get("modules", []))
-    lines += [f"> **warning:** {w}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
+    lines += [f"> **warning:** {md(w)}" for w in report.get("warnings", [])] + ([""] if report.get("warnings") else [])
     lines += ["| job | wall time (s) |", "|---|---:|"]
-    lines += [f"| {name} | {info['seconds']:.1f} |" for name, info in report["jobs"].items() if info["seconds"] is not None]
+    lines += [f"| {md(name)} | {info['seconds']:.1f} |" for name, info in report["jobs"].items() if info["seconds"] is not None]
     lines += [f"| **total** | **{report['total_seconds']:.1f}** |", ""]
     if curves:
         lines += [f"![training curves]({curves})", ""]
@@ -289,7 +292,7 @@ def _corruption_markdown(report: dict[str, Any]) -> list[str]:
     tags = list(dict.fromkeys(tag for _, by_tag in rows for tag in by_tag))
     lines = ["| OOD corruption | " + " | ".join(label for label, _ in rows) + " |",
              "|---|" + "---:|" * len(rows)]
-    lines += [f"| {tag} | " + " | ".join(_pct(by_tag.get(tag)) for _, by_tag in rows) + " |" for tag in tags]
+    lines += [f"| {markdown_text(tag)} | " + " | ".join(_pct(by_tag.get(tag)) for _, by_tag in rows) + " |" for tag in tags]
     return lines + [""]
 
 

@@ -49,6 +49,7 @@ from torch import nn
 
 from monomod.version import __version__
 from monomod.errors import MonomodError, first_line, shorten
+from monomod.io import read_json
 
 EXPORT_WHATS: tuple[str, ...] = ("stages", "student", "teacher")
 TOLERANCE = 1e-4  # max abs difference onnxruntime vs torch that counts as a pass
@@ -204,6 +205,9 @@ def output_specs(module: nn.Module, inputs: Sequence[TensorSpec], names: list[st
 # ----------------------------------------------------------------------------------------------- export + check
 
 
+MIN_OPSET = 7  # the oldest opset the TorchScript fallback writes
+
+
 def export_one(item: Exportable, out_dir: Path, *, opset: int | None = None) -> tuple[Path, str, str]:
     """Write ``out_dir/<name>.onnx``; returns (path, exporter used, note on a fallback)."""
     path = out_dir / f"{item.name}.onnx"
@@ -343,7 +347,8 @@ def export_all(items: Sequence[Exportable], out_dir: str | Path, *, opset: int |
     Atomic: everything is written into a temporary sibling of ``out_dir`` that is swapped in at the end, so a killed
     export leaves the previous folder whole (never a manifest listing a deleted file); leftovers of killed exports
     are removed by the next one."""
-    out = Path(out_dir)
+    check_opset(opset)
+    out = check_out_dir(out_dir)
     staging = _staging_dir(out)
     try:
         results = []
@@ -369,8 +374,33 @@ def export_all(items: Sequence[Exportable], out_dir: str | Path, *, opset: int |
     return results
 
 
+def check_opset(opset: int | None) -> None:
+    """An ``--opset`` the exporters can write, refused in one line before any export (None: the exporter's)."""
+    import onnx
+
+    latest = onnx.defs.onnx_opset_version()
+    if opset is not None and not (isinstance(opset, int) and MIN_OPSET <= opset <= latest):
+        raise MonomodError(f"--opset {shorten(str(opset))} is not an ONNX opset monomod can export to",
+                           f"pass --opset {MIN_OPSET} to {latest}, or leave it out")
+
+
+def _written_opset(path: Path, opset: int | None) -> None:
+    """The file has the opset asked for: an exporter that could not convert keeps its own, which is an error here,
+    not a silently ignored option."""
+    import onnx
+
+    if opset is None:
+        return
+    model = onnx.load(str(path), load_external_data=False)
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:
+        raise MonomodError(f"--opset {opset} cannot be met: the exporter wrote opset {written} for {path.stem}",
+                           f"pass --opset {written}, or leave it out")
+
+
 def _export_checked(item: Exportable, folder: Path, opset: int | None, check_batches: Sequence[int]) -> ExportResult:
     path, exporter, note = export_one(item, folder, opset=opset)
+    _written_opset(path, opset)
     check_file(path, item)
     session = _session(path)
     try:
@@ -381,14 +411,43 @@ def _export_checked(item: Exportable, folder: Path, opset: int | None, check_bat
     return ExportResult(item.name, path, size, exporter, diff, note)
 
 
-def _staging_dir(out: Path) -> Path:
-    """A fresh temporary sibling of ``out`` (leftovers of killed exports removed); ``out`` itself must be new, empty
-    or an earlier export, because it is replaced whole."""
+def check_out_dir(out_dir: str | Path) -> Path:
+    """The ``--onnx`` folder, refused in one line before any work unless replacing it loses nothing: it must be new,
+    empty, or hold only what an earlier export wrote (the files its export.json lists). A stray export.json is no
+    proof: a file it does not list is the user's, and is never deleted."""
+    if not str(out_dir).strip():
+        raise MonomodError("--onnx is empty", "name a folder for the ONNX files, e.g. --onnx onnx/run")
+    out = Path(out_dir)
+    if out.name in ("", ".", ".."):
+        out = out.resolve()
     if out.exists() and not out.is_dir():
         raise MonomodError(f"--onnx {shorten(str(out))!r} is a file", "choose a directory for the ONNX files")
-    if out.is_dir() and any(out.iterdir()) and not (out / "export.json").is_file():
-        raise MonomodError(f"--onnx {shorten(str(out))!r} is not empty and holds no export.json; it would be replaced",
-                           "choose a new or empty folder for the ONNX files")
+    if out.is_dir() and any(out.iterdir()):
+        listed = _exported_files(out)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in listed or not p.is_file() or p.is_symlink())
+        if foreign:
+            what = "holds no export.json" if listed is None or not (out / "export.json").is_file() else \
+                f"holds files its export.json does not list ({shorten(', '.join(foreign), 80)})"
+            raise MonomodError(f"--onnx {shorten(str(out))!r} is not empty and {what}; it would be replaced",
+                               "choose a new or empty folder for the ONNX files, or move those files")
+    return out
+
+
+def _exported_files(out: Path) -> set[str]:
+    """The names an earlier export wrote into ``out``: export.json and the files (and external data) it lists."""
+    manifest = read_json(out / "export.json")
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    names = {"export.json"} if isinstance(files, list) else set()
+    for entry in files if isinstance(files, list) else []:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if isinstance(name, str) and name.endswith(".onnx") and Path(name).name == name:
+            names |= {name, f"{name}.data"}
+    return names
+
+
+def _staging_dir(out: Path) -> Path:
+    """A fresh temporary sibling of ``out`` (leftovers of killed exports removed); ``out`` is checked first
+    (``check_out_dir``), because it is replaced whole."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         for stale in out.parent.glob(f".{out.name}.export-*"):
@@ -416,5 +475,5 @@ def _swap_in(staging: Path, out: Path) -> None:
 
 
 __all__ = ["CHECK_BATCHES", "EXPORT_WHATS", "ExportResult", "Exportable", "TOLERANCE", "TensorSpec", "bench",
-           "check_file", "compare", "export_all", "export_one", "output_specs", "parse_what",
+           "check_file", "check_opset", "check_out_dir", "compare", "export_all", "export_one", "output_specs", "parse_what",
            "student_stage_exportables", "teacher_exportables"]

@@ -23,29 +23,17 @@ mappings: ``--set budgets.m2mkd.epochs=1``) go through the same checks.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from monomod.compiler.options import REQUIRED as OPTION_REQUIRED
 from monomod.compiler.options import SPEC, convert_options, validate
 from monomod.errors import MonomodError, shorten
+from monomod.safe import load_yaml, read_yaml
 
 RECIPE_DIR = Path(__file__).resolve().parent
 
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.1 reads ``5e-4`` (no dot) as a string; a recipe means the number."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
-    list("-+0123456789."),
-)
 
 @dataclass(frozen=True)
 class Recipe:
@@ -104,10 +92,7 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
         if not path.is_file():
             raise MonomodError(f"no recipe {shorten(str(name_or_path))!r}",
                                f"use one of {', '.join(recipe_names())} (monomod recipes list) or a .yaml path")
-    try:
-        values = yaml.load(path.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        raise MonomodError(f"{path.name}: not valid YAML ({str(e).splitlines()[0]})", "fix the file") from None
+    values = read_yaml(path, path.name)
     check(values, path.name)
     return Recipe(name=path.stem, path=path, description=values["description"].strip(), values=values)
 
@@ -124,10 +109,7 @@ def parse_sets(assignments: list[str] | tuple[str, ...], base: dict[str, Any] | 
         key = key.strip()
         if not sep or not key:
             raise MonomodError(f"--set {text!r} is not key=value", "write e.g. --set alpha=0.7")
-        try:
-            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
+        value = _set_value(raw, key)
         *parents, leaf = key.split(".")
         target = values
         for part in parents:
@@ -138,6 +120,19 @@ def parse_sets(assignments: list[str] | tuple[str, ...], base: dict[str, Any] | 
             target = child
         target[leaf] = value
     return values
+
+
+def _set_value(raw: str, key: str) -> Any:
+    """A ``--set`` value parsed as YAML by the one loader (its limits and plain types); text that is not YAML
+    stays text, but a value the loader refuses (a 5000-digit number, a date) is refused here in one line."""
+    if not raw.strip():
+        return None
+    try:
+        return load_yaml(raw, f"--set {shorten(key, 60)}", "give a plain value (quote text that looks like a date)")
+    except MonomodError as e:
+        if "is not valid YAML" in e.problem:
+            return raw
+        raise
 
 
 SCHEMA = SPEC  # recipe key -> its Option (what it allows, in words: ``SCHEMA[key].allowed``)

@@ -1,6 +1,8 @@
-"""Issue 15: a RUN_DIR that cannot be escaped, locked, checkpointed mid-job, verified; bad input refused before work.
+"""Issues 15 and 27: a RUN_DIR that cannot be escaped, locked, checkpointed mid-job, verified, and safe to open
+when someone else sent it; bad input (hostile YAML, paths, sizes, data) refused before work in one line.
 
-One section per numbered item of the issue; tests/BAD_INPUTS.md lists the inputs and their one-line messages.
+One section per numbered item of issue 15, then one per group of issue 27; tests/BAD_INPUTS.md lists the inputs and
+their one-line messages.
 """
 from __future__ import annotations
 
@@ -403,3 +405,344 @@ def test_a_non_finite_loss_claims_no_checkpoint_and_suggests_a_sane_lr(tmp_path)
     message = str(info.value)
     assert "no checkpoint was written yet" in message and "was kept" not in message
     assert "lr=0.001" in message
+
+
+# ====================================================================================================================
+# Issue 27: a RUN_DIR someone sends you is safe to open; hostile YAML and paths refused in one line. Sections follow
+# the issue's groups; tests/BAD_INPUTS.md lists each case (rows marked 27).
+
+
+def _pwned_plan(plan_dict: dict, run_dir: Path) -> Path:
+    """A RUN_DIR as someone else might send it: plan.yaml names ``os:system`` as the student, with a command."""
+    data = json.loads(json.dumps(plan_dict))
+    data["settings"].update(student="os:system", student_overrides={"command": f"touch {run_dir.parent / 'PWNED'}"})
+    _write_plan(run_dir, data)
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------- 27.1 security of a RUN_DIR
+
+
+def test_code_named_by_plan_yaml_is_imported_only_with_trust_code_on_every_path(plan_dict, tmp_path):
+    from monomod.api import load_run, run, run_exportables
+
+    run_dir = _pwned_plan(plan_dict, tmp_path / "run")
+    for call in (lambda: load_student(run_dir), lambda: load_run(run_dir).student("assemble"),
+                 lambda: load_run(run_dir).student("baseline"), lambda: run_exportables(run_dir),
+                 lambda: run_exportables(run_dir, ["teacher"]), lambda: run(run_dir)):
+        with pytest.raises(MonomodError, match="names Python code as its student"):
+            call()
+    for args in (("export", run_dir, "--onnx", tmp_path / "onnx"), ("run", run_dir)):
+        assert "--trust-code" in _one_line_error(_cli(*args))
+    assert not (tmp_path / "PWNED").exists() and not (tmp_path / "onnx").exists()
+
+
+def test_a_symlinked_lock_deletes_nothing_outside_the_run_dir(tmp_path):
+    outside = tmp_path / "precious.txt"
+    outside.write_text("not json, and old")
+    os.utime(outside, (0, 0))  # old enough to look like a torn, stale lock
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / LOCK_FILE).symlink_to(outside)
+    with pytest.raises(MonomodError, match="is a symbolic link"):
+        with run_dir_lock(run_dir):
+            pass
+    assert outside.read_text() == "not json, and old"
+
+
+def test_a_symlinked_log_makes_the_runtime_write_nothing_outside(plan_dict, tmp_path):
+    from monomod.safe import open_append
+
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    (run_dir / "jobs/evaluate").mkdir(parents=True)
+    (run_dir / "jobs/evaluate/log.txt").symlink_to(outside)
+    with pytest.raises(MonomodError, match="is a symbolic link that leads out of RUN_DIR"):
+        execute(plan, run_dir)
+    assert "leads out of RUN_DIR" in _one_line_error(_cli("run", run_dir))
+    with pytest.raises(MonomodError, match="does not write through one"):
+        open_append(run_dir / "jobs/evaluate/log.txt")
+    assert outside.read_text() == "mine\n"
+
+
+def test_names_from_the_users_files_are_escaped_in_report_md():
+    from monomod.report import run_report_markdown
+    from monomod.safe import markdown_text, rich_text
+
+    hostile = "cat`<img src=x onerror=alert(1)>"
+    settings = {"teacher": hostile, "student": "vit", "modules": 2, "data": f"imagefolder:/d/{hostile}",
+                "img_size": 32, "preset": "demo", "meta": "trained", "seed": 0}
+    page = run_report_markdown({"settings": settings, "jobs": {}, "total_seconds": 0.0,
+                                "warnings": [hostile]}, curves=None)
+    assert "<img" not in page and "&lt;img" in page
+    assert "<" not in markdown_text("<b>") and "\\`" in markdown_text("`")
+    assert rich_text("[/x]") == "\\[/x]"
+
+
+# ---------------------------------------------------------------------------------------------- 27.2 nothing lost
+
+
+def test_export_never_deletes_files_its_manifest_does_not_list(tmp_path):
+    from monomod.passes import export as ex
+
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "export.json").write_text('{"files": [{"file": "old.onnx"}]}')
+    (out / "old.onnx").write_bytes(b"old")
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(MonomodError, match=r"does not list \(notes.txt\)"):
+        ex.export_all([], out)
+    assert sorted(p.name for p in out.iterdir()) == ["export.json", "notes.txt", "old.onnx"]
+    line = _one_line_error(_cli("export", "vit_tiny", "-k", "2", "--img-size", "32", "--onnx", out))
+    assert "notes.txt" in line and (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    ex.export_all([], out)  # only what the earlier export wrote: replaced
+    assert sorted(p.name for p in out.iterdir()) == ["export.json"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda ck: (ck / "tensors.safetensors").write_bytes(os.urandom(300)),
+    lambda ck: (ck / "state.json").write_text("{garbage"),
+    lambda ck: (ck / "state.json").write_text("[]"),
+])
+def test_a_corrupt_checkpoint_is_set_aside_and_the_job_restarts(tmp_path, capfd, damage):
+    config = {"checkpoint_every": 5, "checkpoint_minutes": 0}
+    with pytest.raises(_Boom):
+        _interrupted_training(tmp_path / "a", fail_at=8, **config)
+    damage(tmp_path / "a" / "job" / "checkpoint")
+    result = _interrupted_training(tmp_path / "a", fail_at=None, **config)
+    uninterrupted = _interrupted_training(tmp_path / "b", fail_at=None, **config)
+    assert result.resumed_from == 0 and result.steps == 12
+    assert (result.final_loss, result.train_acc) == (uninterrupted.final_loss, uninterrupted.train_acc)
+    assert (tmp_path / "a/job/checkpoint.unreadable-1").is_dir()  # kept, renamed
+    said = [line for line in capfd.readouterr().err.splitlines() if "cannot be read" in line]
+    assert len(said) == 1 and "set aside as checkpoint.unreadable-1, the job restarts from step 0" in said[0]
+
+
+def test_a_done_record_without_its_product_list_is_not_done(plan_dict, tmp_path):
+    plan = _plan(plan_dict)
+    run_dir = prepare_run_dir(plan, tmp_path / "run")
+    execute(plan, run_dir, only=["teacher"])
+    done = run_dir / "jobs/teacher/done.json"
+    record = json.loads(done.read_text())
+    done.write_text(json.dumps({k: v for k, v in record.items() if k != "products"}))
+    product = run_dir / "jobs/teacher/model.safetensors"
+    product.write_bytes(product.read_bytes()[:100])  # and truncated
+    assert "lists no size and sha256" in RunDir(run_dir).done_problem(plan.job("teacher"))
+    shown = json.loads(_cli("plan", "show", run_dir, "--format", "json").output)["jobs"][0]
+    assert shown["done"] is False
+    statuses = execute(plan, run_dir, only=["teacher"])
+    assert [(s.name, s.state) for s in statuses] == [("teacher", "done")]
+    assert RunDir(run_dir).is_done(plan.job("teacher"))
+
+
+# ------------------------------------------------------------------------------------ 27.3 hostile YAML and text
+
+_BOMB = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8))
+_HOSTILE_YAML = [
+    (_BOMB.encode(), "alias bomb"),
+    (b"description: x\xff\xfe\n", "is not UTF-8 text"),
+    (b"seed: " + b"9" * 5000 + b"\n", "an integer has 5000 digits"),
+    (b"[" * 20000 + b"]" * 20000, "nested deeper than"),
+    (b"description: a\ndescription: b\ndescription: c\n", "the key 'description' is given twice"),
+    (b"description: x\nwhen: 2024-01-01\n", "is a timestamp"),
+    (b"a: &a [*a]\n", "refers to a value that holds it"),
+]
+
+
+@pytest.mark.parametrize("text, message", _HOSTILE_YAML)
+def test_hostile_yaml_is_one_line_in_recipes_and_plans(plan_dict, tmp_path, text, message):
+    import time
+
+    recipe = tmp_path / "hostile.yaml"
+    recipe.write_bytes(text)
+    started = time.perf_counter()
+    assert message in _one_line_error(_cli("convert", "--recipe", recipe, "--dry-run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.yaml").write_bytes(text)
+    for args in (("run", tmp_path / "run"), ("plan", "show", tmp_path / "run", "--format", "json")):
+        assert message in _one_line_error(_cli(*args))
+    assert time.perf_counter() - started < 10
+
+
+def test_a_date_in_a_plan_never_reaches_a_job(plan_dict, tmp_path):
+    data = json.loads(json.dumps(plan_dict))
+    data["settings"]["seed"] = "DATE"
+    _write_plan(tmp_path / "run", data)
+    path = tmp_path / "run" / "plan.yaml"
+    path.write_text(path.read_text().replace("seed: DATE", "seed: 2024-01-01"))
+    assert "is a timestamp" in _one_line_error(_cli("plan", "show", tmp_path / "run", "--format", "json"))
+
+
+def test_huge_files_are_refused_before_they_are_read(tmp_path):
+    from monomod.safe import MAX_YAML_BYTES
+
+    recipe = tmp_path / "big.yaml"
+    recipe.write_text("description: x\n" + "#" * MAX_YAML_BYTES)
+    assert "more than" in _one_line_error(_cli("convert", "--recipe", recipe, "--dry-run"))
+
+
+@pytest.mark.parametrize("where", ["--out", "--data", "MODEL"])
+def test_rich_markup_in_a_path_or_name_never_crashes(tmp_path, where):
+    markup = str(tmp_path / "a[/x]b[bold]")
+    base = {"MODEL": "vit_tiny", "--data": "synthetic", "--out": str(tmp_path / "run")}
+    base[where] = markup if where != "--data" else f"imagefolder:{markup}"
+    result = _cli("convert", base["MODEL"], "--to", "vit", "-k", "2", "--img-size", "32", "--data", base["--data"],
+                  "--out", base["--out"], "--dry-run")
+    if where == "--out":
+        assert result.exit_code == 0 and "a[/x]b[bold]" in result.output.replace("\n", ""), result.output
+    else:
+        assert "a[/x]b[bold]" in _one_line_error(result)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["seed=" + "9" * 5000], "an integer has 5000 digits"),
+    (["data_info.num_classes=5"], "data_info.num_classes is 5, but synthetic has 10"),
+    (["when=2024-01-01"], "is a timestamp"),
+    (["teacher_seed=" + "9" * 40], "an integer has 40 digits"),
+])
+def test_set_goes_through_the_same_checks(sets, message):
+    args = [arg for text in sets for arg in ("--set", text)]
+    line = _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic",
+                                "--img-size", "32", "--dry-run", *args))
+    assert message in line and len(line) < 400
+
+
+# ------------------------------------------------------------------------------ 27.4 refused before the work
+
+
+def _image_folder(root: Path, classes: dict[str, int]) -> Path:
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for name, count in classes.items():
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--in-chans", "1000000"], "--in-chans must be at most 1024, got 1000000"),
+    (["--set", "student_overrides.embed_dim=100000000"], "student parameters"),
+    (["--img-size", "100000"], "activations"),
+    (["--to", "nac", "-k", "3", "--img-size", "33"], "img_size=33 is not a multiple of patch_size=4"),
+    (["--to", "vit", "--img-size", "40"], "img_size=40 is not a multiple of patch_size=16"),
+])
+def test_what_would_fail_after_training_is_refused_at_compile_time(extra, message):
+    import time
+
+    started = time.perf_counter()
+    args = ["vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--img-size", "32", "--dry-run"]
+    line = _one_line_error(_cli("convert", *args, *extra))
+    assert message in line and time.perf_counter() - started < 30
+
+
+def test_the_memory_estimate_names_the_largest_term_and_its_option():
+    from monomod.compiler.checks import check_memory, training_bytes
+
+    terms = training_bytes(params=10**9, activation_bytes_per_sample=10**6, batch_size=64)
+    assert terms == {"parameters": 16 * 10**9, "activations": 64 * 10**6}
+    check_memory(terms, {}, limit=10**12)
+    with pytest.raises(MonomodError, match=r"needs about 15 GiB .*more than 1 GiB \(the limit\); lower the model"):
+        check_memory(terms, {"parameters": "lower the model"}, limit=1 << 30)
+
+
+def test_an_image_folder_with_one_class_is_refused_at_compile_time(tmp_path):
+    folder = _image_folder(tmp_path / "data", {"cat": 2})
+    line = _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{folder}",
+                                "--img-size", "32", "--dry-run"))
+    assert "has one class folder (cat); a classifier needs two or more" in line
+
+
+# ------------------------------------------------------------------------------- 27.5 commands other than convert
+
+
+@pytest.mark.parametrize("args, message", [
+    (["inspect", "vit_tiny", "--tolerance", "-5"], "--tolerance must be a number >= 0, got -5.0"),
+    (["inspect", "vit_tiny", "--tolerance", "nan"], "--tolerance must be a number >= 0, got nan"),
+    (["inspect", "vit_tiny", "--cuts", ",,,"], "--cuts must be"),
+    (["inspect", "vit_tiny", "--num-classes", "-1"], "--num-classes must be at least 1, got -1"),
+    (["inspect", "vit_tiny", "-k", "0"], "--modules must be at least 1, got 0"),
+    (["student", "nac", "--modules", "100000"], "more stages than a student can have (256 at most)"),
+    (["student", "nac", "--num-classes", "1000000000"], "the student needs about"),
+    (["student", "vit", "--img-size", "100000"], "the student needs about"),
+    (["student", "vit", "--img-size", "7"], "img_size=7 is not a multiple of patch_size=4"),
+    (["student", "moe", "--img-size", "30"], "img_size=30 is not a multiple of patch_size=4"),
+    (["export", "vit_tiny", "-k", "2", "--opset", "1", "--onnx", "OUT"], "--opset 1 is not an ONNX opset"),
+    (["export", "runs/missing", "--onnx", "OUT"], "is neither a RUN_DIR nor a model name"),
+    (["export", "vit_tiny", "-k", "2", "--onnx", ""], "--onnx is empty"),
+    (["export", "vit_tiny", "-k", "2", "--img-size", "-3", "--onnx", "OUT"],
+     "--img-size must be at least 1, got -3"),
+])
+def test_every_command_checks_its_options_like_convert(tmp_path, args, message):
+    import time
+
+    started = time.perf_counter()
+    line = _one_line_error(_cli(*[str(tmp_path / "onnx") if a == "OUT" else a for a in args]))
+    assert message in line and time.perf_counter() - started < 30
+    assert not (tmp_path / "onnx").exists()
+
+
+# --------------------------------------------------------------------------------------------------- 27.6 data
+
+
+def _bomb_png() -> bytes:
+    """150 bytes declaring a 50000 x 50000 image: PIL refuses it as a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 50000, 50000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b"")
+
+
+def test_bombs_special_files_and_link_loops_are_unreadable_images_named_once(tmp_path, caplog):
+    from monomod.data import load_data
+
+    folder = _image_folder(tmp_path / "data", {"cat": 3, "dog": 3})
+    (folder / "train/cat/bomb.png").write_bytes(_bomb_png())
+    os.mkfifo(folder / "train/cat/fifo.png")
+    (folder / "train/dog/loop").symlink_to("..")
+    (folder / "train/dog/dangling.png").symlink_to(tmp_path / "nowhere.png")
+    with caplog.at_level("WARNING", logger="monomod.data"):
+        bundle = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3)
+        assert [bundle.train[i][0].shape for i in range(len(bundle.train))] == [(3, 16, 16)] * 6
+    assert len(bundle.train) == 6 and bundle.num_classes == 2
+    named = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert sorted(Path(m.split()[3]).name for m in named) == ["bomb.png", "dangling.png", "fifo.png"]
+    assert any("3 unreadable image(s) skipped" in r.getMessage() for r in caplog.records)
+
+
+def test_a_class_whose_images_are_all_corrupt_is_refused_not_dropped(tmp_path):
+    folder = _image_folder(tmp_path / "data", {"cat": 2, "dog": 2})
+    for image in (folder / "train/dog").iterdir():
+        image.write_bytes(b"garbage")
+    line = _one_line_error(_cli("convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", f"imagefolder:{folder}",
+                                "--img-size", "32", "--dry-run"))
+    assert f"class folder {folder / 'train/dog'} has no images it can read (2 unreadable)" in line
+
+
+# ------------------------------------------------------------------------------------------ 27.7 end to end
+
+
+@pytest.mark.slow
+def test_markup_in_out_and_a_lost_product_list_end_in_a_finished_run(tmp_path):
+    out = tmp_path / "a[/x]b"
+    tiny = [arg for job in ("teacher", "meta", "incubate", "m2mkd", "finetune")
+            for arg in ("--set", f"budgets.{job}.steps=1")]
+    args = ["convert", "vit_tiny", "--to", "vit", "-k", "2", "--data", "synthetic", "--img-size", "32",
+            "--threads", "1", "--out", out, *tiny]
+    first = _cli(*args)
+    assert first.exit_code == 0 and "report.md" in first.output, first.output
+    report = json.loads((out / "report.json").read_text())
+    done = out / "jobs/finetune/done.json"
+    done.write_text(json.dumps({k: v for k, v in json.loads(done.read_text()).items() if k != "products"}))
+    again = _cli("run", out)
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "report.json").read_text())["student"] == report["student"]

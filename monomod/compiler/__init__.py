@@ -3,8 +3,10 @@
 CLI: runtime never imports it."""
 from __future__ import annotations
 
-from monomod.compiler.options import OPTIONS, SPEC, ConvertOptions, Option, convert_options, validate
+from monomod.compiler.options import (
+    OPTIONS, SPEC, ConvertOptions, Option, check_values, convert_options, validate,
+)
 from monomod.compiler.stage import compile_options, record_partition, set_checkpointing
 
-__all__ = ["OPTIONS", "SPEC", "ConvertOptions", "Option", "compile_options", "convert_options", "record_partition",
+__all__ = ["OPTIONS", "SPEC", "ConvertOptions", "Option", "check_values", "compile_options", "convert_options", "record_partition",
            "set_checkpointing", "validate"]

@@ -7,16 +7,17 @@ the teacher's places to cut before a student or plan of that size is built (it h
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from monomod.data import IMAGE_SUFFIXES
 from monomod.errors import MonomodError, first_line, shorten
 from monomod.ir import TracedModel
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def check_checkpointing(every: Any, minutes: Any) -> None:
@@ -59,30 +60,32 @@ def check_meta_builds(partition: Any, width: int | None, cuts: tuple[str, ...]) 
                            "--modules or --tolerance, or --meta teacher") from None
 
 
-def check_student_builds(options: Any, num_classes: int, teacher_cut: Any = None) -> None:
+def check_student_builds(options: Any, num_classes: int, teacher_cut: Any = None) -> nn.Module | None:
     """Build the student on the meta device: unknown or invalid student overrides, a preset or image size it
     cannot take fail here, not in the first m2mKD job; given the teacher's partition (as the jobs replay it), so
-    does a boundary that no stitch layer joins to the teacher's."""
-    from monomod.students import build_student
+    does a boundary that no stitch layer joins to the teacher's. Returns the meta student (None when its family
+    cannot be built on the meta device), for the memory estimate."""
+    from monomod.students import build_on_meta
 
     try:
-        with torch.device("meta"):
-            student = build_student(options.student, modules=options.modules, num_classes=num_classes,
-                                    img_size=options.img_size, in_chans=options.in_chans,
-                                    preset=options.student_preset, **options.student_overrides)
+        student = build_on_meta(options.student, modules=options.modules, num_classes=num_classes,
+                                img_size=options.img_size, in_chans=options.in_chans,
+                                preset=options.student_preset, **options.student_overrides)
     except MonomodError as e:
-        raise MonomodError(f"the {options.student} student: {e.problem}", e.fix or "fix student_overrides") from None
+        raise MonomodError(f"the {options.student} student: {e.problem}",
+                           e.fix or "fix the --img-size, --in-chans or student_overrides") from None
     except (TypeError, ValueError, AssertionError) as e:
         raise MonomodError(f"the {options.student} student cannot be built with overrides "
                            f"{shorten(str(options.student_overrides))} ({first_line(e)})",
                            "fix or drop the student_overrides") from None
     except RuntimeError as e:
         if "meta" in str(e):
-            return  # a family that computes at init (NAC) cannot be built on meta: its config already passed
+            return None  # a family that computes at init (NAC) cannot be built on meta: its config already passed
         raise MonomodError(f"the {options.student} student cannot be built ({first_line(e)})",
                            "fix the student_overrides, --img-size or --in-chans") from None
     if teacher_cut is not None:
         _check_stitches(student, teacher_cut)
+    return student
 
 
 def _check_stitches(student: nn.Module, teacher_cut: Any) -> None:
@@ -133,7 +136,8 @@ def check_weights(teacher: nn.Module, path: str | Path) -> None:
 
 
 def check_image_folders(spec: Any) -> None:
-    """An ``imagefolder:`` training split where a class folder holds no image is refused, naming the folder."""
+    """An ``imagefolder:`` training split with one class, or where a class folder holds no image, is refused,
+    naming the folder."""
     from monomod.data import parse_data_spec
 
     if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
@@ -141,7 +145,68 @@ def check_image_folders(spec: Any) -> None:
     train = Path(parse_data_spec(spec).path) / "train"
     if not train.is_dir():
         return  # load_data says what is missing
-    for folder in sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
         if not any(f.suffix.lower() in IMAGE_SUFFIXES for f in folder.iterdir() if f.is_file()):
             raise MonomodError(f"class folder {shorten(str(folder))} holds no images",
                                f"add images ({', '.join(IMAGE_SUFFIXES[:3])}, ...) or remove the folder")
+    if len(folders) == 1:
+        raise MonomodError(f"{shorten(str(train))} has one class folder ({shorten(folders[0].name, 40)}); a classifier "
+                           "needs two or more", f"add a folder per class to {shorten(str(train))}")
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+GIB = 1 << 30
+
+
+def memory_limit() -> int:
+    """Bytes a job can use: the accelerator's memory where training runs on one, else this machine's RAM."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return 1 << 62
+
+
+def training_bytes(params: int, activation_bytes_per_sample: int, batch_size: int) -> dict[str, int]:
+    """The terms of a training job's memory: fp32 weights, gradients and two AdamW moments (16 bytes a parameter),
+    and every traced activation kept for the backward pass at the batch size. A rough upper bound, meant to refuse
+    what cannot possibly fit (a million input channels, a 100000-pixel image), not to plan a tight run."""
+    return {"parameters": 16 * params, "activations": activation_bytes_per_sample * batch_size}
+
+
+def check_memory(terms: dict[str, int], fixes: dict[str, str], *, limit: int | None = None,
+                 where: str = "the limit", what: str = "the run") -> None:
+    """Refuse, before any work, a run whose estimated memory exceeds the machine's (or ``limit``, named
+    ``where``), naming the largest term and the option that sets it (``fixes``: term -> advice)."""
+    if limit is None:
+        limit, where = memory_limit(), "this machine"
+    total = sum(terms.values())
+    if total <= limit:
+        return
+    largest = max(terms, key=terms.get)
+    detail = ", ".join(f"{name} {_gib(terms[name])}" for name in terms if terms[name])
+    raise MonomodError(f"{what} needs about {_gib(total)} GiB of memory ({detail}), more than {_gib(limit)} GiB "
+                       f"({where})",
+                       fixes.get(largest, "use a smaller model or input"))
+
+
+def _gib(n: int) -> str:
+    """Bytes as GiB, readable at any size: 0.08, 12.5, 7,150,000,000."""
+    gib = n / GIB
+    return f"{gib:.3g}" if gib < 1000 else f"{gib:,.0f}"
+
+
+def check_student_memory(student: nn.Module) -> None:
+    """A (meta) student whose fp32 weights alone exceed this machine's memory is refused before it is built."""
+    params = sum(p.numel() for p in student.parameters())
+    check_memory({"student parameters": 4 * params},
+                 {"student parameters": "lower --img-size, --in-chans, --num-classes or the --preset"},
+                 what="the student")
+
+
+def traced_bytes(traced: TracedModel) -> tuple[int, int]:
+    """(parameters, activation bytes per sample) of a traced model, as the memory estimate counts them."""
+    return sum(n.params for n in traced.nodes.values()), sum(n.bytes for n in traced.nodes.values())

@@ -26,6 +26,7 @@ from monomod.students import STUDENT_KINDS
 from monomod.students.custom import resolve_student
 from monomod.students.stitching import ASSEMBLY_MODES
 
+MAX_IN_CHANS = 1024  # hyperspectral images have a few hundred bands; a million took minutes to refuse by memory
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
 _PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
                "vit": ("monomod.students.vit", "VIT_PRESETS")}
@@ -46,7 +47,8 @@ class Option:
     cli_choice: bool = True  # False: the flag takes any text and ``allows`` decides (--to: more kinds may come)
     parse: Callable[[str], Any] | None = None  # the flag's text -> value (default: click's type for ``kind``)
     kind: type = str  # what the flag parses to: str, int, float or bool (an on/off flag)
-    must: str | None = None  # "--flag must be <must>, got <value>" (default: "unknown --flag 'value'" for choices)
+    must: str | Callable[[Any], str] | None = None  # "--flag must be <must>, got <value>" (default: "unknown
+    # --flag 'value'" for choices); a function of the value where the bound it breaks decides the words
     fix: str | None = None
     label: str | None = None  # how an error names it (default: the flag, else the name)
     field: bool = True  # a ConvertOptions field (description and data_info are recipe keys only)
@@ -57,7 +59,8 @@ class Option:
         if self.must is None and self.choices is not None:
             return MonomodError(f"unknown {label} {shorten(repr(value))}",
                                 self.fix or f"use one of {', '.join(str(c) for c in self.choices if c is not None)}")
-        return MonomodError(f"{label} must be {self.must or self.allowed}, got {shorten(repr(value))}",
+        must = self.must(value) if callable(self.must) else self.must
+        return MonomodError(f"{label} must be {must or self.allowed}, got {shorten(repr(value))}",
                             self.fix or f"use {self.allowed}")
 
 
@@ -125,7 +128,7 @@ OPTIONS: tuple[Option, ...] = (
            "a list of module paths or fx node names (or one comma-separated string), or null",
            "Manual cut points, comma-separated: where each new teacher module begins (e.g. blocks.3,blocks.6); "
            "default: the minimum-cut search. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
-               c.strip() for c in text.split(",") if c.strip()]),
+               c.strip() for c in text.split(",") if c.strip()], fix="name cut points, e.g. --cuts blocks.4,blocks.8"),
     _choice("cost", COSTS, "flops", "What the teacher's modules are balanced by.", flag="--cost"),
     Option("tolerance", 0.25, lambda v: _is_num(v) and v >= 0, "a number >= 0",
            "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
@@ -144,8 +147,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("img_size", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Input resolution (default: the preset's, else the teacher's).", flag="--img-size", kind=int,
            must="at least 1", fix="pass --img-size 1 or more"),
-    Option("in_chans", None, _optional(_is_int), _POSITIVE_OR_NULL, "Input channels (default: the teacher's).",
-           flag="--in-chans", kind=int, must="at least 1", fix="pass --in-chans 1 or more"),
+    Option("in_chans", None, _optional(lambda v: _is_int(v) and v <= MAX_IN_CHANS),
+           f"null or an integer in [1, {MAX_IN_CHANS}]", "Input channels (default: the teacher's).",
+           flag="--in-chans", kind=int, must=lambda v: f"at most {MAX_IN_CHANS}" if _is_int(v) else "at least 1",
+           fix=f"pass --in-chans 1 to {MAX_IN_CHANS}"),
     Option("weights", None, _optional(lambda v: isinstance(v, str) and v != ""), "a path to .safetensors/.pth, or null",
            "Local teacher weights (.safetensors or .pth).", flag="--weights"),
     _flag("pretrained", "Download the teacher's pretrained weights through timm (needs network).", flag="--pretrained"),
@@ -166,10 +171,11 @@ OPTIONS: tuple[Option, ...] = (
            "a mapping of student config fields"),
     _choice("stitch", (None, *sorted(set(DEFAULT_STITCH.values()))), None,
             "Stitch layers (default: the reference's per family).", flag="--stitch"),
-    _choice("assemble", ASSEMBLY_MODES, "dropped",
-            "How the distilled stages are assembled: drop the stitch layers (as the reference), or keep each boundary's "
-            "post-stitch and the next pre-stitch, fused into one layer where both are linear, so the assembled "
-            "student computes through the meta model's boundary space as its hybrids did.", flag="--assemble"),
+    _choice("assemble", ASSEMBLY_MODES, "bridged",
+            "How the distilled stages are assembled: keep each boundary's post-stitch and the next pre-stitch, fused "
+            "into one layer where both are linear, so the assembled student computes through the meta model's "
+            "boundary space as its hybrids did (the default: the better fine-tuned NAC over 3 seeds, see README), or "
+            "drop the stitch layers as the reference does.", flag="--assemble"),
     _flag("upcycle", "MoE: initialise experts from the teacher's MLPs (beyond the paper).", flag="--upcycle"),
     Option("alpha", 0.5, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]",
            "Weight of the distillation term.", flag="--alpha", kind=float),
@@ -211,6 +217,11 @@ OPTIONS: tuple[Option, ...] = (
            field=False),
 )
 SPEC: dict[str, Option] = {o.name: o for o in OPTIONS}
+# Flags of the other commands (inspect, student, export) that convert lacks; checked by ``check_values`` like the rest.
+COMMAND_OPTIONS: dict[str, Option] = {o.name: o for o in (
+    Option("num_classes", None, _optional(_is_int), _POSITIVE_OR_NULL, flag="--num-classes", kind=int,
+           must="at least 1", fix="pass --num-classes 1 or more", field=False),
+)}
 REQUIRED = ("teacher", "student", "modules")
 
 
@@ -252,6 +263,16 @@ def validate(values: Mapping[str, Any], source: str | None = None, *, partial: b
             _check_combinations({**{o.name: o.default for o in OPTIONS}, **values})
     except MonomodError as e:
         raise MonomodError(f"{where}{e.problem}", e.fix) from None
+
+
+def check_values(values: Mapping[str, Any]) -> None:
+    """The option spec's check of each value a command was given (None: not given), in the words of its flag: the
+    one check that ``inspect``, ``student`` and ``export`` share with ``convert`` and ``--set`` (a negative or NaN
+    --tolerance, an empty --cuts, a --num-classes below 1 are refused the same way everywhere)."""
+    for name, value in values.items():
+        option = SPEC.get(name) or COMMAND_OPTIONS[name]
+        if value is not None and not option.allows(value):
+            raise option.problem(value)
 
 
 def _check_combinations(o: Mapping[str, Any]) -> None:

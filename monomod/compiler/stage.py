@@ -15,7 +15,7 @@ from torch import nn
 
 from monomod.compiler import checks
 from monomod.compiler.options import options_dict, validate
-from monomod.errors import MonomodError
+from monomod.errors import MonomodError, shorten
 from monomod.ir import Partition, TracedModel
 from monomod.plan import PartitionRecord, Plan
 
@@ -43,11 +43,13 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
     in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
     traced = checks.check_teacher_takes(probe, options.teacher, options.modules, img_size, in_chans)  # bounds K first
+    notes = notes if notes is not None else []
+    memory = _teacher_memory(options, traced, img_size, in_chans)
+    _check_memory(memory, dry_run, notes)  # before the data is read: a 100000-pixel synthetic set is never drawn
     if options.cuts:  # a bad --cuts fails here, before the data is read
         record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost, tolerance=options.tolerance)
     if options.weights:
         checks.check_weights(probe, options.weights)
-    notes = notes if notes is not None else []
     facts, distill = _all_data_facts(options, img_size, in_chans, dry_run, data_info, notes)
     record, teacher_cut = _partition_for_jobs(options, img_size, in_chans, distill[0] if distill else facts[0])
     overrides = dict(options.student_overrides)
@@ -55,7 +57,10 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
         overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
     options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
-    checks.check_student_builds(options, facts[0], teacher_cut)
+    student = checks.check_student_builds(options, facts[0], teacher_cut)
+    if student is not None:
+        params = sum(p.numel() for p in student.parameters())
+        _check_memory({**memory, "student parameters": 16 * params}, dry_run, notes)
     if options.upcycle:
         _check_upcycling(options, probe, facts[0])
     plan = schedule(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
@@ -65,6 +70,44 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     set_checkpointing(plan, options.checkpoint_every, options.checkpoint_minutes)
     check_train_configs(plan)
     return plan
+
+
+_MEMORY_FIXES = {
+    "teacher parameters": "lower --in-chans or --img-size (the teacher's size follows them), or pick a smaller teacher",
+    "activations": "lower --img-size or the batch size (e.g. --set budgets.m2mkd.batch_size=16, for each job kind)",
+    "data": "lower --img-size or --in-chans: the in-memory data set is drawn at that size",
+    "student parameters": "lower the student's size: student_overrides (embed_dim, depth, ...), --in-chans, "
+                          "--img-size or --student-preset",
+}
+_ANY_MACHINE = 1 << 40  # 1 TiB on one device: refused even in a dry run, which may plan for a bigger machine
+
+
+def _teacher_memory(options: Any, traced: TracedModel, img_size: int, in_chans: int) -> dict[str, int]:
+    """The teacher's terms of the memory estimate (with the in-memory data), at the plan's largest training
+    batch."""
+    from monomod.data import in_memory_bytes
+    from monomod.passes.schedule import PRESET_BUDGETS
+
+    batch = max([PRESET_BUDGETS[options.preset]["batch_size"]]
+                + [b["batch_size"] for b in (options.budgets or {}).values() if "batch_size" in b])
+    params, per_sample = checks.traced_bytes(traced)
+    terms = checks.training_bytes(params, per_sample, batch)
+    data = max(in_memory_bytes(spec, img_size, in_chans)
+               for spec in (options.data, options.distill_data))
+    return {"teacher parameters": terms["parameters"], "activations": terms["activations"], "data": data}
+
+
+def _check_memory(terms: dict[str, int], dry_run: bool, notes: list[str]) -> None:
+    """``checks.check_memory`` against this machine; a dry run (which may plan for a larger machine) only notes
+    the shortfall, unless no single device could hold it."""
+    try:
+        checks.check_memory(terms, _MEMORY_FIXES)
+    except MonomodError as e:
+        if not dry_run:
+            raise
+        checks.check_memory(terms, _MEMORY_FIXES, limit=max(checks.memory_limit(), _ANY_MACHINE),
+                            where="any single device")
+        notes.append(f"{e.problem}: a run on this machine would be refused")
 
 
 def _partition_for_jobs(options: Any, img_size: int, in_chans: int,
@@ -186,4 +229,16 @@ def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_ru
         notes.append(f"OOD folder {missing(ood)} is missing: skipped for this dry run (the real run needs it)")
         ood = None
     bundle = load_data(data, img_size=img_size, in_chans=in_chans, ood=ood)
-    return bundle.num_classes, len(bundle.train)
+    facts = bundle.num_classes, len(bundle.train)
+    _check_declared(data_info, facts, data)
+    return facts
+
+
+def _check_declared(data_info: dict[str, int] | None, facts: tuple[int, int], data: str) -> None:
+    """Declared data facts (a recipe's or ``--set data_info.*``) that the data read contradicts are refused: a
+    setting is honoured or refused, never silently ignored."""
+    for key, found in zip(("num_classes", "train_size"), facts):
+        declared = (data_info or {}).get(key)
+        if declared is not None and declared != found:
+            raise MonomodError(f"data_info.{key} is {declared}, but {shorten(str(data))} has {found}",
+                               f"set data_info.{key}={found}, or drop data_info (it only stands in for missing data)")

@@ -111,15 +111,40 @@ def checkpoint_exists(path: Path | str) -> bool:
     return _resolve(Path(path)) is not None
 
 
-def load_checkpoint(path: Path | str) -> tuple[dict[str, torch.Tensor], dict]:
-    """``(tensors, state)`` of the checkpoint at ``path``; safetensors + JSON only, nothing is unpickled."""
+class UnreadableCheckpoint(Exception):
+    """A checkpoint whose files cannot be read (random bytes, a torn copy, garbage JSON); already set aside."""
+
+
+def load_checkpoint(path: Path | str, required: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(tensors, state)`` of the checkpoint at ``path``; safetensors + JSON only, nothing is unpickled.
+
+    A checkpoint that cannot be read (or whose state lacks an integer for a ``required`` key) is renamed aside (never deleted: it may be someone's only copy) and
+    ``UnreadableCheckpoint`` says where it went, so the job restarts from step 0 instead of failing on every run."""
     path = Path(path)
     where = _resolve(path)
     if where is None:
         raise FileNotFoundError(f"no complete checkpoint at {path}")
-    tensors = load_file(str(where / TENSORS_FILE))
-    state = json.loads((where / STATE_FILE).read_text(encoding="utf-8"))
+    try:
+        tensors = load_file(str(where / TENSORS_FILE))
+        state = json.loads((where / STATE_FILE).read_text(encoding="utf-8"))
+        if not isinstance(state, dict) or not all(isinstance(state.get(k), int) for k in required):
+            raise ValueError(f"{STATE_FILE} is no mapping with {', '.join(required) or 'keys'}")
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error type for a corrupt file
+        aside = set_aside(where)
+        raise UnreadableCheckpoint(f"the checkpoint in {where} cannot be read ({' '.join(str(e).split())[:160]}); "
+                                   f"set aside as {aside.name}, the job restarts from step 0") from None
     return tensors, state
+
+
+def set_aside(where: Path) -> Path:
+    """Rename a checkpoint folder to a visible sibling ``<name>.unreadable-<n>`` (kept, never read again)."""
+    for n in range(1, 1000):
+        aside = where.with_name(f"{where.name.lstrip('.')}.unreadable-{n}")
+        if not aside.exists():
+            os.replace(where, aside)
+            fsync_dir(where.parent)
+            return aside
+    raise OSError(f"too many unreadable checkpoints next to {where}")
 
 
 # --------------------------------------------------------------------------------------------- optimizer state

@@ -31,6 +31,7 @@ from typing import Any, Iterator
 from monomod.errors import MonomodError
 from monomod.io import atomic_write_json, read_json
 from monomod.rundir import RunDir
+from monomod.safe import open_append
 
 EXECUTORS = ("local", "process", "ray")
 DEFAULT_PROCESS_WORKERS = 2
@@ -73,7 +74,7 @@ def one_line(error: BaseException) -> str:
 
 def _append(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
+    with open_append(path) as f:
         f.write(text)
 
 
@@ -88,7 +89,7 @@ def _output_to(path: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with open(path, "ab", buffering=0) as log:
+    with open_append(path, binary=True) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:

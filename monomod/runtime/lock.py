@@ -65,6 +65,9 @@ def _try_create(path: Path) -> bool:
 
 
 def _acquire(path: Path) -> None:
+    if path.is_symlink():  # planted: clearing it as stale or reading it would touch a file elsewhere
+        raise MonomodError(f"{shorten(str(path))} is a symbolic link, not a lock monomod wrote",
+                           "remove that link (monomod never follows it)")
     for _ in range(3):  # create, or clear a stale lock and create (another process may win that race)
         if _try_create(path):
             return
@@ -95,7 +98,7 @@ def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
     except OSError as e:
         raise MonomodError(f"cannot create RUN_DIR {shorten(str(run_dir))} ({e.strerror})",
                            "choose a writable --out folder with a shorter path") from None
-    path = (run_dir / LOCK_FILE).resolve()
+    path = run_dir.resolve() / LOCK_FILE  # the folder resolved, never the lock itself (it may be a planted link)
     if _held.get(path):
         _held[path] += 1
     else:

@@ -40,8 +40,10 @@ from torch import Tensor, nn
 from monomod.errors import MonomodError
 from monomod.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from monomod.rundir import CHECKPOINT_DIR, METRICS_FILE, RESULT_FILE
+from monomod.safe import open_append, rich_text
 from monomod.runtime import distributed
 from monomod.runtime.checkpoint import (
+    UnreadableCheckpoint,
     capture_rng_state,
     checkpoint_exists,
     load_checkpoint,
@@ -319,14 +321,14 @@ class _Checkpoints:
         """The checkpointed state with the weights and AdamW moments loaded, or a fresh state."""
         if not checkpoint_exists(self.path):
             return _State()
-        tensors, saved = load_checkpoint(self.path)
+        try:
+            tensors, saved = load_checkpoint(self.path, required=("step", "epoch", "batch_in_epoch"))
+        except UnreadableCheckpoint as e:
+            _say(f"{self.label}: {e}")
+            return _State()
         comparable = _comparable(saved.get("config", {})) == _comparable(self.config.to_json())
         if saved.get("format") != CHECKPOINT_FORMAT or not comparable:
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"[yellow]{self.label}: the checkpoint in {self.path} was made with a different config; starting afresh"
-            )
+            _say(f"{self.label}: the checkpoint in {self.path} was made with a different config; starting afresh")
             return _State()
         self._load_weights(tensors, saved)
         return _State(
@@ -512,6 +514,13 @@ class _Stepper:
         return _Stepped(loss_value, n, logits, hard, lr)
 
 
+def _say(line: str) -> None:
+    """One yellow line on stderr (the job's log.txt under an executor) about what happened to a checkpoint."""
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[yellow]{rich_text(line)}[/yellow]")
+
+
 def _non_finite(label: str, loss: float, step: int, lr: float, config: TrainConfig, ckpt_dir: Path) -> MonomodError:
     """The message for a diverged job: what was kept (only a checkpoint that exists) and an lr worth trying."""
     if checkpoint_exists(ckpt_dir):
@@ -548,7 +557,7 @@ class _Metrics:
 
     def __enter__(self) -> "_Metrics":
         if self.writer:
-            self.file = open(self.path, "a", encoding="utf-8")
+            self.file = open_append(self.path)
         return self
 
     def __exit__(self, *exc: object) -> None:

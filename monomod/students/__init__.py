@@ -21,6 +21,8 @@ def student_revision(kind: str) -> int:
     """The revision of a built-in family (0 for a student the user brings: its code is theirs)."""
     return STUDENT_REVISIONS.get(kind, 0)
 
+MAX_STAGES = 256  # a student of more stages is no modular model (the paper's have 4 to 10)
+
 
 def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, in_chans: int = 3,
                   preset: str | None = None, **overrides: Any) -> StagedModel:
@@ -31,6 +33,9 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
     input (unknown kind or preset, K too small for the family, bad override) raises MonomodError, so the CLI
     reports it as one line.
     """
+    if isinstance(modules, int) and modules > MAX_STAGES:  # 100000 NAC stages hung before the family said no
+        raise MonomodError(f"--modules {modules} is more stages than a student can have ({MAX_STAGES} at most)",
+                           f"pass --modules {MAX_STAGES} or fewer")
     if kind == "nac":
         from monomod.students.nac import build_nac as build
     elif kind == "moe":
@@ -53,9 +58,34 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
         model = build(modules=modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
                       preset=preset, **overrides)
     except ValueError as e:  # the families validate with ValueError; to the user it is one fixable line
-        raise MonomodError(str(e)) from None
+        raise MonomodError(str(e), "change the value it names (--img-size, --modules, --preset or an override)") from None
     model.preset = preset  # plain attribute, for reports
     return model
+
+
+def build_on_meta(kind: str, **kwargs: Any) -> StagedModel:
+    """``build_student`` on the meta device: shapes and parameter counts without memory, so a student too large
+    to build (a 100000-pixel input, a huge width) is measured and refused instead of allocated. A NAC computes its
+    cell signatures at init on the CPU (from the config alone, small), so they are computed first and cached."""
+    import torch
+
+    if kind == "nac" and kwargs.get("preset") not in _simple_nac_presets():
+        from monomod.students.nac import cell_signatures, nac_config
+
+        overrides = {k: v for k, v in kwargs.items() if k not in ("modules", "num_classes", "img_size", "in_chans",
+                                                                  "preset")}
+        try:
+            cell_signatures(nac_config(kwargs.get("preset") or "small", **overrides))
+        except (TypeError, ValueError) as e:
+            raise MonomodError(f"the nac student cannot be built ({e})", "fix the student_overrides") from None
+    with torch.device("meta"):
+        return build_student(kind, **kwargs)
+
+
+def _simple_nac_presets() -> tuple[str, ...]:
+    from monomod.students.nac import SIMPLE_PRESETS
+
+    return tuple(SIMPLE_PRESETS)
 
 
 def _is_timm(name: str) -> bool:
@@ -64,5 +94,5 @@ def _is_timm(name: str) -> bool:
     return is_timm_model(name)
 
 
-__all__ = ["STUDENT_KINDS", "STUDENT_REVISIONS", "Stage", "StageInterface", "StagedModel", "build_student",
-           "student_revision"]
+__all__ = ["MAX_STAGES", "STUDENT_KINDS", "STUDENT_REVISIONS", "Stage", "StageInterface", "StagedModel",
+           "build_on_meta", "build_student", "student_revision"]

@@ -107,6 +107,19 @@ class StagedModel(nn.Module):
 Config = TypeVar("Config")
 
 
+MAX_DEPTH = 1024  # blocks of a ViT-shaped student; 100000 took minutes to build even on the meta device
+
+
+def check_vit_geometry(img_size: int, patch_size: Any, depth: Any) -> None:
+    """A ViT-shaped student takes only images its patches tile (``img_size=7`` with patch 4 would silently drop
+    pixels: timm floors the grid), and a depth it can be built with in reasonable time; else ValueError."""
+    patch = patch_size[0] if isinstance(patch_size, (tuple, list)) else patch_size
+    if isinstance(patch, int) and patch > 0 and img_size % patch:
+        raise ValueError(f"img_size={img_size} is not a multiple of patch_size={patch}")
+    if isinstance(depth, int) and depth > MAX_DEPTH:
+        raise ValueError(f"depth={depth} is more blocks than a student can have ({MAX_DEPTH} at most)")
+
+
 def preset_config(presets: Mapping[str, Config], preset: str, overrides: Mapping[str, Any], *, family: str,
                   also: tuple[str, ...] = ()) -> Config:
     """A student family's preset config with ``overrides`` (any field of its config dataclass) applied and

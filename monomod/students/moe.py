@@ -49,7 +49,7 @@ from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
 
-from .base import StagedModel, preset_config
+from .base import StagedModel, check_vit_geometry, preset_config
 from .vit import ViTStudent, cut_vit, split_depth
 
 MOE_GATES: tuple[str, ...] = ("reference", "vmoe")
@@ -248,6 +248,7 @@ def build_moe(*, modules: int, num_classes: int, img_size: int, in_chans: int = 
     """Build a V-MoE student from ``MOE_PRESETS[preset]`` with ``overrides``: a timm ViT whose placed blocks have
     an MoE ``mlp_layer``, cut into ``modules`` contiguous stages like the ViT student."""
     cfg = moe_config(preset, **overrides)
+    check_vit_geometry(img_size, cfg.patch_size, cfg.depth)
     split_depth(cfg.depth, modules)  # validate before allocating the model
     moe_layer = functools.partial(MoELayer, num_experts=cfg.num_experts, top_k=cfg.top_k, gate=cfg.gate,
                                   capacity_factor=cfg.capacity_factor, aux_loss_weight=cfg.aux_loss_weight)

@@ -12,7 +12,7 @@ from torch import nn
 from timm.layers import global_pool_nlc
 from timm.models.vision_transformer import VisionTransformer
 
-from .base import Stage, StagedModel, StageInterface
+from .base import Stage, StagedModel, StageInterface, check_vit_geometry
 
 # timm VisionTransformer keyword arguments. "tiny"/"small" are timm's vit_tiny/vit_small_patch16 shapes;
 # "micro" is CPU-sized (patch 4 gives 64 patches on 32 px images).
@@ -147,6 +147,7 @@ def build_vit(*, modules: int, num_classes: int, img_size: int, in_chans: int = 
     if overrides.get("dynamic_img_size"):
         raise ValueError("dynamic_img_size is not supported: a student has a fixed image size")
     kwargs = {**VIT_PRESETS[preset], **overrides}
+    check_vit_geometry(img_size, kwargs.get("patch_size", 16), kwargs.get("depth"))
     split_depth(int(kwargs["depth"]), modules)  # validate before allocating the model
     vit = VisionTransformer(img_size=img_size, in_chans=in_chans, num_classes=num_classes, **kwargs)
     return cut_vit(vit, modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
