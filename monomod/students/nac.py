@@ -59,7 +59,9 @@ class NACConfig:
     read_in_layer_scale: float = 1.0  # the read-in's attention branch (the reference's AttentiveReadIn default)
     read_in_ffn_layer_scale: float = 1e-6  # the read-in's feed-forward branch (likewise)
     latent_std: float = 0.6  # initial states of the input latents and mediators: the reference seeder's scale
-    distill_receivers: str = "latents"  # m2mKD read-in: the L_in latents, or "random": one randn state per sample
+    # m2mKD read-in receivers: the L_in latents, or "random", one randn state per sample as the reference (its
+    # module-0 hybrid reached 11.9 % against 70.6 % on the demo's seed 0, and it trains no state assembly keeps)
+    distill_receivers: str = "latents"
     drop_path: float = 0.0
     norm_eps: float = 1e-6
     patch_size: int = 4  # stride from pixels to tokens; img_size must be a multiple
