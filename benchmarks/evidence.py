@@ -453,11 +453,14 @@ def main(argv: list[str] | None = None) -> int:
         walls = result["wall"]
         started -= (walls.get("teacher", 0.0) + max((walls.get(s, 0.0) for s in STUDENTS), default=0.0)
                     + sum(walls.get(part, 0.0) for part in STRONG_TEACHERS))
-        write_result("evidence", result, started, quick=args.quick, command=(
-            "python -m benchmarks.evidence teacher; python -m benchmarks.evidence nac & "
-            "python -m benchmarks.evidence moe; python -m benchmarks.evidence strong; "
-            "python -m benchmarks.evidence longer; python -m benchmarks.evidence collect"))
+        write_result("evidence", result, started, quick=args.quick,
+                     command=parts_command("evidence", ["teacher;", "nac &", "moe;", "strong;", "longer;", "collect"]))
     return 0
+
+
+def parts_command(module: str, parts: list[str]) -> str:
+    """The shell line that runs a study's parts in order (``&`` marks two parts run side by side)."""
+    return " ".join(f"python -m benchmarks.{module} {part}" for part in parts)
 
 
 if __name__ == "__main__":

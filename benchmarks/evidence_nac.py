@@ -99,10 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     result = collect(s)
     walls = result["wall"]  # the round's time: the teacher, then two seeds side by side, then the third
     started -= walls.get("teacher", 0.0) + max(walls.get("seed0", 0.0), walls.get("seed1", 0.0)) + walls.get("seed2", 0.0)
-    write_result("evidence_nac", result, started, quick=args.quick, command=(
-        "python -m benchmarks.evidence_nac teacher; python -m benchmarks.evidence_nac seed 0 & "
-        "python -m benchmarks.evidence_nac seed 1; python -m benchmarks.evidence_nac seed 2; "
-        "python -m benchmarks.evidence_nac collect"))
+    write_result("evidence_nac", result, started, quick=args.quick, command=ev.parts_command(
+        "evidence_nac", ["teacher;", "seed 0 &", "seed 1;", "seed 2;", "collect"]))
     return 0
 
 
