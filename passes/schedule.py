@@ -146,6 +146,8 @@ def _m2mkd_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any
     context = [] if o.meta == "teacher" else ["meta"]
     loss = {"alpha": o.alpha, "tau": o.tau, "kd": o.kd, "kl_norm": o.kl_norm or PRESET_BUDGETS[o.preset]["kl_norm"],
             "feature_loss": o.feature_loss}
+    if o.boundary_loss:
+        loss["boundary_loss"] = o.boundary_loss
     stitch = o.stitch or DEFAULT_STITCH.get(o.student, "linear")
     jobs = []
     for i in range(o.modules):

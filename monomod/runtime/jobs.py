@@ -26,7 +26,7 @@ from monomod.plan import DISTILL_KINDS, Job, Plan
 from monomod.rundir import RunDir
 from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
 from monomod.runtime.distributed import barrier, is_writer, world_size
-from monomod.runtime.losses import m2mkd_loss, soft_cross_entropy
+from monomod.runtime.losses import boundary_loss, m2mkd_loss, soft_cross_entropy
 from monomod.runtime.train import correct_predictions, evaluate, seed_everything, train
 from monomod.students.base import StagedModel
 from monomod.students.stitching import bridge
@@ -403,12 +403,14 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     stitched.distillation_mode(True)  # the family's m2mKD form (NAC: dense attention, fixed shared code)
     teacher_pair, student_pair = hybrid(meta, i, teacher_module), hybrid(meta, i, stitched)
     feature_weight = loss_cfg.get("feature_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
+    boundary_weight = loss_cfg.get("boundary_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
             context = teacher_pair.run_prefix(x)
             teacher_features = teacher_module(context)
             teacher_logits = teacher_pair.run_suffix(teacher_features)
+            meta_features = meta.stages[i](context) if boundary_weight else None
         student_features = stitched(context)
         student_logits = student_pair.run_suffix(student_features)
         loss = m2mkd_loss(student_logits, teacher_logits, y, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
@@ -418,6 +420,8 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
                 raise MonomodError(f"the feature loss compares {tuple(student_features.shape)} student features with "
                                    f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
             loss = loss + feature_weight * F.mse_loss(student_features, teacher_features)
+        if boundary_weight:
+            loss = loss + boundary_weight * boundary_loss(student_features, meta_features)
         aux = stitched.aux_loss()
         return (loss + aux if aux is not None else loss), student_logits
 

@@ -53,3 +53,16 @@ def soft_cross_entropy(logits: Tensor, targets: Tensor, label_smoothing: float =
     if label_smoothing:
         targets = targets * (1.0 - label_smoothing) + label_smoothing / logits.shape[-1]
     return -(targets * F.log_softmax(logits, dim=-1)).sum(dim=-1).mean()
+
+
+def boundary_loss(student: Tensor, meta: Tensor) -> Tensor:
+    """How far a stitched student stage's output is from the meta model's own stage output, relative to the meta
+    output's mean square: the stage i+1 student was distilled on the meta output, so a stage i student that writes
+    it chains into stage i+1 when the student is assembled. Where the token counts differ (a NAC's read-in writes
+    its latents, not one token per patch), the first token (the class token) and the mean of the others are
+    compared."""
+    if student.shape != meta.shape:
+        student = torch.stack([student[:, 0], student[:, 1:].mean(dim=1)], dim=1)
+        meta = torch.stack([meta[:, 0], meta[:, 1:].mean(dim=1)], dim=1)
+    meta = meta.float()
+    return F.mse_loss(student.float(), meta) / meta.pow(2).mean().clamp_min(1e-12)
