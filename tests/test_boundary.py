@@ -31,13 +31,17 @@ def test_boundary_loss_compares_class_token_and_token_mean_across_token_counts()
     assert student.grad is not None and student.grad.abs().sum() > 0
 
 
-def test_boundary_loss_is_hashed_only_when_asked():
-    """Existing runs keep their hashes (and so their finished m2mKD jobs); asking for the loss re-runs them."""
-    plain, asked = plan_for(student="moe", modules=3), plan_for(student="moe", modules=3, boundary_loss=2.0)
-    assert "boundary_loss" not in plain.job("m2mkd:0").config["loss"]
-    assert asked.job("m2mkd:0").config["loss"]["boundary_loss"] == 2.0
-    assert plain.job("m2mkd:0").hash != asked.job("m2mkd:0").hash
-    assert plain.job("meta").hash == asked.job("meta").hash
+def test_boundary_loss_defaults_per_family_and_is_hashed_only_when_on():
+    """On by default for the V-MoE and ViT students, off for the NAC; a plan without it keeps its old hashes (and
+    so its finished m2mKD jobs), and turning it on re-runs them."""
+    loss = lambda plan: plan.job("m2mkd:0").config["loss"]  # noqa: E731
+    assert "boundary_loss" not in loss(plan_for(student="nac"))
+    assert loss(plan_for(student="moe", modules=3))["boundary_loss"] == 10.0
+    off, asked = plan_for(student="moe", modules=3, boundary_loss=0), plan_for(student="moe", modules=3, boundary_loss=2)
+    assert "boundary_loss" not in loss(off) and loss(asked)["boundary_loss"] == 2.0
+    assert off.job("m2mkd:0").hash != asked.job("m2mkd:0").hash
+    assert off.job("meta").hash == asked.job("meta").hash
+    assert loss(plan_for(student="nac", boundary_loss=3))["boundary_loss"] == 3.0
 
 
 @pytest.mark.parametrize("student", ["moe", "nac"])
