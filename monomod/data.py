@@ -291,7 +291,7 @@ _IN_MEMORY_IMAGES = {"digits": 2 * 1797, "synthetic": 512 + 2 * 128 + 128}  # wi
 def in_memory_bytes(spec: Any, img_size: int, in_chans: int) -> int:
     """Peak bytes of drawing an in-memory data set (digits, synthetic) at this size: float images and their noise,
     8 bytes a value. Image folders stream from disk: 0. For the compile-time memory estimate."""
-    name = parse_data_spec(spec).kind if isinstance(spec, str) else None
+    name = parse_data_spec(spec).kind if isinstance(spec, (str, DataSpec)) else None
     return _IN_MEMORY_IMAGES.get(name, 0) * in_chans * img_size * img_size * 8
 
 
@@ -597,7 +597,7 @@ def _load_ood_folder(path: str, bundle: DataBundle) -> Dataset:
 
 
 def load_data(
-    spec: str,
+    spec: str | DataSpec,
     *,
     img_size: int,
     in_chans: int = 3,
@@ -617,8 +617,7 @@ def load_data(
     OOD are never augmented. ``data_config`` (timm's ``resolve_data_config`` of the teacher) gives image folders their
     mean, std, interpolation and crop fraction; in-memory sets normalise with their own statistics.
     """
-    if not isinstance(spec, str) or not spec:
-        raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
+    parsed = parse_data_spec(spec)
     if not isinstance(img_size, int) or img_size < 1:
         raise MonomodError(f"img_size must be a positive integer, got {img_size!r}", "pass e.g. img_size=32")
     if not isinstance(in_chans, int) or in_chans < 1:
@@ -634,7 +633,6 @@ def load_data(
     else:
         raise MonomodError(f"unknown OOD spec {ood!r}", "use 'auto', 'compound', None or 'imagefolder:PATH'")
 
-    parsed = parse_data_spec(spec)
     if ood == "compound" and parsed.kind != "digits":
         raise MonomodError(f"ood='compound' is built for the digits data, not {parsed.kind}",
                            "use ood='auto', or bring your own OOD set with ood='imagefolder:PATH'")
@@ -654,16 +652,23 @@ def load_data(
 
 @dataclass(frozen=True)
 class DataSpec:
-    """A parsed ``--data`` value: the kind, the folder of ``imagefolder``, and ``shots`` (labelled images per class)."""
+    """A parsed ``--data`` value: the kind, the folder of ``imagefolder``, ``shots`` (labelled images per class) and
+    the text it was parsed from. Parsed once (``parse_data_spec``), it travels as this value."""
 
     kind: str
     path: str | None = None
     shots: int | None = None
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text
 
 
 def parse_data_spec(spec: Any) -> DataSpec:
-    """``digits`` | ``synthetic`` | ``imagefolder:PATH``, each optionally keeping N training images per class:
+    """A ``DataSpec`` (returned as is) or its text: ``digits`` | ``synthetic`` | ``imagefolder:PATH``, each optionally keeping N training images per class:
     ``digits:shots=5``, ``synthetic:shots=5``, ``imagefolder:PATH,shots=5``. Raises a one-line MonomodError."""
+    if isinstance(spec, DataSpec):
+        return spec
     if not isinstance(spec, str) or not spec:
         raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")
     body, shots = spec, None
@@ -678,9 +683,9 @@ def parse_data_spec(spec: Any) -> DataSpec:
             raise MonomodError(f"unknown data spec {spec!r}", "write imagefolder:PATH,shots=N")
     kind, sep, path = body.partition(":")
     if kind in ("digits", "synthetic") and not sep:
-        return DataSpec(kind, None, shots)
+        return DataSpec(kind, None, shots, spec)
     if kind == "imagefolder" and path:
-        return DataSpec(kind, path, shots)
+        return DataSpec(kind, path, shots, spec)
     if kind == "imagefolder":
         raise MonomodError("imagefolder data needs a path", "use 'imagefolder:PATH' with PATH/train and PATH/val")
     raise MonomodError(f"unknown data spec {spec!r}", f"use {_SPEC_FORMS}")

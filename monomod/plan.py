@@ -70,7 +70,7 @@ class PartitionRecord:
 
     cuts: tuple[str, ...]  # where each module after the first begins: module paths or fx node names
     cost: str = "flops"  # what the modules are balanced by
-    tolerance: float = 0.25  # the imbalance the search allowed
+    tolerance: float | None = None  # the imbalance the search allowed (None: not recorded)
     balance: float | None = None  # max/mean cost of the modules (1.0: perfect)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +87,7 @@ class PartitionRecord:
         if not isinstance(cuts, list) or not all(isinstance(c, str) and c for c in cuts):
             raise MonomodError(f"plan: partition.cuts must be a list of module paths or node names, got "
                                f"{shorten(repr(cuts))}", "fix the edit, e.g. cuts: [blocks.3, blocks.6]")
-        return cls(cuts=tuple(cuts), cost=record.get("cost", "flops"), tolerance=record.get("tolerance", 0.25),
+        return cls(cuts=tuple(cuts), cost=record.get("cost", "flops"), tolerance=record.get("tolerance"),
                    balance=record.get("balance"))
 
 

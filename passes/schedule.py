@@ -31,8 +31,6 @@ META_KINDS = ("trained", "teacher")
 PRESETS = ("demo", "paper")
 TEACHER_TRAININGS = ("incubate", "end-to-end", "none")
 DISTILL_TARGETS = ("finetuned", "incubated")
-# Stitch layers as the references use them: NAC plain Linear, V-MoE LayerNorm + Linear.
-DEFAULT_STITCH = {"nac": "linear", "moe": "ln_linear", "vit": "linear"}
 
 
 @dataclass(frozen=True)
@@ -146,7 +144,7 @@ def _m2mkd_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any
     context = [] if o.meta == "teacher" else ["meta"]
     loss = {"alpha": o.alpha, "tau": o.tau, "kd": o.kd, "kl_norm": o.kl_norm or PRESET_BUDGETS[o.preset]["kl_norm"],
             "feature_loss": o.feature_loss}
-    stitch = o.stitch or DEFAULT_STITCH.get(o.student, "linear")
+    stitch = o.stitch  # the family's default, resolved by the compiler (``monomod.students.FAMILIES``)
     jobs = []
     for i in range(o.modules):
         target = f"incubate:{i}" if incubated else "teacher"

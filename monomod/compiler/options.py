@@ -8,7 +8,6 @@ is given with the same ``validate``: an option is checked in one place, whicheve
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,19 +16,20 @@ from typing import Any
 from monomod.errors import MonomodError, shorten
 from monomod.passes.partition import COSTS
 from monomod.passes.schedule import (
-    BUDGET_KEYS, BUDGET_KINDS, DEFAULT_STITCH, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS,
-    resolve_teacher_training,
+    BUDGET_KEYS, BUDGET_KINDS, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS, resolve_teacher_training,
 )
 from monomod.data import parse_data_spec
 from monomod.runtime.config import PRECISIONS
-from monomod.students import STUDENT_KINDS
+from monomod.runtime.executors import EXECUTORS
+from monomod.students import FAMILIES, STITCHES, STUDENT_KINDS, student_family
 from monomod.students.custom import resolve_student
 from monomod.students.stitching import ASSEMBLY_MODES
 
 MAX_IN_CHANS = 1024  # hyperspectral images have a few hundred bands; a million took minutes to refuse by memory
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
-_PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
-               "vit": ("monomod.students.vit", "VIT_PRESETS")}
+TOLERANCE = 0.25  # the partition's allowed imbalance (max/mean cost <= 1 + tolerance), for every command
+__all__ = ["COSTS", "EXECUTORS", "OPTIONS", "SPEC", "TOLERANCE", "ConvertOptions", "Option", "check_values",
+           "click_options", "convert_options", "options_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ OPTIONS: tuple[Option, ...] = (
            "default: the minimum-cut search. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
                c.strip() for c in text.split(",") if c.strip()], fix="name cut points, e.g. --cuts blocks.4,blocks.8"),
     _choice("cost", COSTS, "flops", "What the teacher's modules are balanced by.", flag="--cost"),
-    Option("tolerance", 0.25, lambda v: _is_num(v) and v >= 0, "a number >= 0",
+    Option("tolerance", TOLERANCE, lambda v: _is_num(v) and v >= 0, "a number >= 0",
            "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
            kind=float),
     Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH (optionally with shots=N)",
@@ -169,7 +169,7 @@ OPTIONS: tuple[Option, ...] = (
            "Student preset (see `monomod student KIND --help`).", flag="--student-preset"),
     Option("student_overrides", None, lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
            "a mapping of student config fields"),
-    _choice("stitch", (None, *sorted(set(DEFAULT_STITCH.values()))), None,
+    _choice("stitch", (None, *STITCHES), None,
             "Stitch layers (default: the reference's per family).", flag="--stitch"),
     _choice("assemble", ASSEMBLY_MODES, "bridged",
             "How the distilled stages are assembled: keep each boundary's post-stitch and the next pre-stitch, fused "
@@ -278,7 +278,7 @@ def check_values(values: Mapping[str, Any]) -> None:
 def _check_combinations(o: Mapping[str, Any]) -> None:
     """What no single option decides: modules per student family, how the teacher is trained, ..."""
     student = o["student"]
-    minimum = 3 if student == "nac" else 2
+    minimum = student_family(student).min_modules
     if o["modules"] < minimum:
         detail = "tokenizer+read-in, >=1 propagator, read-out" if student == "nac" else "a first and a last stage"
         raise MonomodError(f"a {student} student needs at least {minimum} modules ({detail}); got K={o['modules']}",
@@ -295,12 +295,12 @@ def _check_combinations(o: Mapping[str, Any]) -> None:
                            "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")
     if o["meta_width"] is not None and o["meta"] == "teacher":
         raise MonomodError(f"meta_width={o['meta_width']!r} is invalid here", "give a positive integer, with meta=trained")
-    if o["student_preset"] is not None and student not in _PRESETS_OF:
-        raise MonomodError(f"student_preset: {student!r} has no presets (they belong to nac, moe and vit)",
+    presets = student_family(student).preset_names()
+    if o["student_preset"] is not None and not presets:
+        raise MonomodError(f"student_preset: {student!r} has no presets (they belong to "
+                           f"{', '.join(k for k, f in FAMILIES.items() if f.presets)})",
                            "drop student_preset, or set the model's own arguments with student_overrides")
     if o["student_preset"] is not None:
-        module, attr = _PRESETS_OF[student]
-        presets = getattr(importlib.import_module(module), attr)
         if o["student_preset"] not in presets:
             raise MonomodError(f"student_preset: {o['student_preset']!r} is not a {student} preset",
                                f"use one of {', '.join(sorted(presets))}")

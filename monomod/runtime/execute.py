@@ -148,7 +148,8 @@ def _execute(
     ``local`` runs jobs in this process one by one (plan order); ``process`` runs up to ``workers`` jobs at once in
     worker processes on this machine, started once and reused; ``ray`` runs them as tasks on a Ray cluster
     (``ray_address``). A job whose inputs are finished starts as soon as the executor has room (side by side, the
-    longest remaining chain of training steps first). Every job computes with the plan's ``threads``. A failed attempt is retried up to
+    longest remaining chain of training steps first). Every job computes with the plan's ``threads``, or, where the
+    plan asks for none, with the share of this machine's cores its executor allots it. A failed attempt is retried up to
     ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
     job and its ``log.txt``. ``loader_workers`` sets every job's data-loader workers (default: the job's cores, at
     most 8); it changes speed, never results, so it is not part of the plan. Finished jobs stay finished, so running the plan again retries only what is left.
@@ -254,20 +255,22 @@ class _Scheduler:
 
     def launch_ready(self) -> None:
         """Start the pending jobs whose inputs are done while the executor has room: in plan order one at a time,
-        the longest remaining path first side by side (``_longest_path_first``)."""
+        the longest remaining path first side by side (``_longest_path_first``), each with the threads the
+        executor allots it (``allot``: its share of the cores, given how many jobs are ready)."""
+        ready = []
         for job in sorted(self.pending, key=lambda j: self.priority[j.name]):
-            if len(self.running) >= self.runner.capacity:
-                break
             if self._is_blocked(job):
                 self.pending.remove(job)
                 self.blocked.append(job.name)
             elif self.ready(job):
-                self.pending.remove(job)
-                self.launch(job)
+                ready.append(job)
+        for job, threads in zip(ready, self.runner.allot(len(ready))):
+            self.pending.remove(job)
+            self.launch(job, threads)
 
-    def launch(self, job: Job) -> None:
+    def launch(self, job: Job, threads: int | None = None) -> None:
         self.attempts[job.name] = self.attempts.get(job.name, 0) + 1
-        self.runner.start(job)
+        self.runner.start(job, threads)
         self.running.add(job.name)
         self.board.started(job, self.attempts[job.name], self.runner.workers().get(job.name, ""))
 

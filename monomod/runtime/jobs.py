@@ -24,7 +24,7 @@ from monomod.io import atomic_save_tensors
 from monomod.ir import Partition
 from monomod.plan import DISTILL_KINDS, Job, Plan
 from monomod.rundir import RunDir
-from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
+from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision, resolve_threads, used_here
 from monomod.runtime.distributed import barrier, is_writer, world_size
 from monomod.runtime.losses import m2mkd_loss, soft_cross_entropy
 from monomod.runtime.train import correct_predictions, evaluate, seed_everything, train
@@ -576,13 +576,9 @@ RUNNERS: dict[str, JobKind] = {  # one entry per monomod.plan.JOB_KINDS
 
 
 @contextmanager
-def plan_threads(threads: int | None) -> Iterator[None]:
-    """Run the block with the plan's torch thread count (``settings.threads``; None, as in older plans: leave it),
-    then put the caller's back. Every executor runs a job through here, so a job computes with the same number of
-    threads, and sums in the same order, whichever executor runs it."""
-    if not threads:
-        yield
-        return
+def job_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` torch threads (``resolve_threads``: the plan's count where it asks for one,
+    else this machine's share), then put the caller's back."""
     before = torch.get_num_threads()
     torch.set_num_threads(int(threads))
     try:
@@ -591,23 +587,35 @@ def plan_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def run_job(ctx: RunContext, job: Job) -> dict[str, Any]:
-    """Run one job and record it as done (hash, wall time, result) with an atomic marker.
+def run_job(ctx: RunContext, job: Job, threads: int | None = None) -> dict[str, Any]:
+    """Run one job and record it as done (hash, wall time, result, and what it ``used``) with an atomic marker.
 
+    ``threads``: what the executor allots this job on this machine, used where the plan asks for no count
+    (``resolve_threads``); precision and device ``auto`` resolve here too, on the machine that runs the job.
     Under torchrun every rank trains (data parallel); jobs that do not train run on rank 0 alone; only rank 0
     writes, and all ranks meet at a barrier before the next job, so no rank reads a product before it exists."""
     started = time.perf_counter()
     kind = RUNNERS[job.kind]
+    count = resolve_threads(ctx.settings.get("threads"), threads)
     if world_size() > 1 and not kind.trains and not is_writer():
         result: dict[str, Any] = {}
     else:
-        with plan_threads(ctx.settings.get("threads")):
+        with job_threads(count):
             result = kind.run(ctx, job)
     seconds = time.perf_counter() - started
-    record = {"name": job.name, "hash": job.hash, "seconds": round(seconds, 3), "result": result}
+    record = {"name": job.name, "hash": job.hash, "seconds": round(seconds, 3), "result": result,
+              "used": _used(ctx, job, count)}
     if world_size() > 1:
         record["world_size"] = world_size()
     if is_writer():
         record = ctx.dirs.write_done(job, record)
     barrier()
     return record
+
+
+def _used(ctx: RunContext, job: Job, threads: int) -> dict[str, Any]:
+    """Threads, device and precision the job computed with here (an evaluation measures in the fine-tune's)."""
+    train = job.config.get("train")
+    if job.kind == "evaluate":
+        train = {"precision": ctx.plan.job("finetune").config["train"].get("precision", "fp32")}
+    return used_here(train if isinstance(train, dict) else None, threads)
