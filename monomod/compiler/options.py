@@ -16,8 +16,9 @@ from typing import Any
 from monomod.errors import MonomodError, shorten
 from monomod.passes.partition import COSTS
 from monomod.passes.schedule import (
-    BUDGET_KEYS, BUDGET_KINDS, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS, resolve_teacher_training,
+    BUDGET_KEYS, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS, resolve_teacher_training,
 )
+from monomod.plan import BUDGET_KINDS
 from monomod.data import parse_data_spec
 from monomod.runtime.config import PRECISIONS
 from monomod.runtime.executors import EXECUTORS
@@ -160,7 +161,7 @@ OPTIONS: tuple[Option, ...] = (
             "How the teacher is trained: Deep Incubation in the meta model (default with --meta trained), end to end "
             "and apart (default with --meta teacher), or not at all (a given teacher).", flag="--teacher-training"),
     _choice("distill_targets", DISTILL_TARGETS, "incubated",
-            "Under incubation: distil the incubated modules (their hybrids measured better), or the fine-tuned "
+            "Under incubation: distil the incubated modules (the default, see README), or the fine-tuned "
             "teacher's modules (as the reference).", flag="--distill-targets", label="distill_targets"),
     Option("distill_data", None, _optional(_data_spec), "null, digits, synthetic or imagefolder:PATH",
            "Data of the teacher, meta, incubate and m2mKD jobs (default: --data); fine-tune, baseline and evaluation "
@@ -174,8 +175,8 @@ OPTIONS: tuple[Option, ...] = (
     _choice("assemble", ASSEMBLY_MODES, "bridged",
             "How the distilled stages are assembled: keep each boundary's post-stitch and the next pre-stitch, fused "
             "into one layer where both are linear, so the assembled student computes through the meta model's "
-            "boundary space as its hybrids did (the default: the better fine-tuned NAC over 3 seeds, see README), or "
-            "drop the stitch layers as the reference does.", flag="--assemble"),
+            "boundary space as its hybrids did (the default, see README), or drop the stitch layers as the reference "
+            "does.", flag="--assemble"),
     _flag("upcycle", "MoE: initialise experts from the teacher's MLPs (beyond the paper).", flag="--upcycle"),
     Option("alpha", 0.5, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]",
            "Weight of the distillation term.", flag="--alpha", kind=float),
@@ -199,17 +200,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("meta_width", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Width of the trained meta model (default: the teacher's boundary width)."),
     Option("budgets", None, lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
-    _choice("precision", PRECISIONS, "fp32", "Training precision: fp32, bf16 autocast, or auto = bf16 on CUDA and on "
-            "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
-            "job and its hash). fp32 by default: on an H200, bf16 cost the NAC demo student 15 points over 3 seeds "
-            "and sped its jobs up by at most 1.1x (benchmarks/RESULTS.md).", flag="--precision"),
+    _choice("precision", PRECISIONS, "fp32", "Training precision: fp32, bf16 autocast, or auto = bf16 where the job "
+            "runs on CUDA or on a CPU with native bf16, fp32 elsewhere (the plan records auto; each job resolves it "
+            "where it runs and records what it used: `monomod plan show`). fp32 by default (README: Precision and compilation).",
+            flag="--precision"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),
     Option("checkpoint_every", 0, lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
     Option("checkpoint_minutes", 10.0, lambda v: _is_num(v) and v >= 0, "a number >= 0 (minutes; 0 = by steps only)"),
-    Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = this "
-           "machine's cores)"),
+    Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = auto: "
+           "each executor allots every job its share of the cores where it runs)"),
     Option("loader_workers", None, _optional(lambda v: _is_int(v, 0)),
            "an integer >= 0 (data-loader workers per job) or null"),
     Option("data_info", None, lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}

@@ -13,8 +13,6 @@ import torch
 from monomod.errors import MonomodError, shorten
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# Config fields that may change between a run and its resume without invalidating the checkpoint.
-RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "checkpoint_minutes", "device", "compile"})
 _INT_FIELDS = ("steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
 _FLOAT_FIELDS = ("lr", "weight_decay", "min_lr", "label_smoothing", "mixup", "checkpoint_minutes")
 

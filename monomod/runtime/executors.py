@@ -21,6 +21,7 @@ must live on storage every node can reach, at the same path.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -38,6 +39,7 @@ from monomod.rundir import RunDir
 from monomod.runtime.config import cpu_count, resolve_threads
 from monomod.safe import open_append
 
+log = logging.getLogger(__name__)
 EXECUTORS = ("local", "process", "ray")
 DEFAULT_PROCESS_WORKERS = 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -290,12 +292,9 @@ class ProcessExecutor:
         self.running: dict[str, _PoolWorker] = {}
         self.threads_of: dict[str, int] = {}  # the threads each running job was allotted
         if self.fixed and self.capacity * self.fixed > self.cores:
-            from rich.console import Console
-
-            Console(stderr=True).print(
-                f"[yellow]{self.capacity} workers x {self.fixed} thread(s) per job share {self.cores} core(s), so "
-                f"jobs side by side compete for them: run without --threads (each job gets its share of the cores) "
-                f"or with --threads {max(1, self.cores // self.capacity)}[/yellow]", highlight=False)
+            log.warning(f"{self.capacity} workers x {self.fixed} thread(s) per job share {self.cores} core(s), so "
+                        f"jobs side by side compete for them: run without --threads (each job gets its share of the "
+                        f"cores) or with --threads {max(1, self.cores // self.capacity)}")
 
     def allot(self, ready: int) -> list[int]:
         """Threads for each of the next jobs to start, given ``ready`` jobs waiting: the plan's count, or the cores
