@@ -11,6 +11,7 @@ import click
 from rich.console import Console
 
 from monomod.compiler.options import COSTS, EXECUTORS, SPEC, TOLERANCE
+from monomod.runtime.executors import DEFAULT_PROCESS_WORKERS
 from monomod.errors import MonomodError, shorten
 from monomod.rundir import JobState
 from monomod.safe import rich_text
@@ -72,7 +73,8 @@ def _executor_options(command):
         click.option("--executor", type=click.Choice(EXECUTORS), default=EXECUTORS[0], show_default=True,
                      help="Where jobs run: this process one by one, a process pool on this machine, or a Ray cluster."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Jobs in flight at once (process: default 2 worker processes, each reused for job after job; "
+                     help=f"Jobs in flight at once (process: default {DEFAULT_PROCESS_WORKERS} worker processes, each "
+                          "reused for job after job; "
                           "ray: default the plan's widest level, capped at the cluster's CPUs / the plan's threads)."),
         click.option("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)."),
         click.option("--max-retries", type=click.IntRange(min=0), default=0, show_default=True,

