@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import evidence as ev
+from experiments import evidence as ev
 from monomod.api import load_run
 from monomod.io import atomic_write_json
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import evidence as ev
+from experiments import evidence as ev
 from experiments.evidence_nac import NAME
 from monomod.api import load_run
 from monomod.compiler import ConvertOptions, compile_options
