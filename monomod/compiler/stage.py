@@ -42,15 +42,14 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     teacher, img_size, in_chans = _load_teacher(options)
     data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on
     distill_data = parse_data_spec(options.distill_data) if options.distill_data else None
-    _check_memory({"data": max(in_memory_bytes(spec, img_size, in_chans) for spec in (data, distill_data))},
-                  dry_run, notes)  # before the data is read: a 100000-pixel synthetic set is never drawn
     if options.weights:
         checks.check_weights(teacher, options.weights)
-    facts, distill = _all_data_facts(options, data, distill_data, img_size, in_chans, dry_run, data_info, notes)
+    facts, distill = _all_data_facts(options, data, distill_data, min(img_size, _FACTS_SIZE), in_chans, dry_run,
+                                     data_info, notes)
     teacher = _size_head(teacher, options, distill[0] if distill else facts[0], img_size, in_chans)
     traced = checks.check_teacher_takes(teacher, options.teacher, options.modules, img_size, in_chans)
     memory = _teacher_memory(options, traced, data, distill_data, img_size, in_chans)
-    _check_memory(memory, dry_run, notes)
+    _check_memory(memory, dry_run, notes)  # no image was drawn at img_size yet: a 100000-pixel set never is
     record, teacher_cut = cut_teacher(traced, options.modules, cuts=options.cuts, cost=options.cost,
                                       tolerance=options.tolerance)
     if options.meta == "trained":
@@ -116,6 +115,9 @@ def _student_overrides(options: Any, teacher: nn.Module) -> dict[str, Any]:
     return overrides
 
 
+# The data facts (classes, training images) do not depend on the image size: they are read at a small one, so that
+# the memory estimate refuses a huge --img-size before any image is drawn at it.
+_FACTS_SIZE = 32
 _MEMORY_FIXES = {
     "teacher parameters": "lower --in-chans or --img-size (the teacher's size follows them), or pick a smaller teacher",
     "activations": "lower --img-size or the batch size (e.g. --set budgets.m2mkd.batch_size=16, for each job kind)",
