@@ -3,6 +3,8 @@
 Each benchmark writes ``benchmarks/results/<name>.json`` and ``.md``; ``benchmarks/RESULTS.md`` collects the
 Markdown tables with the machine they ran on and the command that produced them. ``--quick`` is a fast sanity pass
 (fewer models, fewer repeats) whose numbers go to ``benchmarks/results/quick/`` and never into RESULTS.md.
+The research studies and one-off device runs live in ``experiments/`` and write their results the same way
+(``package="experiments"``: ``experiments/results/`` and ``experiments/RESULTS.md``).
 """
 from __future__ import annotations
 
@@ -21,22 +23,9 @@ BENCHMARKS = {
     "memory": "Peak memory and step time: one m2mKD job against whole-model KD",
     "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",
-    "evidence": "Evidence of the method, second round: m2mKD + fine-tune against training from scratch (Deep "
-                "Incubation teacher, NAC and V-MoE, 3 seeds, full data and few labels)",
-    "evidence_nac": "Evidence, third round: the NAC with the reference's read-in against the same NAC from scratch "
-                    "(3 seeds, full data at equal epochs and equal compute, few labels, dropped and bridged assembly)",
-    "precision_nac": "The NAC in bf16 against fp32 on this CPU, at a reduced budget (module 0's m2mKD; inference)",
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
     "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",
-}
-
-
-# Collected into RESULTS.md but not run by this script (they need another machine; see each module's docstring).
-COLLECTED = {
-    "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
-    "precision_demo": "The demo in fp32 and in bf16 on the same seed, at a fifth of the demo's budgets (this CPU)",
-    "device_check": "On a GPU machine: the demo in fp32 against bf16, the evidence study's ablations, throughput",
 }
 
 
@@ -68,11 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _home(package: str) -> tuple[Path, dict[str, str]]:
+    """The folder of ``package`` (benchmarks or experiments) and the titles of what its RESULTS.md collects."""
+    if package == "benchmarks":
+        return HERE, BENCHMARKS
+    module = importlib.import_module(package)
+    return module.HERE, module.TITLES
+
+
 def write_result(name: str, result: dict, started: float, *, quick: bool, command: str,
-                 collect_all: bool = True) -> None:
+                 collect_all: bool = True, package: str = "benchmarks") -> None:
     """``results/<name>.json`` and ``.md`` with the machine, date, time taken and command; then RESULTS.md."""
-    module = importlib.import_module(f"benchmarks.{name}")
-    out = HERE / "results" / ("quick" if quick else "")
+    module = importlib.import_module(f"{package}.{name}")
+    home, _ = _home(package)
+    out = home / "results" / ("quick" if quick else "")
     out.mkdir(parents=True, exist_ok=True)
     result["meta"] = {"machine": machine(), "seconds": round(time.perf_counter() - started, 1), "command": command,
                       "date": time.strftime("%Y-%m-%d")}
@@ -80,30 +78,32 @@ def write_result(name: str, result: dict, started: float, *, quick: bool, comman
     (out / f"{name}.md").write_text(module.markdown(result))
     print(module.markdown(result), flush=True)
     if collect_all and not quick:
-        collect()
+        collect(package)
 
 
-def save_collected(name: str, result: dict, markdown_text: str) -> None:
-    """Write a collected benchmark's ``results/<name>.json`` and ``.md`` (made on another machine), then RESULTS.md."""
-    out = HERE / "results"
+def save_collected(name: str, result: dict, markdown_text: str, package: str = "benchmarks") -> None:
+    """Write a collected result's ``results/<name>.json`` and ``.md`` (made on another machine), then RESULTS.md."""
+    out = _home(package)[0] / "results"
     (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / f"{name}.md").write_text(markdown_text)
-    collect()
+    collect(package)
 
 
-def collect() -> None:
-    """Rebuild RESULTS.md from the full (non-quick) results on disk."""
-    sections = ["# Benchmark results", "",
+def collect(package: str = "benchmarks") -> None:
+    """Rebuild ``package``'s RESULTS.md from the full (non-quick) results on disk."""
+    home, titles = _home(package)
+    heading = "# Benchmark results" if package == "benchmarks" else "# Experiment results"
+    sections = [heading, "",
                 "Numbers from shared 2-core machines are noisy: timings are medians of repeats, and comparisons are "
                 "ratios measured side by side in one run. Regenerate a table with the command under it.", ""]
-    for name, title in {**BENCHMARKS, **COLLECTED}.items():
-        path = HERE / "results" / f"{name}.json"
+    for name, title in titles.items():
+        path = home / "results" / f"{name}.json"
         if not path.is_file():
             continue
         meta = json.loads(path.read_text())["meta"]
         sections += [f"## {title}", "", f"Machine: {meta['machine']}; {meta['date']}; took {meta['seconds']} s.",
-                     f"Command: `{meta['command']}`", "", (HERE / "results" / f"{name}.md").read_text()]
-    (HERE / "RESULTS.md").write_text("\n".join(sections))
+                     f"Command: `{meta['command']}`", "", (home / "results" / f"{name}.md").read_text()]
+    (home / "RESULTS.md").write_text("\n".join(sections))
 
 
 if __name__ == "__main__":

@@ -2,9 +2,9 @@
 RUN_DIR, and read a finished run and its student back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -12,10 +12,14 @@ from torch import nn
 from monomod.errors import MonomodError
 from monomod.plan import Plan
 from monomod.rundir import RunDir
-from monomod.runtime.jobs import RunContext
+from monomod.runtime.context import RunContext
 
 if TYPE_CHECKING:
     from monomod.passes.export import Exportable
+    from monomod.runtime.execute import JobStatus
+
+
+Announce = Callable[[Plan, Path], None]
 
 
 def convert(teacher: str, *, to: str, modules: int | None = None, out: str | Path, force: bool = False,
@@ -27,41 +31,72 @@ def convert(teacher: str, *, to: str, modules: int | None = None, out: str | Pat
     hash are copied instead of run again. ``teacher`` is the caller's own choice, so a factory runs without asking.
     """
     from monomod.compiler import compile_options, convert_options
-    from monomod.runtime.execute import check_reuse_sources, execute, prepare_run_dir, reuse_finished
-    from monomod.runtime.lock import run_dir_lock
+
+    converted = convert_options(dict(options, teacher=teacher, student=to, modules=modules))
+    check_reuse(reuse)
+    plan = compile_options(converted)
+    return execute_plan(plan, out, force=force, reuse=reuse, loader_workers=converted.loader_workers)
+
+
+def check_reuse(reuse: Sequence[str | Path] | None) -> None:
+    """Each ``--reuse`` folder is a run whose plan reads (checked before compiling, in a dry run too)."""
+    from monomod.runtime.execute import check_reuse_sources
 
     check_reuse_sources(list(reuse or []))
-    converted = convert_options(dict(options, teacher=teacher, student=to, modules=modules))
-    plan = compile_options(converted)
+
+
+def execute_plan(plan: Plan, out: str | Path, *, force: bool = False, reuse: Sequence[str | Path] | None = None,
+                 on_reuse: Callable[[list[str]], None] | None = None, announce: Announce | None = None,
+                 **execute_options: Any) -> "Run":
+    """Write a compiled ``plan`` to RUN_DIR ``out`` and execute it, holding RUN_DIR's lock from the first write to
+    the last job: the second half of ``convert``. ``reuse`` copies jobs earlier runs finished with the same hash
+    (``on_reuse`` is told which); ``announce(plan, run_dir)`` is called just before the jobs start;
+    ``execute_options`` go to ``monomod.runtime.execute.execute`` (executor, workers, console, ...)."""
+    from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
+    from monomod.runtime.lock import run_dir_lock
+
     with run_dir_lock(out):
         run_dir = prepare_run_dir(plan, out, force=force)
         if reuse:
-            reuse_finished(plan, run_dir, list(reuse))
-        execute(plan, run_dir, loader_workers=converted.loader_workers)
-    return load_run(run_dir)
+            reused = reuse_finished(plan, run_dir, list(reuse))
+            if on_reuse is not None:
+                on_reuse(reused)
+        if announce is not None:
+            announce(plan, run_dir)
+        statuses = execute(plan, run_dir, **execute_options)
+    return Run(path=run_dir, plan=plan, statuses=statuses)
 
 
 def run(run_dir: str | Path, *, trust_code: bool = False, checkpoint_every: int | None = None,
-        checkpoint_minutes: float | None = None, threads: int | None = None, **execute_options: Any) -> "Run":
+        checkpoint_minutes: float | None = None, threads: int | None = None, only: Sequence[str] | None = None,
+        announce: Announce | None = None, **execute_options: Any) -> "Run":
     """Execute (or resume) RUN_DIR's plan, like ``monomod run``. A teacher the plan file names as Python code
     (``pkg.module:factory``) runs only with ``trust_code=True``. ``threads`` replaces the plan's threads per job
-    (finished jobs are kept: it is not part of their hashes)."""
+    (finished jobs are kept: it is not part of their hashes); ``only`` runs those jobs alone; ``announce`` and
+    ``execute_options`` as for ``execute_plan``. Everything a plan file can be refused for is refused before
+    ``announce``."""
     from monomod.compiler import set_checkpointing
-    from monomod.runtime.execute import execute
+    from monomod.runtime.execute import check_train_configs, execute
     from monomod.runtime.lock import run_dir_lock
 
     path = Path(run_dir)
     opened = load_run(path, trust_code=trust_code)
-    opened.check_code()
     plan = opened.plan
+    for name in only or ():
+        plan.job(name)  # unknown names fail here, before any work
+    opened.check_code()
+    check_train_configs(plan)  # an edited plan.yaml fails here, before anything is announced
+    plan.check_paths(path)
     with run_dir_lock(path):
         changed = set_checkpointing(plan, checkpoint_every, checkpoint_minutes)
         if threads is not None and plan.settings.get("threads") != threads:
             plan.settings["threads"], changed = threads, True
         if changed:
             plan.save(path)  # workers read the plan from RUN_DIR; the hashes stay the same
-        execute(plan, path, **execute_options)
-    return Run(path=path, plan=plan, trust_code=trust_code)
+        if announce is not None:
+            announce(plan, path)
+        statuses = execute(plan, path, only=list(only) if only else None, **execute_options)
+    return Run(path=path, plan=plan, trust_code=trust_code, statuses=statuses)
 
 
 class DeployedStudent(nn.Module):

@@ -10,11 +10,15 @@ from pathlib import Path
 import click
 from rich.console import Console
 
+from monomod.compiler.options import COSTS, EXECUTORS, SPEC, TOLERANCE
+from monomod.runtime.executors import DEFAULT_PROCESS_WORKERS
 from monomod.errors import MonomodError, shorten
+from monomod.rundir import JobState
 from monomod.safe import rich_text
 
 out = Console()
 err = Console(stderr=True)
+DONE_MARK = f"[green]{JobState.DONE}[/green]"
 
 
 class _Cli(click.Group):
@@ -66,10 +70,11 @@ def _executor_options(command):
         return command(*args, run_options=options, **kwargs)
 
     options = [
-        click.option("--executor", type=click.Choice(["local", "process", "ray"]), default="local", show_default=True,
+        click.option("--executor", type=click.Choice(EXECUTORS), default=EXECUTORS[0], show_default=True,
                      help="Where jobs run: this process one by one, a process pool on this machine, or a Ray cluster."),
         click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Jobs in flight at once (process: default 2 worker processes, each reused for job after job; "
+                     help=f"Jobs in flight at once (process: default {DEFAULT_PROCESS_WORKERS} worker processes, each "
+                          "reused for job after job; "
                           "ray: default the plan's widest level, capped at the cluster's CPUs / the plan's threads)."),
         click.option("--ray-address", help="Ray cluster to join: auto or HOST:PORT (default: start a local Ray)."),
         click.option("--max-retries", type=click.IntRange(min=0), default=0, show_default=True,
@@ -93,8 +98,9 @@ def _run_dir_options(command):
         click.option("--checkpoint-minutes", type=click.FloatRange(min=0), default=None,
                      help="Checkpoint training jobs every M minutes (default 10; 0: by steps only). Not part of job hashes."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
-                     help="Torch threads of every job, whichever executor runs it (default: this machine's cores; "
-                          "with --executor process, cores/workers runs jobs side by side without contention). "
+                     help="Torch threads of every job, whichever executor runs it: the same count gives the same numbers "
+                          "on every executor (default: auto, each job gets its share of the cores where it runs, never "
+                          "more than the cores jobs side by side share; done.json records the count it used). "
                           "Recorded in plan.yaml, not part of job hashes."),
     ]
     for option in reversed(options):
@@ -105,8 +111,9 @@ def _run_dir_options(command):
 @cli.command()
 @click.argument("model")
 @click.option("-k", "--modules", "k", type=int, default=4, show_default=True, help="Number of contiguous modules.")
-@click.option("--cost", type=click.Choice(["flops", "params"]), default="flops", show_default=True, help="What the modules are balanced by.")
-@click.option("--tolerance", type=float, default=0.25, show_default=True, help="Allowed imbalance: aim for max/mean cost <= 1 + tolerance.")
+@click.option("--cost", type=click.Choice(COSTS), default=SPEC["cost"].default, show_default=True,
+              help=SPEC["cost"].help)
+@click.option("--tolerance", type=float, default=TOLERANCE, show_default=True, help=SPEC["tolerance"].help)
 @click.option("--cuts", help="Manual cut points, comma-separated: where each new module begins (e.g. blocks.3,blocks.6).")
 @click.option("--img-size", type=int, help="Input resolution (default: the model's own).")
 @click.option("--in-chans", type=int, help="Input channels (default: the model's own).")
@@ -315,13 +322,12 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
     With --recipe, precedence is: the recipe, then options given explicitly on the command line, then --set.
     The teacher's cuts (searched, or --cuts) are recorded in RUN_DIR/plan.yaml; every job replays them.
     """
+    from monomod import api
     from monomod.compiler import compile_options
-    from monomod.runtime.execute import check_reuse_sources, prepare_run_dir, reuse_finished
-    from monomod.runtime.lock import run_dir_lock
 
     options, data_info = _convert_options(click.get_current_context(), given, recipe, sets, trust_code)
     options = _with_checkpointing(options, checkpoint_every, checkpoint_minutes, threads)
-    check_reuse_sources(list(reuse))  # in a dry run too
+    api.check_reuse(reuse)  # in a dry run too
     notes: list[str] = []
     with err.status("compiling the plan ...", spinner="dots"):
         plan = compile_options(options, dry_run=dry_run, data_info=data_info, notes=notes)
@@ -330,26 +336,30 @@ def convert(out_dir: str | None, recipe: str | None, sets: tuple[str, ...], dry_
     name = options.teacher.replace(":", "_").replace("/", "_")
     run_dir = Path(out_dir or f"runs/{name}-{options.student}-k{options.modules}")
     if dry_run:
-        if fmt == "json":
-            click.echo(json.dumps(plan.to_dict(), indent=2))
-        else:
-            out.print(plan_table(plan, run_dir))
-            out.print(partition_line(plan))
-            out.print(execution_line(plan))
-            out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to "
-                      f"{rich_text(run_dir / 'plan.yaml')}[/dim]")
+        _print_dry_run(plan, run_dir, fmt)
         return
     run_options = dict(run_options or {})
     if run_options.get("loader_workers") is None:
         run_options["loader_workers"] = options.loader_workers  # the recipe's, when it sets one
-    with run_dir_lock(run_dir):  # from preparing RUN_DIR to the last job: one process at a time
-        prepare_run_dir(plan, run_dir, force=force)
-        if reuse:
-            reused = reuse_finished(plan, run_dir, list(reuse))
-            if fmt != "json":
-                what = ", ".join(reused) or "nothing (no finished job has the same hash)"
-                err.print(f"[dim]reused from {rich_text(', '.join(reuse))}: {what}[/dim]")
-        _execute_and_report(plan, run_dir, fmt, **run_options)
+
+    def said_reused(reused: list[str]) -> None:
+        if fmt != "json":
+            what = ", ".join(reused) or "nothing (no finished job has the same hash)"
+            err.print(f"[dim]reused from {rich_text(', '.join(reuse))}: {what}[/dim]")
+
+    _report(lambda **shown: api.execute_plan(plan, run_dir, force=force, reuse=list(reuse), on_reuse=said_reused,
+                                             **shown, **_executor_arguments(**run_options)), fmt)
+
+
+def _print_dry_run(plan, run_dir: Path, fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(plan.to_dict(), indent=2))
+        return
+    out.print(plan_table(plan, run_dir))
+    out.print(partition_line(plan))
+    out.print(execution_line(plan))
+    out.print(f"[dim]dry run: nothing written; without --dry-run the plan goes to "
+              f"{rich_text(run_dir / 'plan.yaml')}[/dim]")
 
 
 @cli.command()
@@ -373,27 +383,11 @@ def run(run_dir: str, jobs: tuple[str, ...], fmt: str, trust_code: bool, checkpo
       monomod run runs/vit_tiny-nac-k4 --job m2mkd:2
       torchrun --nproc_per_node 2 -m monomod.cli run runs/vit_tiny-nac-k4 --job m2mkd:2   # data parallel
     """
-    from monomod.compiler import set_checkpointing
-    from monomod.frontend import check_trusted
-    from monomod.plan import Plan
-    from monomod.rundir import RunDir
-    from monomod.runtime.execute import check_train_configs
-    from monomod.runtime.lock import run_dir_lock
+    from monomod import api
 
-    plan = Plan.load(run_dir)
-    for name in jobs:
-        plan.job(name)  # unknown names fail here, before any work
-    check_trusted(plan.settings, str(RunDir(run_dir).plan_file), trust_code)
-    check_train_configs(plan)  # an edited plan.yaml fails here, before the table is printed
-    plan.check_paths(run_dir)
-    with run_dir_lock(run_dir):
-        changed = set_checkpointing(plan, checkpoint_every, checkpoint_minutes)
-        if threads is not None and plan.settings.get("threads") != threads:
-            plan.settings["threads"] = threads
-            changed = True
-        if changed:
-            plan.save(run_dir)  # workers read the plan from RUN_DIR; job hashes do not change
-        _execute_and_report(plan, Path(run_dir), fmt, only=list(jobs) or None, **(run_options or {}))
+    _report(lambda **shown: api.run(run_dir, trust_code=trust_code, checkpoint_every=checkpoint_every,
+                                    checkpoint_minutes=checkpoint_minutes, threads=threads, only=list(jobs) or None,
+                                    **shown, **_executor_arguments(**(run_options or {}))), fmt)
 
 
 @cli.group()
@@ -415,7 +409,7 @@ def plan_show(run_dir: str, fmt: str) -> None:
       monomod plan show runs/vit_tiny-nac-k4
     """
     from monomod.plan import Plan
-    from monomod.rundir import RunDir
+    from monomod.rundir import RunDir, to_run
 
     loaded = Plan.load(run_dir)
     if fmt == "yaml":
@@ -425,7 +419,9 @@ def plan_show(run_dir: str, fmt: str) -> None:
         for job in data["jobs"]:
             problem = RunDir(run_dir).done_problem(loaded.job(job["name"]))
             job["done"] = problem is None
-            if problem is not None and problem not in ("not finished", "finished with another hash"):
+            if problem is None:
+                job["used"] = (RunDir(run_dir).done(job["name"]) or {}).get("used")  # resolved where it ran
+            elif not to_run(problem):
                 job["problem"] = problem
         click.echo(json.dumps(data, indent=2))
     else:
@@ -448,14 +444,15 @@ def partition_line(plan) -> str:
 
 
 def execution_line(plan) -> str:
-    """How the training jobs run: ``threads 2, precision fp32, compile off`` (mixed values listed)."""
+    """How the plan asks its training jobs to run: ``threads auto, precision auto, compile off`` (mixed values
+    listed; ``auto`` is resolved by each job where it runs: the table's ``used`` column)."""
     trains = [job.config["train"] for job in plan.jobs if "train" in job.config]
 
     def values(key: str, show=str) -> str:
         return "/".join(dict.fromkeys(show(train.get(key)) for train in trains)) or "-"
 
     threads = plan.settings.get("threads")
-    return (f"threads {threads if threads is not None else 'default'}, precision {values('precision')}, "
+    return (f"threads {threads or 'auto'}, precision {values('precision')}, "
             f"compile {values('compile', lambda on: 'on' if on else 'off')}")
 
 
@@ -467,58 +464,76 @@ def plan_table(plan, run_dir: Path):
                                   f"({s['img_size']} px), meta {s['meta']}, teacher training "
                                   f"{s.get('teacher_training', 'end-to-end')}, preset {s['preset']}"),
                   title_justify="left")
-    for column in ("job", "kind", "needs", "steps", "hash", "state"):
+    for column in ("job", "kind", "needs", "steps", "hash", "state", "used"):
         table.add_column(column)
     for job in plan.jobs:
         steps = job.config.get("train", {}).get("steps")
         state = _job_state(run_dir, job)
-        table.add_row(job.name, job.kind, ", ".join(job.inputs) or "-", str(steps or "-"), job.hash, state)
+        table.add_row(job.name, job.kind, ", ".join(job.inputs) or "-", str(steps or "-"), job.hash, state,
+                      _used(run_dir, job) if state == DONE_MARK else "")
     return table
+
+
+def _used(run_dir: Path, job) -> str:
+    """What a finished job computed with where it ran (``done.json``'s ``used``): ``2 thr, cpu, fp32``."""
+    from monomod.rundir import RunDir
+
+    used = (RunDir(run_dir).done(job) or {}).get("used")
+    if not isinstance(used, dict):
+        return "-"
+    return ", ".join(str(part) for part in (f"{used.get('threads')} thr", used.get("device"), used.get("precision"))
+                     if part is not None)
 
 
 def _job_state(run_dir: Path, job) -> str:
     """done, pending, or why a finished job's products no longer verify (it runs again)."""
     from rich.markup import escape
 
-    from monomod.rundir import RunDir
+    from monomod.rundir import NOT_FINISHED, RunDir, to_run
 
-    problem = RunDir(run_dir).done_problem(job) if run_dir.exists() else "not finished"
+    problem = RunDir(run_dir).done_problem(job) if run_dir.exists() else NOT_FINISHED
     if problem is None:
-        return "[green]done[/green]"
-    if problem in ("not finished", "finished with another hash") or problem.startswith("its input"):
-        return "pending"
+        return DONE_MARK
+    if to_run(problem):
+        return str(JobState.PENDING)
     return f"[red]runs again: {escape(problem)}[/red]"
 
 
-def _execute_and_report(plan, run_dir: Path, fmt: str, only: list[str] | None = None, executor: str = "local",
-                        workers: int | None = None, ray_address: str | None = None, max_retries: int = 0,
-                        loader_workers: int | None = None) -> None:
-    from monomod.rundir import RunDir
-    from monomod.runtime.execute import execute
-
+def _executor_arguments(executor: str = "local", workers: int | None = None, ray_address: str | None = None,
+                        max_retries: int = 0, loader_workers: int | None = None) -> dict:
+    """The executor options, checked before anything is printed (a missing Ray is one line first)."""
     if executor == "ray":
         from monomod.runtime.executors import import_ray
 
-        import_ray()  # a missing Ray is one line before anything else is printed
-    talk = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints
-    if fmt != "json" and talk:
-        out.print(plan_table(plan, run_dir))
+        import_ray()
+    return {"executor": executor, "workers": workers, "ray_address": ray_address, "max_retries": max_retries,
+            "loader_workers": loader_workers}
+
+
+def _report(execute, fmt: str) -> None:
+    """Run ``execute(announce=..., console=...)`` (``api.execute_plan`` or ``api.run``) with the plan table shown
+    before the jobs start, then print the run's summary (under torchrun only rank 0 talks)."""
+    talk = os.environ.get("RANK", "0") == "0"
+
+    def announce(plan, run_dir: Path) -> None:
+        if fmt != "json" and talk:
+            out.print(plan_table(plan, run_dir))
+
     started = time.perf_counter()
-    statuses = execute(plan, run_dir, only=only, console=err, executor=executor, workers=workers,
-                       ray_address=ray_address, max_retries=max_retries, loader_workers=loader_workers)
+    run = execute(announce=announce, console=err)
     elapsed = time.perf_counter() - started
     if not talk:
         return
-    summary = RunDir(run_dir).report()
+    summary = run.report
     if fmt == "json":
-        click.echo(json.dumps({"run_dir": str(run_dir), "seconds": round(elapsed, 3), "report": summary,
-                               "jobs": [s.__dict__ for s in statuses]}, indent=2))
+        click.echo(json.dumps({"run_dir": str(run.path), "seconds": round(elapsed, 3), "report": summary,
+                               "jobs": [{**s.__dict__, "state": str(s.state)} for s in run.statuses]}, indent=2))
         return
     if summary:
         _print_summary(summary)
-    ran = sum(1 for s in statuses if s.state == "done")
-    out.print(f"[dim]{ran} job(s) ran, {len(statuses) - ran} already finished; {elapsed:.1f} s; "
-              f"report: {rich_text(run_dir / 'report.md')} and report.html[/dim]")
+    ran = sum(1 for s in run.statuses if s.state == JobState.DONE)
+    out.print(f"[dim]{ran} job(s) ran, {len(run.statuses) - ran} already finished; {elapsed:.1f} s; "
+              f"report: {rich_text(run.path / 'report.md')} and report.html[/dim]")
 
 
 @cli.command("export")
@@ -738,7 +753,22 @@ def _write_atomic(path: str | os.PathLike, text: str) -> None:
     atomic_write_text(target, text)
 
 
+def log_to_console() -> None:
+    """The library logs through ``logging`` (loggers under ``monomod``); the command line shows its warnings and
+    notes on stderr through rich, once."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("monomod")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        logger.addHandler(RichHandler(console=err, show_time=False, show_path=False, markup=False))
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main() -> None:
+    log_to_console()
     cli(prog_name="monomod")
 
 

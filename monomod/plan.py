@@ -1,6 +1,6 @@
 """A distillation plan is data: a DAG of jobs, written to ``RUN_DIR/plan.yaml`` and read back unchanged.
 
-Every job has a content hash over its kind, its config, the run settings it reads (``SETTINGS_SCOPE``) and the
+Every job has a content hash over its kind, its config, the run settings it reads (``JobKind.settings``) and the
 hashes of the jobs it reads from. Executing a plan skips jobs whose recorded hash matches, so a killed run resumes
 where it stopped, an edited job invalidates itself and its dependents only, and a new student for the same teacher
 keeps the trained teacher.
@@ -22,44 +22,77 @@ from monomod.safe import check_links, inside, load_yaml, read_yaml
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
-JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
-DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
 # Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
-# how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
-UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes", "compile")
-# Run settings of the same sort: ``threads`` (torch threads of every job, whichever executor runs it) changes only
-# the rounding of sums, not what a job computes, so a plan compiled on a machine with other cores, or run again
-# with ``--threads``, keeps its finished jobs (and ``--reuse`` works across machines). Within one plan every
-# executor uses the same count, so local, process and Ray runs give bitwise equal weights.
+# how often a job checkpoints or logs, or where it runs, never re-runs a finished job; and a checkpoint resumes
+# under new values of them (``monomod.runtime.checkpoint``). The one list of them.
+UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes", "compile", "device")
+# Run settings of the same sort: ``threads`` (torch threads of every job) changes only the rounding of sums, not
+# what a job computes, so a plan compiled on a machine with other cores, or run again with ``--threads``, keeps its
+# finished jobs (and ``--reuse`` works across machines). A plan that asks for a count computes every job with it
+# on every executor (bitwise equal weights); one that asks for none (``auto``) lets each executor allot its share
+# of the cores, and each job records the count it used (``done.json``: ``used``).
 UNHASHED_SETTINGS = ("threads",)
 # Of the recorded partition (settings key ``partition``) only the cuts say what a job computes; cost, tolerance and
 # balance say how the cuts were found, so they stay out of job hashes.
 HASHED_PARTITION_KEYS = ("cuts",)
 
 
-def job_name_pattern() -> re.Pattern[str]:
-    """``kind`` or ``kind:i`` for a kind of ``JOB_KINDS``: a job name becomes a folder, so nothing else is allowed."""
-    kinds = "|".join(re.escape(kind) for kind in JOB_KINDS)
-    return re.compile(rf"({kinds})(:(0|[1-9][0-9]{{0,5}}))?")
-
 # The run settings each kind of job reads; a job's hash covers only these (None: all of them). Narrow scopes let a
 # changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
 # one reads a setting outside its scope, so a scope cannot silently go stale.
 _DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
-_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", *_DISTILL_DATA, "monomod")
+_TEACHER_SETTINGS = ("teacher", "weights", "pretrained", *_DISTILL_DATA, "monomod")
+_STUDENT_SETTINGS = ("student", "student_preset", "student_overrides", "student_revision", "modules", "seed")
 # ``partition`` (the recorded cuts) is read by every job that uses the teacher's modules: meta and incubate here,
 # m2mkd, assemble, finetune and evaluate through their full scope, the teacher that assembles incubated modules
 # through its inputs' hashes. The baseline and a teacher trained end to end never see it.
-SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
-    "teacher": _TEACHER_SETTINGS,
-    "meta": (*_TEACHER_SETTINGS, "modules", "partition"),
-    "incubate": (*_TEACHER_SETTINGS, "modules", "meta", "partition"),
-    "baseline": ("student", "student_preset", "student_overrides", "student_revision", "modules", "seed", "data", "ood",
-                 "num_classes", *_TEACHER_SETTINGS),
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """One kind of job, in the one table of them (``JOB_KINDS``): what runs it, what it reads and trains with,
+    and what it writes. The plan pass, the runtime, the option spec and the CLI all read this table, so a new kind
+    of job is one entry here (and its runner)."""
+
+    name: str
+    runner: str  # "module:function", called as function(ctx, job) by ``monomod.runtime`` (imported there)
+    settings: tuple[str, ...] | None  # the run settings it reads: its hash covers only these (None: all of them)
+    budget: str | None  # the ``budgets.<kind>`` (and preset steps) it trains with; None: it does not train
+    distill: bool = False  # trains on the distillation data (``--distill-data``), not the task's
+    teacher_side: bool = False  # seeded by ``--teacher-seed`` when given (the teacher, its meta model, incubation)
+    products: str = "model"  # what it writes, by name: ``RunDir.outputs`` spells the paths
+
+    @property
+    def trains(self) -> bool:
+        """Under torchrun every rank runs a job that trains; the others run on rank 0 alone."""
+        return self.budget is not None
+
+
+_RUNNERS = "monomod.runtime.runners"
+JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
+    JobKind("teacher", f"{_RUNNERS}:run_teacher", _TEACHER_SETTINGS, "teacher", distill=True, teacher_side=True),
+    JobKind("meta", f"{_RUNNERS}:run_meta", (*_TEACHER_SETTINGS, "modules", "partition"), "meta", distill=True,
+            teacher_side=True),
+    JobKind("incubate", f"{_RUNNERS}:run_incubate", (*_TEACHER_SETTINGS, "modules", "meta", "partition"), "incubate",
+            distill=True, teacher_side=True),
     # m2mKD trains on the distillation data alone: runs that fine-tune on other labelled data (few shots) share it
-    "m2mkd": (*_TEACHER_SETTINGS, "student", "student_preset", "student_overrides", "student_revision", "modules",
-              "seed", "meta", "partition", "teacher_training"),
-}
+    JobKind("m2mkd", f"{_RUNNERS}:run_m2mkd", (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta", "partition",
+                                              "teacher_training"), "m2mkd", distill=True),
+    JobKind("assemble", f"{_RUNNERS}:run_assemble", None, None),
+    JobKind("finetune", f"{_RUNNERS}:run_finetune", None, "finetune"),
+    # the baseline trains with the fine-tune budget, so that the comparison with m2mKD stays fair
+    JobKind("baseline", f"{_RUNNERS}:run_baseline", (*_STUDENT_SETTINGS, "data", "ood", "num_classes",
+                                                     *_TEACHER_SETTINGS), "finetune"),
+    JobKind("evaluate", "monomod.runtime.evaluation:run_evaluate", None, None, products="report"),
+)}
+DISTILL_KINDS = frozenset(name for name, kind in JOB_KINDS.items() if kind.distill)
+BUDGET_KINDS = tuple(dict.fromkeys(kind.budget for kind in JOB_KINDS.values() if kind.budget))
+
+
+def job_name_pattern() -> re.Pattern[str]:
+    """``kind`` or ``kind:i`` for a kind of ``JOB_KINDS``: a job name becomes a folder, so nothing else is allowed."""
+    kinds = "|".join(re.escape(kind) for kind in JOB_KINDS)
+    return re.compile(rf"({kinds})(:(0|[1-9][0-9]{{0,5}}))?")
 
 
 @dataclass(frozen=True)
@@ -70,7 +103,7 @@ class PartitionRecord:
 
     cuts: tuple[str, ...]  # where each module after the first begins: module paths or fx node names
     cost: str = "flops"  # what the modules are balanced by
-    tolerance: float = 0.25  # the imbalance the search allowed
+    tolerance: float | None = None  # the imbalance the search allowed (None: not recorded)
     balance: float | None = None  # max/mean cost of the modules (1.0: perfect)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,7 +120,7 @@ class PartitionRecord:
         if not isinstance(cuts, list) or not all(isinstance(c, str) and c for c in cuts):
             raise MonomodError(f"plan: partition.cuts must be a list of module paths or node names, got "
                                f"{shorten(repr(cuts))}", "fix the edit, e.g. cuts: [blocks.3, blocks.6]")
-        return cls(cuts=tuple(cuts), cost=record.get("cost", "flops"), tolerance=record.get("tolerance", 0.25),
+        return cls(cuts=tuple(cuts), cost=record.get("cost", "flops"), tolerance=record.get("tolerance"),
                    balance=record.get("balance"))
 
 
@@ -149,8 +182,8 @@ class Plan:
             hashes[job.name] = job.hash
 
     def settings_of(self, kind: str) -> dict[str, Any]:
-        """The run settings a job of ``kind`` reads (see ``SETTINGS_SCOPE``)."""
-        scope = SETTINGS_SCOPE.get(kind)
+        """The run settings a job of ``kind`` reads (its ``JobKind.settings``)."""
+        scope = JOB_KINDS[kind].settings if kind in JOB_KINDS else None
         return dict(self.settings) if scope is None else {k: self.settings[k] for k in scope if k in self.settings}
 
     def _check(self) -> None:

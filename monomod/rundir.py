@@ -16,13 +16,15 @@ Every path of that layout is spelled here and nowhere else.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from monomod import integrity
 from monomod.io import atomic_write_json, last_jsonl, read_json, read_jsonl
-from monomod.plan import PLAN_FILE, Job
+from monomod.plan import JOB_KINDS, PLAN_FILE, Job
 
+JOBS_DIR = "jobs"
 LOCK_FILE = "monomod.lock"
 MODEL_FILE = "model.safetensors"
 DONE_FILE = "done.json"
@@ -37,6 +39,41 @@ REPORT_JSON, REPORT_MD, CURVES_PNG, REPORT_HTML = "report.json", "report.md", "c
 def job_dir_name(job: Job | str) -> str:
     """A job's folder name: its name with ':' as '-', so that it is portable."""
     return job.dir if isinstance(job, Job) else job.replace(":", "-")
+
+
+class JobState(str, Enum):
+    """Where a job stands. String-valued, so JSON and YAML read the same words as before."""
+
+    PENDING = "pending"  # to run: not finished, or finished with another hash
+    DONE = "done"  # finished (by this execution, in a status)
+    CACHED = "cached"  # finished before with the same hash: skipped
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Why a job is not done (``RunDir.done_problem``) when it simply has to run; any other reason is a damaged product.
+NOT_FINISHED = "not finished"
+OTHER_HASH = "finished with another hash"
+
+
+def to_run(problem: str | None) -> bool:
+    """Whether a job with this ``done_problem`` just has to run (not a damaged product of a finished job)."""
+    return problem in (NOT_FINISHED, OTHER_HASH)
+
+
+def job_outputs(name: str, kind: str) -> list[str]:
+    """The paths (relative to RUN_DIR) a job of ``kind`` named ``name`` writes, from its kind's ``products``:
+    the plan pass records them in each job, so that integrity checks and ``--reuse`` know them."""
+    if JOB_KINDS[kind].products == "report":
+        return [REPORT_JSON, REPORT_MD, CURVES_PNG]
+    return [f"{JOBS_DIR}/{job_dir_name(name)}/{MODEL_FILE}"]
+
+
+def writes_only_its_folder(job: Job) -> bool:
+    """Whether every output of ``job`` lies in its own folder (so the folder, copied whole, is the finished job)."""
+    return all(out.startswith(f"{JOBS_DIR}/{job.dir}/") for out in job.outputs)
 
 
 @dataclass(frozen=True)
@@ -58,7 +95,7 @@ class RunDir:
 
     @property
     def jobs(self) -> Path:
-        return self.root / "jobs"
+        return self.root / JOBS_DIR
 
     def job_dir(self, job: Job | str) -> Path:
         return self.jobs / job_dir_name(job)
@@ -97,12 +134,12 @@ class RunDir:
     def done_problem(self, job: Job) -> str | None:
         """None when ``job`` is finished with its current hash and its products verify; else why not, in one line."""
         if not self.done_file(job).is_file():
-            return "not finished"
+            return NOT_FINISHED
         record = self.done(job)
         if record is None:
             return f"{self.done_file(job)} cannot be read"
         if record.get("hash") != job.hash:
-            return "finished with another hash"
+            return OTHER_HASH
         return integrity.problem(self.root, job.outputs, record.get("products"))
 
     def is_done(self, job: Job) -> bool:

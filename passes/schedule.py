@@ -21,21 +21,18 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from monomod.plan import DISTILL_KINDS, Job, PartitionRecord, Plan
+from monomod.plan import DISTILL_KINDS, JOB_KINDS, Job, PartitionRecord, Plan
+from monomod.rundir import job_outputs
 from monomod.version import __version__
 
-# Budget kinds seeded by ``teacher_seed`` (when given): the teacher, its fine-tune, the meta model and incubation.
-TEACHER_SIDE = ("teacher", "teacher_ft", "meta", "incubate")
+# Budget kinds seeded by ``teacher_seed`` (when given): the teacher side's job kinds, and the teacher's fine-tune
+# (``teacher_ft``: the teacher job's budget when it fine-tunes incubated modules).
+TEACHER_SIDE = (*(kind.budget for kind in JOB_KINDS.values() if kind.teacher_side), "teacher_ft")
 
 META_KINDS = ("trained", "teacher")
 PRESETS = ("demo", "paper")
 TEACHER_TRAININGS = ("incubate", "end-to-end", "none")
 DISTILL_TARGETS = ("finetuned", "incubated")
-# Stitch layers as the references use them: NAC plain Linear, V-MoE LayerNorm + Linear.
-DEFAULT_STITCH = {"nac": "linear", "moe": "ln_linear", "vit": "linear"}
-# The boundary loss's weight where the user gives none: on for the families whose stages run in m2mKD as they run
-# assembled, off for the NAC, whose m2mKD form differs from its assembled one (measured: README, "The boundary loss").
-DEFAULT_BOUNDARY_LOSS = {"moe": 10.0, "vit": 10.0}
 
 
 @dataclass(frozen=True)
@@ -70,10 +67,9 @@ PRESET_BUDGETS: dict[str, dict[str, Any]] = {
 }
 
 
-# What ``ConvertOptions.budgets`` may override, per job kind. The baseline trains with the fine-tune budget, so
-# that the comparison with m2mKD stays fair. ``steps`` and ``epochs`` exclude each other, as do ``warmup_steps``
-# and ``warmup_epochs``; epochs are turned into steps with the data set's size and the (overridden) batch size.
-BUDGET_KINDS = ("teacher", "meta", "incubate", "m2mkd", "finetune")
+# What ``ConvertOptions.budgets`` may override, per budget kind (``monomod.plan.BUDGET_KINDS``, from each job kind's
+# ``budget``). ``steps`` and ``epochs`` exclude each other, as do ``warmup_steps`` and ``warmup_epochs``; epochs are
+# turned into steps with the data set's size and the (overridden) batch size.
 BUDGET_KEYS = ("steps", "epochs", "warmup_steps", "warmup_epochs", "lr", "batch_size", "weight_decay",
                "label_smoothing", "mixup", "cutmix", "auto_augment", "color_jitter", "reprob", "min_lr", "grad_clip")
 AUGMENT_KEYS = ("auto_augment", "color_jitter", "reprob")  # the loader's (monomod.data.Augment), every job kind
@@ -114,30 +110,33 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord, *, studen
     jobs += _m2mkd_jobs(options, training, train)
     distilled = [f"m2mkd:{i}" for i in range(options.modules)]
     jobs += [
-        Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"assemble": options.assemble}),
-        Job("finetune", "finetune", ["assemble"], ["jobs/finetune/model.safetensors"], {"train": train("finetune", 3)}),
+        _job("assemble", distilled, {"assemble": options.assemble}),
+        _job("finetune", ["assemble"], {"train": train("finetune", 3)}),
         # an upcycled baseline copies the teacher's MLPs, so it must wait for the teacher
-        Job("baseline", "baseline", ["teacher"] if options.upcycle else [], ["jobs/baseline/model.safetensors"],
-            {"train": train("finetune", 3), "upcycle": options.upcycle}),
-        Job("evaluate", "evaluate", ["teacher", "assemble", "finetune", "baseline"],
-            ["report.json", "report.md", "curves.png"], {"batch_size": 256}),
+        _job("baseline", ["teacher"] if options.upcycle else [], {"train": train("finetune", 3),
+                                                                 "upcycle": options.upcycle}),
+        _job("evaluate", ["teacher", "assemble", "finetune", "baseline"], {"batch_size": 256}),
     ]
     return Plan(settings=settings, jobs=jobs)
 
 
+def _job(name: str, inputs: list[str], config: dict[str, Any]) -> Job:
+    """Job ``name`` (``kind`` or ``kind:i``), writing what its kind produces (``RunDir`` spells the paths)."""
+    kind = name.partition(":")[0]
+    return Job(name, kind, inputs, job_outputs(name, kind), config)
+
+
 def _teacher_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any]]) -> list[Job]:
     """The teacher, the meta model and, under Deep Incubation, one incubate job per module."""
-    meta = [Job("meta", "meta", [], ["jobs/meta/model.safetensors"], {"train": train("meta", 2), "width": o.meta_width})]
+    meta = [_job("meta", [], {"train": train("meta", 2), "width": o.meta_width})]
     if o.meta == "teacher":
         meta = []
-    incubate = [Job(f"incubate:{i}", "incubate", ["meta"], [f"jobs/incubate-{i}/model.safetensors"],
-                    {"module": i, "train": train("incubate", 20 + i)}) for i in range(o.modules)]
+    incubate = [_job(f"incubate:{i}", ["meta"], {"module": i, "train": train("incubate", 20 + i)})
+                for i in range(o.modules)]
     if training == "incubate":  # PT -> MT -> FT: the teacher job fine-tunes the assembled incubated modules
-        teacher = Job("teacher", "teacher", [j.name for j in incubate], ["jobs/teacher/model.safetensors"],
-                      {"train": train("teacher_ft", 1), "from": "incubate"})
+        teacher = _job("teacher", [j.name for j in incubate], {"train": train("teacher_ft", 1), "from": "incubate"})
         return [*meta, *incubate, teacher]
-    teacher = Job("teacher", "teacher", [], ["jobs/teacher/model.safetensors"], {
-        "train": train("teacher", 1), "skip_training": training == "none"})
+    teacher = _job("teacher", [], {"train": train("teacher", 1), "skip_training": training == "none"})
     if training == "none" and o.meta == "trained":  # a given teacher: its modules learn the meta model's boundaries
         return [teacher, *meta, *incubate]
     return [teacher, *meta]
@@ -149,15 +148,14 @@ def _m2mkd_jobs(o: Any, training: str, train: Callable[[str, int], dict[str, Any
     context = [] if o.meta == "teacher" else ["meta"]
     loss = {"alpha": o.alpha, "tau": o.tau, "kd": o.kd, "kl_norm": o.kl_norm or PRESET_BUDGETS[o.preset]["kl_norm"],
             "feature_loss": o.feature_loss}
-    boundary = DEFAULT_BOUNDARY_LOSS.get(o.student, 0.0) if o.boundary_loss is None else o.boundary_loss
-    if boundary:
-        loss["boundary_loss"] = float(boundary)
-    stitch = o.stitch or DEFAULT_STITCH.get(o.student, "linear")
+    if o.boundary_loss:  # in the hashed config only when on: plans without it keep their finished m2mKD jobs
+        loss["boundary_loss"] = float(o.boundary_loss)
+    stitch = o.stitch  # the family's default, resolved by the compiler (``monomod.students.FAMILIES``)
     jobs = []
     for i in range(o.modules):
         target = f"incubate:{i}" if incubated else "teacher"
         inputs = [target, *context] + (["teacher"] if o.upcycle and target != "teacher" else [])
-        jobs.append(Job(f"m2mkd:{i}", "m2mkd", inputs, [f"jobs/m2mkd-{i}/model.safetensors"], {
+        jobs.append(_job(f"m2mkd:{i}", inputs, {
             "module": i, "target": target, "train": train("m2mkd", 10 + i), "loss": loss, "stitch": stitch,
             "upcycle": o.upcycle,
         }))

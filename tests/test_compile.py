@@ -110,12 +110,48 @@ def test_precision_threads_and_compile_are_recorded_in_the_plan(monkeypatch):
     trained = [job for job in auto["jobs"] if "train" in job["config"]]
     assert trained and all(job["config"]["train"]["precision"] == "fp32" for job in trained)  # the default
     assert all(job["config"]["train"]["compile"] is False for job in trained)
-    assert auto["settings"]["threads"] >= 1  # this machine's cores
+    assert auto["settings"]["threads"] is None  # asked for none: each job's executor allots it where it runs
     given = json.loads(_convert("-k", "2", "--precision", "bf16", "--compile", "--threads", "3", "--dry-run",
                                 "--format", "json").output)
     assert given["settings"]["threads"] == 3
     assert all(job["config"]["train"]["precision"] == "bf16" and job["config"]["train"]["compile"]
                for job in given["jobs"] if "train" in job["config"])
-    resolved = json.loads(_convert("-k", "2", "--precision", "auto", "--dry-run", "--format", "json").output)
-    assert {job["config"]["train"]["precision"] for job in resolved["jobs"] if "train" in job["config"]} == {"fp32"}
+    asked = json.loads(_convert("-k", "2", "--precision", "auto", "--dry-run", "--format", "json").output)
+    assert {job["config"]["train"]["precision"] for job in asked["jobs"] if "train" in job["config"]} == {"auto"}
     assert _convert("-k", "2", "--precision", "fp16", "--dry-run").exit_code == 2
+
+
+def test_one_compile_loads_traces_and_searches_the_teacher_once(monkeypatch):
+    """One pass over the teacher: a compile loads it once, traces it once and searches its cuts once (the
+    search's cut names are then replayed once, a manual cut, to check that the jobs will find the same modules)."""
+    import monomod.frontend
+    import monomod.passes.partition
+    import monomod.passes.trace
+
+    counts = {"load": 0, "trace": 0, "search": 0}
+    load, trace, partition = (monomod.frontend.load_model, monomod.passes.trace.trace,
+                              monomod.passes.partition.partition)
+
+    def counting_load(spec, **kwargs):
+        counts["load"] += spec == "vit_tiny"
+        return load(spec, **kwargs)
+
+    def counting_trace(*args, **kwargs):
+        counts["trace"] += 1
+        return trace(*args, **kwargs)
+
+    def counting_partition(traced, modules=None, **kwargs):
+        counts["search"] += not kwargs.get("cuts")
+        return partition(traced, modules, **kwargs)
+
+    monkeypatch.setattr(monomod.frontend, "load_model", counting_load)
+    monkeypatch.setattr(monomod.passes.trace, "trace", counting_trace)
+    monkeypatch.setattr(monomod.passes.partition, "partition", counting_partition)
+    plan = compile_options(ConvertOptions(teacher="vit_tiny", student="vit", modules=3, data="synthetic",
+                                          img_size=32))
+    assert counts == {"load": 1, "trace": 1, "search": 1}
+    assert len(plan.settings["partition"]["cuts"]) == 2
+    counts.update(load=0, trace=0, search=0)
+    compile_options(ConvertOptions(teacher="vit_tiny", student="vit", modules=3, data="synthetic", img_size=32,
+                                   cuts=["blocks.4", "blocks.8"]))
+    assert counts == {"load": 1, "trace": 1, "search": 0}  # given cuts: no search at all

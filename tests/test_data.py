@@ -432,10 +432,11 @@ def test_imagefolder_convert_end_to_end(tmp_path):
 def test_rand_augment_top_magnitude_runs_on_this_pillow():
     import random
 
-    from monomod.data import Augment, _train_transform
+    from monomod.data import Augment
+    from monomod.data.folders import train_transform
 
     bundle = DataBundle("x", None, None, None, 2, 3, 16, IMAGENET_MEAN, IMAGENET_STD, ["a", "b"])
-    transform = _train_transform(bundle, Augment(auto_augment="rand-n4-m10-mstd0-inc1"))  # every op at magnitude 10
+    transform = train_transform(bundle, Augment(auto_augment="rand-n4-m10-mstd0-inc1"))  # every op at magnitude 10
     image = Image.new("RGB", (20, 20), (120, 30, 200))
     for seed in range(20):  # posterize is drawn in some of them: timm asks Pillow for 0 bits there
         random.seed(seed)

@@ -31,8 +31,8 @@ def _weights(run_dir: Path, job: str) -> dict[str, torch.Tensor]:
 
 
 def _assert_same_run(ours: Path, reference: Path) -> None:
-    """Bitwise the same products and report: every job computes with the plan's thread count (settings.threads)
-    whichever executor runs it."""
+    """Bitwise the same products and report: a plan that asks for a thread count (settings.threads) computes every
+    job with it, whichever executor runs it."""
     mine, theirs = (json.loads((d / "report.json").read_text()) for d in (ours, reference))
     assert {k: mine[k] for k in RESULTS} == {k: theirs[k] for k in RESULTS}
     products = sorted(p.relative_to(reference) for p in reference.glob("jobs/*/model.safetensors"))
@@ -46,7 +46,7 @@ def _assert_same_run(ours: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory) -> Path:
-    plan = tiny_plan()
+    plan = tiny_plan(threads=1)
     run_dir = prepare_run_dir(plan, tmp_path_factory.mktemp("local") / "run")
     execute(plan, run_dir)
     return run_dir
@@ -54,7 +54,7 @@ def local_run(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_process_pool_agrees_with_local_and_logs_each_job(tmp_path, local_run):
-    plan = tiny_plan()
+    plan = tiny_plan(threads=1)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     text = io.StringIO()
     statuses = execute(plan, run_dir, executor="process", workers=2, console=Console(file=text, width=200))
@@ -75,7 +75,7 @@ def test_process_pool_agrees_with_local_and_logs_each_job(tmp_path, local_run):
 @pytest.mark.slow
 def test_ray_agrees_with_local(tmp_path, local_run):
     ray = pytest.importorskip("ray")
-    plan = tiny_plan()
+    plan = tiny_plan(threads=1)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     try:

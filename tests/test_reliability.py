@@ -372,7 +372,7 @@ def test_bad_plan_files_are_one_line(plan_dict, tmp_path, edit, message):
 
 
 def test_a_corrupt_image_met_mid_epoch_names_the_file(tmp_path):
-    from monomod.data import _PilLoader
+    from monomod.data.folders import _PilLoader
 
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG not really")
@@ -507,17 +507,18 @@ def test_export_never_deletes_files_its_manifest_does_not_list(tmp_path):
     lambda ck: (ck / "state.json").write_text("{garbage"),
     lambda ck: (ck / "state.json").write_text("[]"),
 ])
-def test_a_corrupt_checkpoint_is_set_aside_and_the_job_restarts(tmp_path, capfd, damage):
+def test_a_corrupt_checkpoint_is_set_aside_and_the_job_restarts(tmp_path, caplog, damage):
     config = {"checkpoint_every": 5, "checkpoint_minutes": 0}
     with pytest.raises(_Boom):
         _interrupted_training(tmp_path / "a", fail_at=8, **config)
     damage(tmp_path / "a" / "job" / "checkpoint")
-    result = _interrupted_training(tmp_path / "a", fail_at=None, **config)
+    with caplog.at_level("WARNING", logger="monomod.runtime.checkpoint"):
+        result = _interrupted_training(tmp_path / "a", fail_at=None, **config)
     uninterrupted = _interrupted_training(tmp_path / "b", fail_at=None, **config)
     assert result.resumed_from == 0 and result.steps == 12
     assert (result.final_loss, result.train_acc) == (uninterrupted.final_loss, uninterrupted.train_acc)
     assert (tmp_path / "a/job/checkpoint.unreadable-1").is_dir()  # kept, renamed
-    said = [line for line in capfd.readouterr().err.splitlines() if "cannot be read" in line]
+    said = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]  # logged once
     assert len(said) == 1 and "set aside as checkpoint.unreadable-1, the job restarts from step 0" in said[0]
 
 

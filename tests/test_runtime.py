@@ -117,8 +117,8 @@ class _RecordingSettings(dict):
 
 @pytest.mark.parametrize("student, modules, upcycle", [("nac", 3, False), ("moe", 2, True)])
 def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, modules, upcycle):
-    """A job reading a setting outside SETTINGS_SCOPE would be reused after that setting changed: forbid it."""
-    from monomod.plan import SETTINGS_SCOPE, UNHASHED_SETTINGS
+    """A job reading a setting outside its JobKind.settings would be reused after that setting changed: forbid it."""
+    from monomod.plan import JOB_KINDS, UNHASHED_SETTINGS
     from monomod.runtime.jobs import run_job
 
     width = {"embed_dim": 192, "num_heads": 3} if upcycle else {}  # upcycled experts need vit_tiny's shapes
@@ -129,7 +129,7 @@ def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, mo
         view = Plan(settings=settings, jobs=plan.jobs)
         settings.read.clear()  # hashing the plan read every scope
         run_job(RunContext(run_dir=run_dir, plan=view), job)  # a fresh context: nothing cached from other jobs
-        scope = SETTINGS_SCOPE.get(job.kind)
+        scope = JOB_KINDS[job.kind].settings
         if scope is not None:
             allowed = {*scope, *UNHASHED_SETTINGS}  # how a job runs (threads), not what it computes
             assert settings.read <= allowed, (job.name, sorted(settings.read - allowed))

@@ -140,9 +140,10 @@ def check_image_folders(spec: Any) -> None:
     naming the folder."""
     from monomod.data import parse_data_spec
 
-    if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
+    parsed = parse_data_spec(spec)
+    if parsed.kind != "imagefolder":
         return
-    train = Path(parse_data_spec(spec).path) / "train"
+    train = Path(parsed.path) / "train"
     if not train.is_dir():
         return  # load_data says what is missing
     folders = sorted(p for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -8,7 +8,6 @@ is given with the same ``validate``: an option is checked in one place, whicheve
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,19 +16,21 @@ from typing import Any
 from monomod.errors import MonomodError, shorten
 from monomod.passes.partition import COSTS
 from monomod.passes.schedule import (
-    BUDGET_KEYS, BUDGET_KINDS, DEFAULT_STITCH, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS,
-    resolve_teacher_training,
+    BUDGET_KEYS, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS, resolve_teacher_training,
 )
+from monomod.plan import BUDGET_KINDS
 from monomod.data import parse_data_spec
 from monomod.runtime.config import PRECISIONS
-from monomod.students import STUDENT_KINDS
+from monomod.runtime.executors import EXECUTORS
+from monomod.students import FAMILIES, STITCHES, STUDENT_KINDS, student_family
 from monomod.students.custom import resolve_student
 from monomod.students.stitching import ASSEMBLY_MODES
 
 MAX_IN_CHANS = 1024  # hyperspectral images have a few hundred bands; a million took minutes to refuse by memory
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
-_PRESETS_OF = {"nac": ("monomod.students.nac", "NAC_PRESETS"), "moe": ("monomod.students.moe", "MOE_PRESETS"),
-               "vit": ("monomod.students.vit", "VIT_PRESETS")}
+TOLERANCE = 0.25  # the partition's allowed imbalance (max/mean cost <= 1 + tolerance), for every command
+__all__ = ["COSTS", "EXECUTORS", "OPTIONS", "SPEC", "TOLERANCE", "ConvertOptions", "Option", "check_values",
+           "click_options", "convert_options", "options_dict", "validate"]
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ OPTIONS: tuple[Option, ...] = (
            "default: the minimum-cut search. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
                c.strip() for c in text.split(",") if c.strip()], fix="name cut points, e.g. --cuts blocks.4,blocks.8"),
     _choice("cost", COSTS, "flops", "What the teacher's modules are balanced by.", flag="--cost"),
-    Option("tolerance", 0.25, lambda v: _is_num(v) and v >= 0, "a number >= 0",
+    Option("tolerance", TOLERANCE, lambda v: _is_num(v) and v >= 0, "a number >= 0",
            "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
            kind=float),
     Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH (optionally with shots=N)",
@@ -160,7 +161,7 @@ OPTIONS: tuple[Option, ...] = (
             "How the teacher is trained: Deep Incubation in the meta model (default with --meta trained), end to end "
             "and apart (default with --meta teacher), or not at all (a given teacher).", flag="--teacher-training"),
     _choice("distill_targets", DISTILL_TARGETS, "incubated",
-            "Under incubation: distil the incubated modules (their hybrids measured better), or the fine-tuned "
+            "Under incubation: distil the incubated modules (the default, see README), or the fine-tuned "
             "teacher's modules (as the reference).", flag="--distill-targets", label="distill_targets"),
     Option("distill_data", None, _optional(_data_spec), "null, digits, synthetic or imagefolder:PATH",
            "Data of the teacher, meta, incubate and m2mKD jobs (default: --data); fine-tune, baseline and evaluation "
@@ -169,13 +170,13 @@ OPTIONS: tuple[Option, ...] = (
            "Student preset (see `monomod student KIND --help`).", flag="--student-preset"),
     Option("student_overrides", None, lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v),
            "a mapping of student config fields"),
-    _choice("stitch", (None, *sorted(set(DEFAULT_STITCH.values()))), None,
+    _choice("stitch", (None, *STITCHES), None,
             "Stitch layers (default: the reference's per family).", flag="--stitch"),
     _choice("assemble", ASSEMBLY_MODES, "bridged",
             "How the distilled stages are assembled: keep each boundary's post-stitch and the next pre-stitch, fused "
             "into one layer where both are linear, so the assembled student computes through the meta model's "
-            "boundary space as its hybrids did (the default: the better fine-tuned NAC over 3 seeds, see README), or "
-            "drop the stitch layers as the reference does.", flag="--assemble"),
+            "boundary space as its hybrids did (the default, see README), or drop the stitch layers as the reference "
+            "does.", flag="--assemble"),
     _flag("upcycle", "MoE: initialise experts from the teacher's MLPs (beyond the paper).", flag="--upcycle"),
     Option("alpha", 0.5, lambda v: _is_num(v) and 0 <= v <= 1, "a number in [0, 1]",
            "Weight of the distillation term.", flag="--alpha", kind=float),
@@ -203,17 +204,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("meta_width", None, _optional(_is_int), _POSITIVE_OR_NULL,
            "Width of the trained meta model (default: the teacher's boundary width)."),
     Option("budgets", None, lambda v: isinstance(v, dict), "a mapping: job kind -> {steps|epochs, lr, batch_size, ...}"),
-    _choice("precision", PRECISIONS, "fp32", "Training precision: fp32, bf16 autocast, or auto = bf16 on CUDA and on "
-            "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
-            "job and its hash). fp32 by default: on an H200, bf16 cost the NAC demo student 15 points over 3 seeds "
-            "and sped its jobs up by at most 1.1x (benchmarks/RESULTS.md).", flag="--precision"),
+    _choice("precision", PRECISIONS, "fp32", "Training precision: fp32, bf16 autocast, or auto = bf16 where the job "
+            "runs on CUDA or on a CPU with native bf16, fp32 elsewhere (the plan records auto; each job resolves it "
+            "where it runs and records what it used: `monomod plan show`). fp32 by default (README: Precision and compilation).",
+            flag="--precision"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),
     Option("checkpoint_every", 0, lambda v: _is_int(v, 0), "an integer >= 0 (steps; 0 = by time only)"),
     Option("checkpoint_minutes", 10.0, lambda v: _is_num(v) and v >= 0, "a number >= 0 (minutes; 0 = by steps only)"),
-    Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = this "
-           "machine's cores)"),
+    Option("threads", None, _optional(_is_int), "a positive integer or null (torch threads per job; null = auto: "
+           "each executor allots every job its share of the cores where it runs)"),
     Option("loader_workers", None, _optional(lambda v: _is_int(v, 0)),
            "an integer >= 0 (data-loader workers per job) or null"),
     Option("data_info", None, lambda v: isinstance(v, dict) and set(v) <= {"num_classes", "train_size"}
@@ -282,7 +283,7 @@ def check_values(values: Mapping[str, Any]) -> None:
 def _check_combinations(o: Mapping[str, Any]) -> None:
     """What no single option decides: modules per student family, how the teacher is trained, ..."""
     student = o["student"]
-    minimum = 3 if student == "nac" else 2
+    minimum = student_family(student).min_modules
     if o["modules"] < minimum:
         detail = "tokenizer+read-in, >=1 propagator, read-out" if student == "nac" else "a first and a last stage"
         raise MonomodError(f"a {student} student needs at least {minimum} modules ({detail}); got K={o['modules']}",
@@ -299,12 +300,12 @@ def _check_combinations(o: Mapping[str, Any]) -> None:
                            "its latents (another count)", "drop --feature-loss for nac, or use --to moe / vit")
     if o["meta_width"] is not None and o["meta"] == "teacher":
         raise MonomodError(f"meta_width={o['meta_width']!r} is invalid here", "give a positive integer, with meta=trained")
-    if o["student_preset"] is not None and student not in _PRESETS_OF:
-        raise MonomodError(f"student_preset: {student!r} has no presets (they belong to nac, moe and vit)",
+    presets = student_family(student).preset_names()
+    if o["student_preset"] is not None and not presets:
+        raise MonomodError(f"student_preset: {student!r} has no presets (they belong to "
+                           f"{', '.join(k for k, f in FAMILIES.items() if f.presets)})",
                            "drop student_preset, or set the model's own arguments with student_overrides")
     if o["student_preset"] is not None:
-        module, attr = _PRESETS_OF[student]
-        presets = getattr(importlib.import_module(module), attr)
         if o["student_preset"] not in presets:
             raise MonomodError(f"student_preset: {o['student_preset']!r} is not a {student} preset",
                                f"use one of {', '.join(sorted(presets))}")

@@ -14,55 +14,54 @@ import torch
 from torch import nn
 
 from monomod.compiler import checks
-from monomod.compiler.options import options_dict, validate
+from monomod.compiler.options import TOLERANCE, options_dict, validate
+from monomod.data import DataSpec, in_memory_bytes
 from monomod.errors import MonomodError, shorten
 from monomod.ir import Partition, TracedModel
 from monomod.plan import PartitionRecord, Plan
+from monomod.students import student_family
 
 
 def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str, int] | None = None,
                     notes: list[str] | None = None) -> Plan:
     """Validate ``options`` (a ``ConvertOptions``), resolve what they leave open (image size, data facts, student
-    patch size), cut the teacher and lay out the plan.
+    patch size), cut the teacher and lay out the plan. One pass over the teacher: it is loaded once (on the meta
+    device), traced once with its head sized for the distillation data, and cut once (one search, or ``--cuts``).
 
     ``dry_run=True`` tolerates missing ``imagefolder:`` folders: the data facts (``num_classes``, ``train_size``)
     then come from ``data_info`` (recipes declare them) and a line saying so is appended to ``notes``.
+    Precision, threads and device stay as asked (``auto`` included): each job resolves them where it runs.
     """
-    from monomod.frontend import load_model
-    from monomod.passes.schedule import PRESET_BUDGETS, DataInfo, schedule
+    from monomod.data import parse_data_spec
+    from monomod.passes.schedule import DataInfo, schedule
     from monomod.students import student_revision
     from monomod.runtime.execute import check_train_configs
-    from monomod.runtime.executors import cpu_count
-    from monomod.runtime.config import resolve_precision
 
     validate(options_dict(options))
-    options = replace(options, threads=options.threads or cpu_count(), precision=resolve_precision(options.precision))
-    probe = load_model(options.teacher, device="meta", img_size=options.img_size or PRESET_BUDGETS[options.preset]["img_size"],
-                       in_chans=options.in_chans)
-    cfg = getattr(probe, "pretrained_cfg", None) or {}
-    img_size = options.img_size or PRESET_BUDGETS[options.preset]["img_size"] or int(cfg.get("input_size", (3, 224, 224))[-1])
-    in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
-    traced = checks.check_teacher_takes(probe, options.teacher, options.modules, img_size, in_chans)  # bounds K first
     notes = notes if notes is not None else []
-    memory = _teacher_memory(options, traced, img_size, in_chans)
-    _check_memory(memory, dry_run, notes)  # before the data is read: a 100000-pixel synthetic set is never drawn
-    if options.cuts:  # a bad --cuts fails here, before the data is read
-        record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost, tolerance=options.tolerance)
+    teacher, img_size, in_chans = _load_teacher(options)
+    data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on
+    distill_data = parse_data_spec(options.distill_data) if options.distill_data else None
     if options.weights:
-        checks.check_weights(probe, options.weights)
-    facts, distill = _all_data_facts(options, img_size, in_chans, dry_run, data_info, notes)
-    record, teacher_cut = _partition_for_jobs(options, img_size, in_chans, distill[0] if distill else facts[0])
-    overrides = dict(options.student_overrides)
-    patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
-    if options.student in ("moe", "vit") and patch and "patch_size" not in overrides:
-        overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)  # token grids line up
-    options = replace(options, img_size=img_size, in_chans=in_chans, student_overrides=overrides)
+        checks.check_weights(teacher, options.weights)
+    facts, distill = _all_data_facts(options, data, distill_data, min(img_size, _FACTS_SIZE), in_chans, dry_run,
+                                     data_info, notes)
+    teacher = _size_head(teacher, options, distill[0] if distill else facts[0], img_size, in_chans)
+    traced = checks.check_teacher_takes(teacher, options.teacher, options.modules, img_size, in_chans)
+    memory = _teacher_memory(options, traced, data, distill_data, img_size, in_chans)
+    _check_memory(memory, dry_run, notes)  # no image was drawn at img_size yet: a 100000-pixel set never is
+    record, teacher_cut = cut_teacher(traced, options.modules, cuts=options.cuts, cost=options.cost,
+                                      tolerance=options.tolerance)
+    if options.meta == "trained":
+        checks.check_meta_builds(teacher_cut, options.meta_width, record.cuts)
+    options = replace(with_family_defaults(options), img_size=img_size, in_chans=in_chans,
+                      student_overrides=_student_overrides(options, teacher))
     student = checks.check_student_builds(options, facts[0], teacher_cut)
     if student is not None:
         params = sum(p.numel() for p in student.parameters())
         _check_memory({**memory, "student parameters": 16 * params}, dry_run, notes)
     if options.upcycle:
-        _check_upcycling(options, probe, facts[0])
+        _check_upcycling(options, teacher, facts[0])
     plan = schedule(options, DataInfo(num_classes=facts[0], in_chans=in_chans, train_size=facts[1],
                                       distill_num_classes=distill[0] if distill else None,
                                       distill_train_size=distill[1] if distill else None), record,
@@ -72,6 +71,56 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     return plan
 
 
+def _load_teacher(options: Any) -> tuple[nn.Module, int, int]:
+    """The teacher on the meta device (the one load of a compile), and the image size and channels it is run at:
+    the options', else the preset's, else its pretrained config's."""
+    from monomod.frontend import load_model
+    from monomod.passes.schedule import PRESET_BUDGETS
+
+    preset_size = PRESET_BUDGETS[options.preset]["img_size"]
+    teacher = load_model(options.teacher, device="meta", img_size=options.img_size or preset_size,
+                         in_chans=options.in_chans)
+    cfg = getattr(teacher, "pretrained_cfg", None) or {}
+    img_size = options.img_size or preset_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    in_chans = options.in_chans or int(cfg.get("input_size", (3,))[0])
+    return teacher, img_size, in_chans
+
+
+def _size_head(teacher: nn.Module, options: Any, num_classes: int, img_size: int, in_chans: int) -> nn.Module:
+    """The teacher's head sized for the distillation data, as the jobs build it (a 1000-class head's FLOPs would
+    move the balanced cuts): timm's ``reset_classifier`` on the meta device, in place."""
+    if getattr(teacher, "num_classes", None) == num_classes:
+        return teacher
+    if not hasattr(teacher, "reset_classifier"):  # a factory's model: built again with the head it needs
+        from monomod.frontend import load_model
+
+        return load_model(options.teacher, device="meta", img_size=img_size, in_chans=in_chans,
+                          num_classes=num_classes)
+    with torch.device("meta"):
+        teacher.reset_classifier(num_classes)
+    return teacher
+
+
+def with_family_defaults(options: Any) -> Any:
+    """``options`` with what the student family decides when they leave it open: its stitch layers and the weight
+    of its boundary loss."""
+    family = student_family(options.student)
+    boundary = family.boundary_loss if options.boundary_loss is None else options.boundary_loss
+    return replace(options, stitch=options.stitch or family.stitch, boundary_loss=boundary)
+
+
+def _student_overrides(options: Any, teacher: nn.Module) -> dict[str, Any]:
+    """The student's overrides, with the teacher's patch size for a ViT-like student (token grids line up)."""
+    overrides = dict(options.student_overrides)
+    patch = getattr(getattr(teacher, "patch_embed", None), "patch_size", None)
+    if student_family(options.student).takes_patch_size and patch and "patch_size" not in overrides:
+        overrides["patch_size"] = int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+    return overrides
+
+
+# The data facts (classes, training images) do not depend on the image size: they are read at a small one, so that
+# the memory estimate refuses a huge --img-size before any image is drawn at it.
+_FACTS_SIZE = 32
 _MEMORY_FIXES = {
     "teacher parameters": "lower --in-chans or --img-size (the teacher's size follows them), or pick a smaller teacher",
     "activations": "lower --img-size or the batch size (e.g. --set budgets.m2mkd.batch_size=16, for each job kind)",
@@ -82,19 +131,18 @@ _MEMORY_FIXES = {
 _ANY_MACHINE = 1 << 40  # 1 TiB on one device: refused even in a dry run, which may plan for a bigger machine
 
 
-def _teacher_memory(options: Any, traced: TracedModel, img_size: int, in_chans: int) -> dict[str, int]:
+def _teacher_memory(options: Any, traced: TracedModel, data: DataSpec, distill_data: DataSpec | None,
+                    img_size: int, in_chans: int) -> dict[str, int]:
     """The teacher's terms of the memory estimate (with the in-memory data), at the plan's largest training
     batch."""
-    from monomod.data import in_memory_bytes
     from monomod.passes.schedule import PRESET_BUDGETS
 
     batch = max([PRESET_BUDGETS[options.preset]["batch_size"]]
                 + [b["batch_size"] for b in (options.budgets or {}).values() if "batch_size" in b])
     params, per_sample = checks.traced_bytes(traced)
     terms = checks.training_bytes(params, per_sample, batch)
-    data = max(in_memory_bytes(spec, img_size, in_chans)
-               for spec in (options.data, options.distill_data))
-    return {"teacher parameters": terms["parameters"], "activations": terms["activations"], "data": data}
+    data_bytes = max(in_memory_bytes(spec, img_size, in_chans) for spec in (data, distill_data))
+    return {"teacher parameters": terms["parameters"], "activations": terms["activations"], "data": data_bytes}
 
 
 def _check_memory(terms: dict[str, int], dry_run: bool, notes: list[str]) -> None:
@@ -110,35 +158,26 @@ def _check_memory(terms: dict[str, int], dry_run: bool, notes: list[str]) -> Non
         notes.append(f"{e.problem}: a run on this machine would be refused")
 
 
-def _partition_for_jobs(options: Any, img_size: int, in_chans: int,
-                        num_classes: int) -> tuple[PartitionRecord, Partition]:
-    """The partition the jobs replay (its record, and the partition itself for the compile-time checks), found on
-    the teacher as they build it: its head sized for the distillation data (a 1000-class head's FLOPs would move
-    the balanced cuts). A trained meta model must build on it."""
-    from monomod.frontend import example_input, load_model
+def cut_teacher(traced: TracedModel, modules: int, *, cuts: list[str] | None = None, cost: str = "flops",
+                tolerance: float = TOLERANCE) -> tuple[PartitionRecord, Partition]:
+    """Cut the teacher once (the search, or ``cuts`` as given) and name the cuts so that the partition pass's manual
+    path replays them: the record the plan keeps, and the partition the jobs will replay (checked here by replaying
+    the names). A bad cut fails here in one line."""
     from monomod.passes.partition import partition
-    from monomod.passes.trace import trace
 
-    teacher = load_model(options.teacher, device="meta", img_size=img_size, in_chans=in_chans, num_classes=num_classes)
-    traced = trace(teacher, example_input(in_chans, img_size, device="meta"), name=options.teacher)
-    record = record_partition(traced, options.modules, cuts=options.cuts, cost=options.cost,
-                              tolerance=options.tolerance)
-    cut = partition(traced, len(record.cuts) + 1, cost=record.cost, cuts=record.cuts)
-    if options.meta == "trained":
-        checks.check_meta_builds(cut, options.meta_width, record.cuts)
-    return record, cut
+    if cuts:
+        found = partition(traced, modules, cost=cost, cuts=cuts)
+        return PartitionRecord(tuple(cuts), cost, tolerance, round(found.balance, 4)), found
+    found = partition(traced, modules, cost=cost, tolerance=tolerance)
+    names = [_cut_name(traced, spec.nodes) for spec in found.modules[1:]]
+    replayed = partition(traced, modules, cost=cost, cuts=names)
+    return PartitionRecord(tuple(names), cost, tolerance, round(replayed.balance, 4)), replayed
 
 
 def record_partition(traced: TracedModel, modules: int, *, cuts: list[str] | None = None, cost: str = "flops",
-                     tolerance: float = 0.25) -> PartitionRecord:
-    """Cut the teacher (the minimum-cut search, or ``cuts`` as given) and name the cuts so that the partition
-    pass's manual path replays them: the record the plan keeps. A bad cut fails here in one line."""
-    from monomod.passes.partition import partition
-
-    found = partition(traced, None if cuts else modules, cost=cost, cuts=cuts, tolerance=tolerance)
-    names = list(cuts) if cuts else [_cut_name(traced, spec.nodes) for spec in found.modules[1:]]
-    replayed = partition(traced, modules, cost=cost, cuts=names)
-    return PartitionRecord(cuts=tuple(names), cost=cost, tolerance=tolerance, balance=round(replayed.balance, 4))
+                     tolerance: float = TOLERANCE) -> PartitionRecord:
+    """The record ``cut_teacher`` keeps in the plan."""
+    return cut_teacher(traced, modules, cuts=cuts, cost=cost, tolerance=tolerance)[0]
 
 
 def _cut_name(traced: TracedModel, nodes: tuple[str, ...]) -> str:
@@ -175,16 +214,17 @@ def set_checkpointing(plan: Plan, every: int | None, minutes: float | None) -> b
     return changed
 
 
-def _all_data_facts(options: Any, img_size: int, in_chans: int, dry_run: bool, data_info: dict[str, int] | None,
+def _all_data_facts(options: Any, data: DataSpec, distill_data: DataSpec | None, img_size: int, in_chans: int,
+                    dry_run: bool, data_info: dict[str, int] | None,
                     notes: list[str]) -> tuple[tuple[int, int], tuple[int, int] | None]:
     """(num_classes, train_size) of the data and, when it differs, of the distillation data."""
-    checks.check_image_folders(options.data)
-    if options.distill_data:
-        checks.check_image_folders(options.distill_data)
-    facts = _data_facts(options.data, options.ood, img_size, in_chans, dry_run, data_info, notes)
+    checks.check_image_folders(data)
+    if distill_data is not None:
+        checks.check_image_folders(distill_data)
+    facts = _data_facts(data, options.ood, img_size, in_chans, dry_run, data_info, notes)
     distill = None
-    if options.distill_data and options.distill_data != options.data:
-        distill = _data_facts(options.distill_data, None, img_size, in_chans, dry_run, None, notes)
+    if distill_data is not None and distill_data != data:
+        distill = _data_facts(distill_data, None, img_size, in_chans, dry_run, None, notes)
     return facts, distill
 
 
@@ -207,15 +247,14 @@ def _check_upcycling(options: Any, teacher: nn.Module, num_classes: int) -> None
                            f"match the teacher: --set student_overrides.embed_dim={width} (and its mlp_ratio)")
 
 
-def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_run: bool,
+def _data_facts(data: DataSpec, ood: str | None, img_size: int, in_chans: int, dry_run: bool,
                 data_info: dict[str, int] | None, notes: list[str]) -> tuple[int, int]:
     """(num_classes, train_size) of the data set, read from the data unless a dry run lacks the folders."""
-    from monomod.data import load_data, parse_data_spec
+    from monomod.data import load_data
 
-    def missing(spec: str | None) -> str | None:
-        if not (isinstance(spec, str) and spec.startswith("imagefolder:")):
-            return None
-        path = parse_data_spec(spec).path if spec != "imagefolder:" else None
+    def missing(spec: DataSpec | str | None) -> str | None:
+        path = spec.path if isinstance(spec, DataSpec) else (spec[len("imagefolder:"):] if isinstance(spec, str)
+                                                             and spec.startswith("imagefolder:") else None)
         return path if path and not Path(path).exists() else None
 
     if dry_run and missing(data):
@@ -230,7 +269,7 @@ def _data_facts(data: str, ood: str | None, img_size: int, in_chans: int, dry_ru
         ood = None
     bundle = load_data(data, img_size=img_size, in_chans=in_chans, ood=ood)
     facts = bundle.num_classes, len(bundle.train)
-    _check_declared(data_info, facts, data)
+    _check_declared(data_info, facts, data.text)
     return facts
 
 

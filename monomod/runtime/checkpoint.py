@@ -17,20 +17,33 @@ leaves at most a stray hidden sibling. ``checkpoint_exists`` / ``load_checkpoint
 writer died between steps 2 and 3 (``path`` missing, the previous checkpoint still aside), they fall back to the aside
 copy, so the last complete checkpoint is never lost. The next ``save_checkpoint`` cleans stray siblings up.
 One writer per checkpoint path is assumed (each training job owns its ``job_dir``).
+
+A training job's resume (``Checkpoints``): the checkpoint of ``job_dir/checkpoint`` is loaded when it was made with
+the job's config (up to ``monomod.plan.UNHASHED_TRAIN_KEYS``), and saved on the loop's cadence (``checkpoint_due``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
 import random
 import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
 
+from monomod.errors import MonomodError
 from monomod.io import fsync_dir, fsync_file, owned_cpu_tensors, unique_sibling
+from monomod.plan import UNHASHED_TRAIN_KEYS
+from monomod.runtime.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
@@ -246,3 +259,123 @@ def restore_rng_state(tensors: dict[str, torch.Tensor], meta: dict, prefix: str 
             return
         kind, keys, pos, has_gauss, cached = meta["numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+# ------------------------------------------------------------------------------------- a training job's resume
+
+CHECKPOINT_FORMAT = 1
+RngState = tuple[dict[str, torch.Tensor], dict]
+
+
+@dataclass
+class TrainState:
+    """Where a job stands: what a checkpoint records and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed_before: float = 0.0              # wall time of earlier, interrupted runs
+    last_loss: float = float("nan")          # of the last logging window
+    last_acc: float | None = None
+    epoch_rng: RngState | None = None        # the RNG at the start of the current epoch
+    resume_rng: RngState | None = None       # the RNG after the checkpointed step, until its epoch is rebuilt
+    resumed_from: int = 0
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # when this call started training
+
+    def elapsed(self, now: float | None = None) -> float:
+        return self.elapsed_before + ((time.perf_counter() if now is None else now) - self.started)
+
+
+def _comparable(config_json: dict) -> dict:
+    """A training config without the keys that say how a job runs (``UNHASHED_TRAIN_KEYS``): a checkpoint made
+    under other values of them still resumes."""
+    return {k: v for k, v in config_json.items() if k not in UNHASHED_TRAIN_KEYS}
+
+
+@dataclass
+class Checkpoints:
+    """The job's resume checkpoint: loaded when it was made with this config, saved on the loop's cadence."""
+
+    path: Path
+    trainable: nn.Module
+    optimizer: torch.optim.Optimizer
+    config: TrainConfig
+    label: str
+    extra_state: Callable[[], dict[str, Tensor]] | None
+    writer: bool
+    last_saved: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def resume(self) -> TrainState:
+        """The checkpointed state with the weights and AdamW moments loaded, or a fresh state."""
+        if not checkpoint_exists(self.path):
+            return TrainState()
+        try:
+            tensors, saved = load_checkpoint(self.path, required=("step", "epoch", "batch_in_epoch"))
+        except UnreadableCheckpoint as e:
+            log.warning(f"{self.label}: {e}")
+            return TrainState()
+        comparable = _comparable(saved.get("config", {})) == _comparable(self.config.to_json())
+        if saved.get("format") != CHECKPOINT_FORMAT or not comparable:
+            log.warning(f"{self.label}: the checkpoint in {self.path} was made with a different config; starting afresh")
+            return TrainState()
+        self._load_weights(tensors, saved)
+        return TrainState(
+            step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
+            elapsed_before=saved.get("elapsed", 0.0),
+            last_loss=saved.get("last_loss", float("nan")), last_acc=saved.get("last_acc"),
+            epoch_rng=(tensors, saved["epoch_rng"]), resume_rng=(tensors, saved["rng"]), resumed_from=saved["step"],
+        )
+
+    def _load_weights(self, tensors: dict[str, Tensor], saved: dict) -> None:
+        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        try:
+            self.trainable.load_state_dict(model_state, strict=True)
+            self.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, saved["optimizer"]))
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise MonomodError(
+                f"training job '{self.label}': the checkpoint in {self.path} does not fit the model being trained ({e})",
+                f"delete {self.path} to restart the job from scratch",
+            ) from None
+
+    def due(self, step: int) -> bool:
+        return checkpoint_due(step, self.config, self.last_saved)
+
+    def save(self, state: TrainState) -> None:
+        """Weights, AdamW, the position in the epoch and both RNG states (only rank 0 writes)."""
+        if self.writer:
+            tensors, meta = self._tensors(state)
+            save_checkpoint(self.path, tensors, {**self._position(state), **meta})
+        self.last_saved = time.perf_counter()
+
+    def _tensors(self, state: TrainState) -> tuple[dict[str, Tensor], dict]:
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.trainable.state_dict().items()}
+        if self.extra_state is not None:
+            tensors.update({f"extra.{k}": v for k, v in self.extra_state().items()})
+        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
+        rng_tensors, rng_meta = capture_rng_state("rng.")
+        tensors.update(opt_tensors)
+        tensors.update(rng_tensors)
+        epoch_tensors, epoch_meta = state.epoch_rng
+        tensors.update({f"epoch_rng.{k[len('rng.'):]}": v for k, v in epoch_tensors.items() if k.startswith("rng.")})
+        return tensors, {"optimizer": opt_meta, "rng": rng_meta, "epoch_rng": epoch_meta}
+
+    def _position(self, state: TrainState) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "label": self.label,
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "config": self.config.to_json(),
+            "elapsed": state.elapsed(),
+            "last_loss": state.last_loss,
+            "last_acc": state.last_acc,
+        }
+
+
+def checkpoint_due(step: int, config: TrainConfig, last_saved: float) -> bool:
+    """Every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time (either may be 0 = off), so a
+    killed long job loses minutes, not the job."""
+    by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
+    by_time = config.checkpoint_minutes and time.perf_counter() - last_saved >= 60 * config.checkpoint_minutes
+    return bool(by_steps or by_time)

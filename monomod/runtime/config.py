@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -12,8 +13,6 @@ import torch
 from monomod.errors import MonomodError, shorten
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# Config fields that may change between a run and its resume without invalidating the checkpoint.
-RESUME_INSENSITIVE = frozenset({"log_every", "checkpoint_every", "checkpoint_minutes", "device", "compile"})
 _INT_FIELDS = ("steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
 _FLOAT_FIELDS = ("lr", "weight_decay", "min_lr", "label_smoothing", "mixup", "checkpoint_minutes")
 
@@ -158,3 +157,30 @@ def resolve_precision(precision: str, device: torch.device | str | None = None) 
     if precision != "auto":
         return precision
     return "bf16" if native_bf16(device if device is not None else resolve_device("auto")) else "fp32"
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (its affinity mask where the platform has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_threads(asked: int | None, allotted: int | None = None) -> int:
+    """The torch threads a job computes with: the plan's ``threads`` where it asks for a count (the same on every
+    executor, so the same numbers), else what the executor allots it on this machine (its share of the cores),
+    else every core this process may use. Decided where the job runs, and recorded in its done record."""
+    if asked:
+        return int(asked)
+    return int(allotted) if allotted else cpu_count()
+
+
+def used_here(train: dict | None, threads: int, device: str = "auto") -> dict[str, object]:
+    """What a job computes with on this machine: its threads, device and (for a training config) precision, each
+    resolved here from what the plan asked (``auto`` included). Recorded in ``done.json`` as ``used``."""
+    resolved = resolve_device(str((train or {}).get("device", device)))
+    used: dict[str, object] = {"threads": threads, "device": str(resolved)}
+    if train is not None:
+        used["precision"] = resolve_precision(str(train.get("precision", "fp32")), resolved)
+    return used

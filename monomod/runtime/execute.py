@@ -2,6 +2,7 @@
 executor (local, process pool, Ray; see executors.py), with one live view of the jobs in flight."""
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -15,14 +16,16 @@ from rich.markup import escape
 from monomod.errors import JobFailed, MonomodError, shorten
 from monomod.io import clean_temporaries
 from monomod.plan import PLAN_FILE, Job, Plan
-from monomod.rundir import CHECKPOINT_DIR, LOCK_FILE, RunDir
+from monomod.rundir import CHECKPOINT_DIR, LOCK_FILE, JobState, RunDir, to_run, writes_only_its_folder
 from monomod.runtime.lock import run_dir_lock
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class JobStatus:
     name: str
-    state: str  # "done" (this time), "cached" (skipped: finished before with the same hash), "failed"
+    state: JobState  # done (this time), cached (skipped: finished before with the same hash), failed
     seconds: float | None = None
 
 
@@ -67,7 +70,7 @@ def reuse_finished(plan: Plan, run_dir: str | Path, sources: list[str | Path]) -
     check_reuse_sources(sources)
     reused = []
     for job in plan.jobs:
-        if run.is_done(job) or not all(out.startswith(f"jobs/{job.dir}/") for out in job.outputs):
+        if run.is_done(job) or not writes_only_its_folder(job):
             continue
         for source in map(RunDir, sources):
             if source.root.resolve() == run.root.resolve() or not source.is_done(job):
@@ -148,7 +151,8 @@ def _execute(
     ``local`` runs jobs in this process one by one (plan order); ``process`` runs up to ``workers`` jobs at once in
     worker processes on this machine, started once and reused; ``ray`` runs them as tasks on a Ray cluster
     (``ray_address``). A job whose inputs are finished starts as soon as the executor has room (side by side, the
-    longest remaining chain of training steps first). Every job computes with the plan's ``threads``. A failed attempt is retried up to
+    longest remaining chain of training steps first). Every job computes with the plan's ``threads``, or, where the
+    plan asks for none, with the share of this machine's cores its executor allots it. A failed attempt is retried up to
     ``max_retries`` times; jobs that do not depend on a failed job keep going; then ``JobFailed`` names every failed
     job and its ``log.txt``. ``loader_workers`` sets every job's data-loader workers (default: the job's cores, at
     most 8); it changes speed, never results, so it is not part of the plan. Finished jobs stay finished, so running the plan again retries only what is left.
@@ -167,7 +171,7 @@ def _execute(
         raise MonomodError(f"--executor {executor} cannot run under torchrun", "under torchrun use the local executor (the default)")
     if executor != "local":
         _check_saved_plan(plan, run_dir)
-    statuses, done, pending = _sort_jobs(plan, run_dir, set(only) if only else None, console)
+    statuses, done, pending = _sort_jobs(plan, run_dir, set(only) if only else None)
     if not pending:
         return statuses
 
@@ -188,8 +192,7 @@ def _execute(
     return statuses
 
 
-def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None,
-               console: Console) -> tuple[list[JobStatus], set[str], list[Job]]:
+def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None) -> tuple[list[JobStatus], set[str], list[Job]]:
     """The cached statuses of the selected finished jobs, the names of every finished job and the selected jobs
     to run (plan order). A job runs again when its inputs do; each job to run must have its inputs finished or
     to run."""
@@ -204,10 +207,10 @@ def _sort_jobs(plan: Plan, run_dir: Path, selected: set[str] | None,
         if problem is None:
             done.add(job.name)
             if selected is None or job.name in selected:
-                statuses.append(JobStatus(job.name, "cached"))
+                statuses.append(JobStatus(job.name, JobState.CACHED))
             continue
-        if RunDir(run_dir).done_file(job).is_file() and problem not in ("finished with another hash", "not finished"):
-            console.print(f"[yellow]{job.name}: {escape(problem)}; running it again[/yellow]", highlight=False)
+        if RunDir(run_dir).done_file(job).is_file() and not to_run(problem):
+            log.warning(f"{job.name}: {problem}; running it again")
         if selected is None or job.name in selected:
             pending.append(job)
     will_run = {job.name for job in pending}
@@ -254,20 +257,22 @@ class _Scheduler:
 
     def launch_ready(self) -> None:
         """Start the pending jobs whose inputs are done while the executor has room: in plan order one at a time,
-        the longest remaining path first side by side (``_longest_path_first``)."""
+        the longest remaining path first side by side (``_longest_path_first``), each with the threads the
+        executor allots it (``allot``: its share of the cores, given how many jobs are ready)."""
+        ready = []
         for job in sorted(self.pending, key=lambda j: self.priority[j.name]):
-            if len(self.running) >= self.runner.capacity:
-                break
             if self._is_blocked(job):
                 self.pending.remove(job)
                 self.blocked.append(job.name)
             elif self.ready(job):
-                self.pending.remove(job)
-                self.launch(job)
+                ready.append(job)
+        for job, threads in zip(ready, self.runner.allot(len(ready))):
+            self.pending.remove(job)
+            self.launch(job, threads)
 
-    def launch(self, job: Job) -> None:
+    def launch(self, job: Job, threads: int | None = None) -> None:
         self.attempts[job.name] = self.attempts.get(job.name, 0) + 1
-        self.runner.start(job)
+        self.runner.start(job, threads)
         self.running.add(job.name)
         self.board.started(job, self.attempts[job.name], self.runner.workers().get(job.name, ""))
 
@@ -280,13 +285,13 @@ class _Scheduler:
         if outcome.ok:
             self.done.add(job.name)
             self.board.finished(job, outcome)
-            self._record(JobStatus(job.name, "done", outcome.seconds))
+            self._record(JobStatus(job.name, JobState.DONE, outcome.seconds))
         elif self.attempts[job.name] <= self.max_retries:
             self._retry(job, outcome)
         else:
             self.failed[job.name] = outcome.error or "unknown error"
             self.board.failed(job, outcome)
-            self._record(JobStatus(job.name, "failed", outcome.seconds))
+            self._record(JobStatus(job.name, JobState.FAILED, outcome.seconds))
 
     def _retry(self, job: Job, outcome) -> None:
         self.board.failed(job, outcome, retry=f"{self.attempts[job.name]}/{self.max_retries}")

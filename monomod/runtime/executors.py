@@ -7,8 +7,12 @@ jobs whose inputs are finished, up to the executor's capacity, then waits for ou
 * ``ray``: every job is a Ray task on a Ray cluster (``address``: ``auto``, ``HOST:PORT``, or none for a local Ray
   with ``num_cpus`` = this machine's cores) that asks for the plan's threads as its CPUs.
 
-Every job computes with the plan's thread count (``settings.threads``, set by ``run_job``), whichever executor runs
-it, so the three give bitwise equal weights; pool workers also start with matching OMP/MKL variables.
+Threads are decided where a job runs (``run_job``, ``resolve_threads``). A plan that asks for a count
+(``settings.threads``, ``--threads``) computes every job with it, whichever executor runs it, so the three give
+bitwise equal weights. A plan that asks for none (``auto``) lets the executor allot each job its share of this
+machine's cores (``allot``): jobs side by side never ask for more threads than the cores they share, and a job that
+runs alone (a chain of the DAG) gets them all. The count each job used is in its ``done.json`` (``used.threads``):
+``--threads`` with that count reproduces its numbers on any executor.
 
 Whatever the executor, a job is run by ``run_one``: load RUN_DIR's plan, check the job's hash, run it exactly as
 ``monomod run RUN_DIR --job NAME`` does and write its products, ``done.json`` and ``log.txt`` under
@@ -17,6 +21,7 @@ must live on storage every node can reach, at the same path.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -31,8 +36,10 @@ from typing import Any, Iterator
 from monomod.errors import MonomodError
 from monomod.io import atomic_write_json, read_json
 from monomod.rundir import RunDir
+from monomod.runtime.config import cpu_count, resolve_threads
 from monomod.safe import open_append
 
+log = logging.getLogger(__name__)
 EXECUTORS = ("local", "process", "ray")
 DEFAULT_PROCESS_WORKERS = 2
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
@@ -48,14 +55,6 @@ class Outcome:
     seconds: float | None = None
     error: str | None = None  # one line
     worker: str = ""
-
-
-def cpu_count() -> int:
-    """CPU cores this process may use (its affinity mask where the platform has one)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
-        return max(1, os.cpu_count() or 1)
 
 
 def thread_env(threads: int) -> dict[str, str]:
@@ -125,21 +124,17 @@ def run_one(run_dir: str, name: str, expected_hash: str | None = None, threads: 
         error = (f"{run.plan_file} changed while the run was going (job {name!r} has hash {job.hash}, "
                  f"expected {expected_hash}); run `monomod run {run_dir}` again")
         return {"ok": False, "seconds": None, "error": error, "worker": worker}
+    threads = resolve_threads(plan.settings.get("threads"), threads)
     atomic_write_json(run.worker_file(job), {"worker": worker, "pid": os.getpid(), "host": socket.gethostname(),
                                               "threads": threads, "started": time.time()})
     with _output_to(run.log(job)):
-        print(f"[{_stamp()}] {name}: started on {worker}" + (f" with {threads} thread(s)" if threads else ""),
-              flush=True)
+        print(f"[{_stamp()}] {name}: started on {worker} with {threads} thread(s)", flush=True)
         try:
-            if threads:
-                import torch
-
-                torch.set_num_threads(threads)
             from monomod.runtime.jobs import RunContext, run_job
 
             ctx = (contexts.get(run_dir, plan, loader_workers) if contexts is not None
                    else RunContext(run_dir=Path(run_dir), plan=plan, loader_workers=loader_workers))
-            record = run_job(ctx, job)
+            record = run_job(ctx, job, threads)
         except Exception as e:  # reported to the scheduler; the traceback stays in the log
             traceback.print_exc()
             print(f"[{_stamp()}] {name}: failed", flush=True)
@@ -163,13 +158,17 @@ class LocalExecutor:
 
         self.run_dir = run_dir
         self.ctx = RunContext(run_dir=run_dir, plan=plan, loader_workers=loader_workers)
-        self.queue: list[Any] = []
+        self.queue: list[tuple[Any, int]] = []
 
-    def start(self, job: Any) -> None:
-        self.queue.append(job)
+    def allot(self, ready: int) -> list[int]:
+        """One job at a time, with every core of this machine (or the plan's count: ``run_job`` decides)."""
+        return [cpu_count()] if ready and not self.queue else []
+
+    def start(self, job: Any, threads: int | None = None) -> None:
+        self.queue.append((job, threads or cpu_count()))
 
     def workers(self) -> dict[str, str]:
-        return {job.name: "this process" for job in self.queue}
+        return {job.name: "this process" for job, _ in self.queue}
 
     def wait(self, timeout: float) -> list[Outcome]:
         from monomod.runtime.distributed import is_writer
@@ -177,12 +176,12 @@ class LocalExecutor:
 
         if not self.queue:
             return []
-        job = self.queue.pop(0)
+        job, threads = self.queue.pop(0)
         log = RunDir(self.run_dir).log(job)
         if is_writer():
             _append(log, f"[{_stamp()}] {job.name}: started in pid {os.getpid()} (local executor)\n")
         try:
-            record = run_job(self.ctx, job)
+            record = run_job(self.ctx, job, threads)
         except Exception as e:
             if is_writer():
                 _append(log, traceback.format_exc() + f"[{_stamp()}] {job.name}: failed\n")
@@ -266,14 +265,15 @@ class _PoolWorker:
 
 
 def plan_thread_count(plan: Any, default: int) -> int:
-    """The plan's threads per job (``settings.threads``), or ``default`` for a plan from before the setting."""
+    """The plan's threads per job (``settings.threads``), or ``default`` where it asks for none (``auto``)."""
     threads = (getattr(plan, "settings", None) or {}).get("threads")
     return int(threads) if threads else default
 
 
 class ProcessExecutor:
-    """``workers`` slots on this machine, each a worker process started once (spawn) and reused for job after job;
-    every job computes with the plan's thread count (``settings.threads``)."""
+    """``workers`` slots on this machine, each a worker process started once (spawn) and reused for job after job.
+    Each job computes with the plan's thread count where it asks for one, else with its share of the cores left
+    free (``allot``)."""
 
     kind = "process"
     live_view = True
@@ -285,31 +285,45 @@ class ProcessExecutor:
         self.run_dir = run_dir
         self.loader_workers = loader_workers
         self.capacity = workers or DEFAULT_PROCESS_WORKERS
-        self.threads = plan_thread_count(plan, max(1, cpu_count() // self.capacity))
+        self.cores = cpu_count()
+        self.fixed = plan_thread_count(plan, 0) or None  # the plan's --threads, or None: allotted per job
         self.mp = multiprocessing.get_context("spawn")
         self.idle: list[_PoolWorker] = []
         self.running: dict[str, _PoolWorker] = {}
-        if self.capacity * self.threads > cpu_count():
-            from rich.console import Console
+        self.threads_of: dict[str, int] = {}  # the threads each running job was allotted
+        if self.fixed and self.capacity * self.fixed > self.cores:
+            log.warning(f"{self.capacity} workers x {self.fixed} thread(s) per job share {self.cores} core(s), so "
+                        f"jobs side by side compete for them: run without --threads (each job gets its share of the "
+                        f"cores) or with --threads {max(1, self.cores // self.capacity)}")
 
-            Console(stderr=True).print(
-                f"[yellow]{self.capacity} workers x {self.threads} thread(s) per job share {cpu_count()} core(s), so "
-                f"jobs side by side compete for them: compile with --threads {max(1, cpu_count() // self.capacity)} "
-                f"(or `monomod run RUN_DIR --threads N`) to give each job its own cores[/yellow]", highlight=False)
+    def allot(self, ready: int) -> list[int]:
+        """Threads for each of the next jobs to start, given ``ready`` jobs waiting: the plan's count, or the cores
+        not yet allotted, split evenly among the jobs that start now (a job alone gets them all); none while every
+        core is taken, so jobs side by side never ask for more threads than the cores they share."""
+        starting = min(ready, self.capacity - len(self.running))
+        if self.fixed:
+            return [self.fixed] * max(0, starting)
+        free = self.cores - sum(self.threads_of.values())
+        starting = min(starting, free)
+        if starting <= 0:
+            return []
+        return [free // starting + (1 if i < free % starting else 0) for i in range(starting)]
 
-    def _spawn(self) -> _PoolWorker:
+    def _spawn(self, threads: int) -> _PoolWorker:
         mine, theirs = self.mp.Pipe(duplex=True)
         proc = self.mp.Process(target=_worker_main, args=(theirs,), name="monomod worker", daemon=True)
         # The child reads the thread variables when torch loads, before any code of ours runs: set them for it.
-        with _environ(thread_env(self.threads)):
+        with _environ(thread_env(threads)):
             proc.start()
         theirs.close()
         return _PoolWorker(proc, mine)
 
-    def start(self, job: Any) -> None:
-        worker = self.idle.pop() if self.idle else self._spawn()
-        worker.conn.send((str(self.run_dir), job.name, job.hash, self.threads, self.loader_workers))
+    def start(self, job: Any, threads: int | None = None) -> None:
+        threads = threads or self.fixed or max(1, self.cores // self.capacity)
+        worker = self.idle.pop() if self.idle else self._spawn(threads)
+        worker.conn.send((str(self.run_dir), job.name, job.hash, threads, self.loader_workers))
         self.running[job.name] = worker
+        self.threads_of[job.name] = threads
 
     def workers(self) -> dict[str, str]:
         return {name: worker.label for name, worker in self.running.items()}
@@ -325,6 +339,7 @@ class ProcessExecutor:
         outcomes = []
         for name in dict.fromkeys(by_handle[h] for h in wait(list(by_handle), timeout)):
             worker = self.running.pop(name)
+            self.threads_of.pop(name, None)
             result = self._result(worker)
             if result is not None and worker.proc.is_alive():
                 self.idle.append(worker)
@@ -376,6 +391,7 @@ class ProcessExecutor:
             self._stop(worker, max(0.0, deadline - time.time()))
         self.idle.clear()
         self.running.clear()
+        self.threads_of.clear()
 
 
 # -------------------------------------------------------------------------------------------------------- ray
@@ -438,8 +454,12 @@ class RayExecutor:
         self.remote = ray.remote(num_cpus=self.threads, num_gpus=gpus, max_retries=0)(_ray_task)
         self.running: dict[str, Any] = {}  # name -> ObjectRef
 
-    def start(self, job: Any) -> None:
-        self.running[job.name] = self.remote.remote(str(self.run_dir), job.name, job.hash, self.threads,
+    def allot(self, ready: int) -> list[int]:
+        """Every task asks Ray for the same CPUs (``num_cpus``); Ray queues what the cluster cannot hold yet."""
+        return [self.threads] * max(0, min(ready, self.capacity - len(self.running)))
+
+    def start(self, job: Any, threads: int | None = None) -> None:
+        self.running[job.name] = self.remote.remote(str(self.run_dir), job.name, job.hash, threads or self.threads,
                                                     self.loader_workers)
 
     def workers(self) -> dict[str, str]:

@@ -28,7 +28,6 @@ import json
 import math
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
@@ -40,21 +39,13 @@ from torch import Tensor, nn
 from monomod.errors import MonomodError
 from monomod.io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
 from monomod.rundir import CHECKPOINT_DIR, METRICS_FILE, RESULT_FILE
-from monomod.safe import open_append, rich_text
+from monomod.safe import open_append
 from monomod.runtime import distributed
 from monomod.runtime.checkpoint import (
-    UnreadableCheckpoint,
-    capture_rng_state,
-    checkpoint_exists,
-    load_checkpoint,
-    optimizer_state_from_tensors,
-    optimizer_state_to_tensors,
-    restore_rng_state,
-    save_checkpoint,
+    Checkpoints, TrainState, capture_rng_state, checkpoint_exists, restore_rng_state,
 )
-from monomod.runtime.config import RESUME_INSENSITIVE, TrainConfig, TrainResult, resolve_device, resolve_precision
+from monomod.runtime.config import TrainConfig, TrainResult, resolve_device, resolve_precision
 
-CHECKPOINT_FORMAT = 1
 # Parameter-name words that mark a parameter as exempt from weight decay (in addition to every 1-D parameter).
 NO_DECAY_WORDS = frozenset({
     "token", "tokens", "embed", "embeds", "embedding", "embeddings", "signature", "signatures", "code", "codes",
@@ -212,7 +203,7 @@ def train(
 
     Writes ``job_dir/metrics.jsonl`` (one line per ``log_every`` steps), ``job_dir/checkpoint/`` (end of job, every
     ``checkpoint_every`` steps and every ``checkpoint_minutes`` minutes) and ``job_dir/result.json``. If
-    ``job_dir/checkpoint`` holds a checkpoint with the same config (``RESUME_INSENSITIVE`` fields may differ) the job resumes from it; a finished job
+    ``job_dir/checkpoint`` holds a checkpoint with the same config (``monomod.plan.UNHASHED_TRAIN_KEYS`` may differ) the job resumes from it; a finished job
     returns at once with its weights loaded. A non-finite loss raises ``MonomodError`` before the optimizer step,
     leaving earlier checkpoints intact. An interrupted job (Ctrl-C, SIGKILL) writes no checkpoint of its own.
 
@@ -230,7 +221,7 @@ def train(
     trainable.to(device)
     trainable.train()
     optimizer = _make_optimizer(trainable, config, device, label)
-    checkpoints = _Checkpoints(job_dir / CHECKPOINT_DIR, trainable, optimizer, config, label, extra_state, writer)
+    checkpoints = Checkpoints(job_dir / CHECKPOINT_DIR, trainable, optimizer, config, label, extra_state, writer)
     state = checkpoints.resume()
     step_once = _Stepper(loss_fn, optimizer, config, device, mix, label, checkpoints.path)
     batches = _Batches(make_loader, state, label)
@@ -261,7 +252,7 @@ def _train_device(config: TrainConfig) -> torch.device:
     return resolve_device(config.device)
 
 
-def _finish(job_dir: Path, label: str, state: "_State", samples_run: int, writer: bool) -> TrainResult:
+def _finish(job_dir: Path, label: str, state: "TrainState", samples_run: int, writer: bool) -> TrainResult:
     seconds = time.perf_counter() - state.started
     result = TrainResult(
         steps=state.step,
@@ -276,124 +267,6 @@ def _finish(job_dir: Path, label: str, state: "_State", samples_run: int, writer
     return result
 
 
-# ----------------------------------------------------------------------------------------- state and resume
-
-RngState = tuple[dict[str, Tensor], dict]
-
-
-@dataclass
-class _State:
-    """Where a job stands: what a checkpoint records and a resume restores."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    elapsed_before: float = 0.0              # wall time of earlier, interrupted runs
-    last_loss: float = float("nan")          # of the last logging window
-    last_acc: float | None = None
-    epoch_rng: RngState | None = None        # the RNG at the start of the current epoch
-    resume_rng: RngState | None = None       # the RNG after the checkpointed step, until its epoch is rebuilt
-    resumed_from: int = 0
-    started: float = dataclasses.field(default_factory=time.perf_counter)  # when this call started training
-
-    def elapsed(self, now: float | None = None) -> float:
-        return self.elapsed_before + ((time.perf_counter() if now is None else now) - self.started)
-
-
-def _comparable(config_json: dict) -> dict:
-    return {k: v for k, v in config_json.items() if k not in RESUME_INSENSITIVE}
-
-
-@dataclass
-class _Checkpoints:
-    """The job's resume checkpoint: loaded when it was made with this config, saved on the loop's cadence."""
-
-    path: Path
-    trainable: nn.Module
-    optimizer: torch.optim.Optimizer
-    config: TrainConfig
-    label: str
-    extra_state: Callable[[], dict[str, Tensor]] | None
-    writer: bool
-    last_saved: float = dataclasses.field(default_factory=time.perf_counter)
-
-    def resume(self) -> _State:
-        """The checkpointed state with the weights and AdamW moments loaded, or a fresh state."""
-        if not checkpoint_exists(self.path):
-            return _State()
-        try:
-            tensors, saved = load_checkpoint(self.path, required=("step", "epoch", "batch_in_epoch"))
-        except UnreadableCheckpoint as e:
-            _say(f"{self.label}: {e}")
-            return _State()
-        comparable = _comparable(saved.get("config", {})) == _comparable(self.config.to_json())
-        if saved.get("format") != CHECKPOINT_FORMAT or not comparable:
-            _say(f"{self.label}: the checkpoint in {self.path} was made with a different config; starting afresh")
-            return _State()
-        self._load_weights(tensors, saved)
-        return _State(
-            step=saved["step"], epoch=saved["epoch"], batch_in_epoch=saved["batch_in_epoch"],
-            elapsed_before=saved.get("elapsed", 0.0),
-            last_loss=saved.get("last_loss", float("nan")), last_acc=saved.get("last_acc"),
-            epoch_rng=(tensors, saved["epoch_rng"]), resume_rng=(tensors, saved["rng"]), resumed_from=saved["step"],
-        )
-
-    def _load_weights(self, tensors: dict[str, Tensor], saved: dict) -> None:
-        model_state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        try:
-            self.trainable.load_state_dict(model_state, strict=True)
-            self.optimizer.load_state_dict(optimizer_state_from_tensors(tensors, saved["optimizer"]))
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise MonomodError(
-                f"training job '{self.label}': the checkpoint in {self.path} does not fit the model being trained ({e})",
-                f"delete {self.path} to restart the job from scratch",
-            ) from None
-
-    def due(self, step: int) -> bool:
-        return _checkpoint_due(step, self.config, self.last_saved)
-
-    def save(self, state: _State) -> None:
-        """Weights, AdamW, the position in the epoch and both RNG states (only rank 0 writes)."""
-        if self.writer:
-            tensors, meta = self._tensors(state)
-            save_checkpoint(self.path, tensors, {**self._position(state), **meta})
-        self.last_saved = time.perf_counter()
-
-    def _tensors(self, state: _State) -> tuple[dict[str, Tensor], dict]:
-        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.trainable.state_dict().items()}
-        if self.extra_state is not None:
-            tensors.update({f"extra.{k}": v for k, v in self.extra_state().items()})
-        opt_tensors, opt_meta = optimizer_state_to_tensors(self.optimizer.state_dict())
-        rng_tensors, rng_meta = capture_rng_state("rng.")
-        tensors.update(opt_tensors)
-        tensors.update(rng_tensors)
-        epoch_tensors, epoch_meta = state.epoch_rng
-        tensors.update({f"epoch_rng.{k[len('rng.'):]}": v for k, v in epoch_tensors.items() if k.startswith("rng.")})
-        return tensors, {"optimizer": opt_meta, "rng": rng_meta, "epoch_rng": epoch_meta}
-
-    def _position(self, state: _State) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "label": self.label,
-            "step": state.step,
-            "epoch": state.epoch,
-            "batch_in_epoch": state.batch_in_epoch,
-            "config": self.config.to_json(),
-            "scheduler": {"kind": "warmup_cosine", "step": state.step, "next_lr": learning_rate(state.step, self.config)},
-            "elapsed": state.elapsed(),
-            "last_loss": state.last_loss,
-            "last_acc": state.last_acc,
-        }
-
-
-def _checkpoint_due(step: int, config: TrainConfig, last_saved: float) -> bool:
-    """Every ``checkpoint_every`` steps and every ``checkpoint_minutes`` of wall time (either may be 0 = off), so a
-    killed long job loses minutes, not the job."""
-    by_steps = config.checkpoint_every and step % config.checkpoint_every == 0
-    by_time = config.checkpoint_minutes and time.perf_counter() - last_saved >= 60 * config.checkpoint_minutes
-    return bool(by_steps or by_time)
-
-
 # ------------------------------------------------------------------------------------------------------ batches
 
 
@@ -404,7 +277,7 @@ def _batches_of_epoch(make_loader: Callable[[int], Iterable], epoch: int) -> Ite
 class _Batches:
     """The loader's batches, epoch after epoch, counted in ``state``; a resumed job's epoch is rebuilt exactly."""
 
-    def __init__(self, make_loader: Callable[[int], Iterable], state: _State, label: str) -> None:
+    def __init__(self, make_loader: Callable[[int], Iterable], state: TrainState, label: str) -> None:
         self.make_loader, self.state, self.label = make_loader, state, label
         self.batches: Iterator | None = None
 
@@ -514,13 +387,6 @@ class _Stepper:
         return _Stepped(loss_value, n, logits, hard, lr)
 
 
-def _say(line: str) -> None:
-    """One yellow line on stderr (the job's log.txt under an executor) about what happened to a checkpoint."""
-    from rich.console import Console
-
-    Console(stderr=True, soft_wrap=True).print(f"[yellow]{rich_text(line)}[/yellow]")
-
-
 def _non_finite(label: str, loss: float, step: int, lr: float, config: TrainConfig, ckpt_dir: Path) -> MonomodError:
     """The message for a diverged job: what was kept (only a checkpoint that exists) and an lr worth trying."""
     if checkpoint_exists(ckpt_dir):
@@ -581,7 +447,7 @@ class _Metrics:
     def due(self, step: int) -> bool:
         return step % self.config.log_every == 0 or step == self.config.steps
 
-    def log(self, state: _State) -> dict[str, Any]:
+    def log(self, state: TrainState) -> dict[str, Any]:
         """Close the window: its record (written, and kept in ``state`` as the last loss and accuracy)."""
         correct, labelled = float(self.correct), self.labelled
         if distributed.active():  # accuracy over the whole global batches

@@ -5,21 +5,67 @@ The families are imported lazily so that ``import monomod`` (and every CLI start
 """
 from __future__ import annotations
 
+import importlib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from monomod.errors import MonomodError
 from monomod.students.base import Stage, StagedModel, StageInterface
 
-STUDENT_KINDS: tuple[str, ...] = ("nac", "moe", "vit")
-# Raised when a family's computation or initialisation changes: the student jobs of a plan hash it, so finished
-# (or --reuse'd) student jobs made by the old code run again while the teacher side is kept.
-STUDENT_REVISIONS: dict[str, int] = {"nac": 2, "moe": 1, "vit": 1}
+@dataclass(frozen=True)
+class StudentFamily:
+    """One student family, in the one table of them (``FAMILIES``): what builds it, its presets, how its m2mKD
+    stages are stitched to the teacher by default, its revision, and what it asks of the plan. Builders and
+    presets are named ``module:attribute`` and imported when used, so that ``import monomod`` stays free of timm."""
+
+    name: str
+    builder: str  # "module:function" taking (modules, num_classes, img_size, in_chans, preset, **overrides)
+    presets: str | None  # "module:ATTRIBUTE", a mapping preset name -> config (None: no presets)
+    stitch: str = "linear"  # the stitch layers as the family's reference uses them
+    # The boundary loss's weight where the user gives none: on for the families whose stages run in m2mKD as they
+    # run assembled, off for the NAC, whose m2mKD form differs from its assembled one (README, "The boundary loss").
+    boundary_loss: float = 0.0
+    # Raised when the family's computation or initialisation changes: the student jobs of a plan hash it, so finished
+    # (or --reuse'd) student jobs made by the old code run again while the teacher side is kept.
+    revision: int = 0
+    min_modules: int = 2
+    takes_patch_size: bool = False  # a ViT-like student takes the teacher's patch size (token grids line up)
+
+    def build(self) -> Any:
+        return _attribute(self.builder)
+
+    def preset_names(self) -> tuple[str, ...]:
+        return tuple(sorted(_attribute(self.presets))) if self.presets else ()
+
+
+def _attribute(path: str) -> Any:
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+FAMILIES: dict[str, StudentFamily] = {
+    "nac": StudentFamily("nac", "monomod.students.nac:build_nac", "monomod.students.nac:NAC_PRESETS", "linear",
+                         revision=2, min_modules=3),
+    "moe": StudentFamily("moe", "monomod.students.moe:build_moe", "monomod.students.moe:MOE_PRESETS", "ln_linear",
+                         revision=1, takes_patch_size=True, boundary_loss=10.0),
+    "vit": StudentFamily("vit", "monomod.students.vit:build_vit", "monomod.students.vit:VIT_PRESETS", "linear",
+                         revision=1, takes_patch_size=True, boundary_loss=10.0),
+}
+# A student the user brings (a timm model name, pkg.module:factory): plain linear stitches, its own code's revision.
+BROUGHT = StudentFamily("brought", "monomod.students.custom:build_custom", None)
+STUDENT_KINDS: tuple[str, ...] = tuple(FAMILIES)
+STITCHES: tuple[str, ...] = tuple(sorted({family.stitch for family in FAMILIES.values()}))
+
+
+def student_family(kind: str) -> StudentFamily:
+    """The family of ``kind``: a built-in one, or ``BROUGHT`` for a student the user brings."""
+    return FAMILIES.get(kind, BROUGHT) if isinstance(kind, str) else BROUGHT
 
 
 def student_revision(kind: str) -> int:
     """The revision of a built-in family (0 for a student the user brings: its code is theirs)."""
-    return STUDENT_REVISIONS.get(kind, 0)
+    return student_family(kind).revision
 
 MAX_STAGES = 256  # a student of more stages is no modular model (the paper's have 4 to 10)
 
@@ -36,17 +82,11 @@ def build_student(kind: str, *, modules: int, num_classes: int, img_size: int, i
     if isinstance(modules, int) and modules > MAX_STAGES:  # 100000 NAC stages hung before the family said no
         raise MonomodError(f"--modules {modules} is more stages than a student can have ({MAX_STAGES} at most)",
                            f"pass --modules {MAX_STAGES} or fewer")
-    if kind == "nac":
-        from monomod.students.nac import build_nac as build
-    elif kind == "moe":
-        from monomod.students.moe import build_moe as build
-    elif kind == "vit":
-        from monomod.students.vit import build_vit as build
+    if kind in FAMILIES:
+        build = FAMILIES[kind].build()
     elif isinstance(kind, str) and (":" in kind or _is_timm(kind)):
-        from monomod.students.custom import build_custom
-
-        model = build_custom(kind, modules=modules, num_classes=num_classes, img_size=img_size, in_chans=in_chans,
-                             **overrides)
+        model = BROUGHT.build()(kind, modules=modules, num_classes=num_classes, img_size=img_size,
+                                in_chans=in_chans, **overrides)
         model.preset = preset  # plain attribute, for reports
         return model
     else:
@@ -94,5 +134,5 @@ def _is_timm(name: str) -> bool:
     return is_timm_model(name)
 
 
-__all__ = ["MAX_STAGES", "STUDENT_KINDS", "STUDENT_REVISIONS", "Stage", "StageInterface", "StagedModel",
-           "build_on_meta", "build_student", "student_revision"]
+__all__ = ["BROUGHT", "FAMILIES", "MAX_STAGES", "STITCHES", "STUDENT_KINDS", "Stage", "StudentFamily", "StageInterface", "StagedModel",
+           "build_on_meta", "build_student", "student_family", "student_revision"]

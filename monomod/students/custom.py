@@ -16,30 +16,29 @@ import torch
 from torch import nn
 
 from monomod.errors import MonomodError, first_line, shorten
+from monomod.students import STUDENT_KINDS
 from monomod.students.base import StagedModel, extracted_stages
 
-FAMILIES: tuple[str, ...] = ("nac", "moe", "vit")
 SpecKind = Literal["family", "code", "timm"]
-RUN_ARGUMENTS = ("modules", "num_classes", "img_size", "in_chans")  # what a factory is given when it takes them
 
 
 def resolve_student(spec: str) -> SpecKind:
     """Which kind of student ``spec`` names: a built-in family, Python code, or a timm model (aliases included)."""
-    if spec in FAMILIES:
+    if spec in STUDENT_KINDS:
         return "family"
     if isinstance(spec, str) and ":" in spec:
         return "code"
     if isinstance(spec, str) and is_timm_model(spec):
         return "timm"
     raise MonomodError(f"unknown student --to {spec!r}",
-                       f"use one of {', '.join(FAMILIES)}, a timm model name or pkg.module:factory")
+                       f"use one of {', '.join(STUDENT_KINDS)}, a timm model name or pkg.module:factory")
 
 
 def check_student_kind(spec: Any) -> None:
     """MonomodError (one line) unless ``spec`` names a student monomod can build."""
     if not isinstance(spec, str) or not spec:
         raise MonomodError(f"unknown student --to {shorten(repr(spec))}",
-                           f"use one of {', '.join(FAMILIES)}, a timm model name or pkg.module:factory")
+                           f"use one of {', '.join(STUDENT_KINDS)}, a timm model name or pkg.module:factory")
     resolve_student(spec)
 
 
@@ -117,4 +116,4 @@ def cut_into_stages(model: nn.Module, modules: int, *, num_classes: int, img_siz
     return staged
 
 
-__all__ = ["FAMILIES", "build_custom", "check_student_kind", "cut_into_stages", "resolve_student"]
+__all__ = ["build_custom", "check_student_kind", "cut_into_stages", "resolve_student"]

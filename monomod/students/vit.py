@@ -37,19 +37,20 @@ def split_depth(depth: int, modules: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(modules)]
 
 
+def _share(stage: nn.Module, vit: VisionTransformer, names: tuple[str, ...]) -> None:
+    """Give ``stage`` the ViT's own attributes of these names (modules and parameters shared, not copied; None
+    where the ViT has none), under the same names, so the stage's weights keep timm's keys."""
+    for name in names:
+        setattr(stage, name, getattr(vit, name))
+
+
 class ViTEmbedStage(Stage):
     """Stage 0: patch embedding, prefix tokens, position embedding, pre-norm, then its blocks."""
 
     def __init__(self, vit: VisionTransformer, blocks: list[nn.Module]) -> None:
         super().__init__()
-        self.patch_embed = vit.patch_embed
-        self.cls_token = vit.cls_token  # Parameter or None: shared with vit, not copied
-        self.reg_token = vit.reg_token
-        self.pos_embed = vit.pos_embed
-        self.no_embed_class = vit.no_embed_class
-        self.pos_drop = vit.pos_drop
-        self.patch_drop = vit.patch_drop
-        self.norm_pre = vit.norm_pre
+        _share(self, vit, ("patch_embed", "cls_token", "reg_token", "pos_embed", "no_embed_class", "pos_drop",
+                           "patch_drop", "norm_pre"))
         self.blocks = nn.Sequential(*blocks)
         self.interface = StageInterface("image->tokens", None, vit.embed_dim)
 
@@ -90,14 +91,8 @@ class ViTHeadStage(Stage):
     def __init__(self, vit: VisionTransformer, blocks: list[nn.Module]) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*blocks)
-        self.norm = vit.norm
-        self.attn_pool = vit.attn_pool
-        self.fc_norm = vit.fc_norm
-        self.head_drop = vit.head_drop
-        self.head = vit.head
-        self.global_pool = vit.global_pool
-        self.num_prefix_tokens = vit.num_prefix_tokens
-        self.pool_include_prefix = vit.pool_include_prefix
+        _share(self, vit, ("norm", "attn_pool", "fc_norm", "head_drop", "head", "global_pool", "num_prefix_tokens",
+                           "pool_include_prefix"))
         self.interface = StageInterface("tokens->logits", vit.embed_dim, None)
 
     def _pool(self, x: torch.Tensor) -> torch.Tensor:

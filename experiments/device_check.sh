@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session for the evidence and speed issues, in two phases (usage, from the repo root:
-# OUT=/tmp/out bash benchmarks/device_check.sh; then python -m benchmarks.device_check /tmp/out):
+# OUT=/tmp/out bash experiments/device_check.sh; then python -m experiments.device_check /tmp/out):
 # 1. accuracy: `monomod convert vit_tiny --modules 4 --preset demo --seed 0` in fp32 and in bf16 (same seed), and the
 #    one-seed ablations of the evidence study (teacher trained end to end, the teacher as meta model, the reference
 #    KL normalisation, the feature loss), each against the fp32 run of its student on this machine; runs of the second
@@ -13,7 +13,7 @@
 LIMIT=${LIMIT:-555}  # seconds for the whole script: accuracy runs stop by 400, throughput by LIMIT
 export OMP_NUM_THREADS=1 BASE_ARGS="--modules 4 --preset demo --seed 0 --threads 1" RUN_LIMIT=240
 SECONDS=0
-source benchmarks/device_common.sh
+source experiments/device_common.sh
 run nac --to nac --precision fp32 & run nac-bf16 --to nac --precision bf16 &
 run nac-e2e --to nac --precision fp32 --teacher-training end-to-end &
 run nac-metateacher --to nac --precision fp32 --meta teacher & wait
@@ -39,7 +39,7 @@ started = time.perf_counter()
 rows = open(f"{sys.argv[1]}/throughput-rows.jsonl", "a")
 result = throughput.run(quick=False, on_row=lambda row: (rows.write(json.dumps(row) + "\n"), rows.flush()))
 result["meta"] = {"machine": machine(), "seconds": round(time.perf_counter() - started, 1), "date": time.strftime("%Y-%m-%d"),
-                  "command": "OUT=DIR bash benchmarks/device_check.sh (its throughput phase)"}
+                  "command": "OUT=DIR bash experiments/device_check.sh (its throughput phase)"}
 open(f"{sys.argv[1]}/throughput.json", "w").write(json.dumps(result, indent=2))
 open(f"{sys.argv[1]}/throughput.md", "w").write(throughput.markdown(result))
 PY

@@ -1,7 +1,7 @@
 """Evidence, third round: the NAC with the reference's read-in (issue 23), against the same NAC from scratch.
 
 Settings, all fixed before the first run (nothing tuned on val or OOD, no run picked by its score): those of
-``benchmarks/evidence.py``'s NAC lane, unchanged, with the NAC as it now is (the reference's read-in LayerScales,
+``experiments/evidence.py``'s NAC lane, unchanged, with the NAC as it now is (the reference's read-in LayerScales,
 ModFC init, latent scale, ConvNeXt tokenizer, image-only stage-0 tokens in m2mKD, per-sample link sampling):
 
 - Teacher: ``vit_tiny`` by Deep Incubation (demo preset), teacher seed 0, trained once and shared under ``--reuse``.
@@ -15,8 +15,8 @@ ModFC init, latent scale, ConvNeXt tokenizer, image-only stage-0 tokens in m2mKD
   data. Each m2mKD row also records the assembled student's IID accuracy before fine-tuning.
 - Every job runs on 1 torch thread; one seed per process, two seeds side by side on the 2 cores.
 
-``python -m benchmarks.evidence_nac teacher``, then ``python -m benchmarks.evidence_nac seed N`` for N = 0, 1, 2
-(two at a time), then ``python -m benchmarks.evidence_nac collect``. Runs live in ``benchmarks/runs/evidence-nac``.
+``python -m experiments.evidence_nac teacher``, then ``python -m experiments.evidence_nac seed N`` for N = 0, 1, 2
+(two at a time), then ``python -m experiments.evidence_nac collect``. Runs live in ``experiments/runs/evidence-nac``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import evidence as ev
+from experiments import evidence as ev
 from monomod.api import load_run
 from monomod.io import atomic_write_json
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     result = collect(s)
     walls = result["wall"]  # the round's time: the teacher, then two seeds side by side, then the third
     started -= walls.get("teacher", 0.0) + max(walls.get("seed0", 0.0), walls.get("seed1", 0.0)) + walls.get("seed2", 0.0)
-    write_result("evidence_nac", result, started, quick=args.quick, command=ev.parts_command(
+    write_result("evidence_nac", result, started, quick=args.quick, package="experiments", command=ev.parts_command(
         "evidence_nac", ["teacher;", "seed 0 &", "seed 1;", "seed 2;", "collect"]))
     return 0
 

@@ -24,10 +24,10 @@ Settings, all fixed before the first run (nothing tuned on val or OOD, no run pi
 - Machine regime: every job runs on 1 torch thread while the other lane (the other student) runs beside it on the
   second core, so all compute seconds are measured under the same load.
 
-``python -m benchmarks.evidence teacher``, then ``nac`` and ``moe`` side by side, then the stronger teachers'
+``python -m experiments.evidence teacher``, then ``nac`` and ``moe`` side by side, then the stronger teachers'
 parts ``strong`` and ``longer`` (each on 2 threads, alone), then ``collect``; or
 ``python -m benchmarks.run --only evidence`` for all of it one lane after another. Runs live in
-``benchmarks/runs/evidence`` and are resumable: jobs finished with the same hash are reused.
+``experiments/runs/evidence`` and are resumable: jobs finished with the same hash are reused.
 """
 from __future__ import annotations
 
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         walls = result["wall"]
         started -= (walls.get("teacher", 0.0) + max((walls.get(s, 0.0) for s in STUDENTS), default=0.0)
                     + sum(walls.get(part, 0.0) for part in STRONG_TEACHERS))
-        write_result("evidence", result, started, quick=args.quick,
+        write_result("evidence", result, started, quick=args.quick, package="experiments",
                      command=parts_command("evidence", ["teacher;", "nac &", "moe;", "strong;", "longer;", "collect"]))
     return 0
 

@@ -1,10 +1,10 @@
-"""Tables of ``benchmarks/device_check.sh`` (one GPU-machine session): the demo in fp32 against bf16, the evidence
+"""Tables of ``experiments/device_check.sh`` (one GPU-machine session): the demo in fp32 against bf16, the evidence
 study's one-seed ablations, and the throughput benchmark on the GPU.
 
-``OUT=DIR bash benchmarks/device_check.sh`` (on the GPU machine) writes ``DIR/results.jsonl`` and
+``OUT=DIR bash experiments/device_check.sh`` (on the GPU machine) writes ``DIR/results.jsonl`` and
 ``DIR/throughput.{json,md}``; reports of further seeds of the fp32/bf16 pair may sit beside them as
-``DIR/nac-{fp32,bf16}-s{SEED}.json`` (each a run's report.json). ``python -m benchmarks.device_check DIR`` (anywhere)
-turns them into ``benchmarks/results/device_check.{json,md}`` and rebuilds ``benchmarks/RESULTS.md``.
+``DIR/nac-{fp32,bf16}-s{SEED}.json`` (each a run's report.json). ``python -m experiments.device_check DIR`` (anywhere)
+turns them into ``experiments/results/device_check.{json,md}`` and rebuilds ``experiments/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
-MACHINE = "one NVIDIA H200, 16 CPU cores, torch 2.11.0+cu130, timm 1.0.29, 1 torch thread per run"
+from experiments import HERE, machine_of
 # ablation run -> (what it changes, the fp32 run of the same student it is compared with)
 ABLATIONS = {
     "nac-e2e": ("`--teacher-training end-to-end` (no incubation)", "nac"),
@@ -124,12 +123,12 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str]) -> int:
     source = Path(argv[0]) if argv else HERE / "results" / "device_check"
     result = load(source)
-    result["meta"] = {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"),
+    result["meta"] = {"machine": machine_of(source, "device_check"), "date": time.strftime("%Y-%m-%d"),
                       "seconds": max(r["seconds"] for r in result["runs"]),
-                      "command": "OUT=DIR bash benchmarks/device_check.sh; python -m benchmarks.device_check DIR"}
+                      "command": "OUT=DIR bash experiments/device_check.sh; python -m experiments.device_check DIR"}
     from benchmarks.run import save_collected
 
-    save_collected("device_check", result, markdown(result))
+    save_collected("device_check", result, markdown(result), package="experiments")
     return 0
 
 

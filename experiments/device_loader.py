@@ -1,6 +1,6 @@
 """One `paper`-preset m2mKD job on a GPU with real-size JPEGs, with loader workers off and on.
 
-Run on the GPU machine: ``python -m benchmarks.device_loader OUT_DIR``. It writes an ImageFolder of 256x320 JPEGs
+Run on the GPU machine: ``python -m experiments.device_loader OUT_DIR``. It writes an ImageFolder of 256x320 JPEGs
 (crops of sklearn's sample photos), compiles ``vit_small -> vit, 4 modules, --preset paper`` on it (RandAugment,
 random erasing, mixup/CutMix), runs the m2mKD job's inputs on a token budget, then times ``m2mkd:0`` with 0 and 8
 loader workers while sampling the GPU's utilisation. Writes ``OUT_DIR/loader.json``.

@@ -1,8 +1,8 @@
-"""Tables of the demo matrix run by ``benchmarks/device_demo.sh`` on a GPU machine.
+"""Tables of the demo matrix run by ``experiments/device_demo.sh`` on a GPU machine.
 
-``OUT=DIR bash benchmarks/device_demo.sh`` (on the GPU machine) writes ``DIR/results.jsonl`` and ``DIR/data.json``;
-``python -m benchmarks.device_demo DIR [NOTE]`` (anywhere) turns them into ``benchmarks/results/device_demo.{json,md}``
-and rebuilds ``benchmarks/RESULTS.md``. One seed per variant: read differences of a few points as noise.
+``OUT=DIR bash experiments/device_demo.sh`` (on the GPU machine) writes ``DIR/results.jsonl`` and ``DIR/data.json``;
+``python -m experiments.device_demo DIR [NOTE]`` (anywhere) turns them into ``experiments/results/device_demo.{json,md}``
+and rebuilds ``experiments/RESULTS.md``. One seed per variant: read differences of a few points as noise.
 """
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).parent
-MACHINE = "one NVIDIA H200 (CUDA, bf16 autocast), 16 CPU cores, torch 2.11.0+cu130, timm 1.0.29, 2 threads per run"
+from experiments import HERE, machine_of
 
 
 def _pct(cell: dict[str, Any] | None, key: str) -> str:
@@ -47,7 +46,7 @@ def markdown(result: dict[str, Any]) -> str:
                   for r in data["rows"]]
     loader = result.get("loader")
     if loader:
-        lines += ["", f"One `paper`-preset m2mKD job on the GPU (`bash benchmarks/device_loader.sh`: vit_small -> vit, "
+        lines += ["", f"One `paper`-preset m2mKD job on the GPU (`bash experiments/device_loader.sh`: vit_small -> vit, "
                   f"module 0, {loader['steps']} steps of {loader['batch_size']} real 256x320 JPEGs at 224 px with "
                   "RandAugment, random erasing, mixup/CutMix), loader workers off and on; GPU utilisation sampled "
                   "every 200 ms by nvidia-smi over the whole command:", "",
@@ -64,11 +63,11 @@ def main(argv: list[str]) -> int:
     note = argv[1] if len(argv) > 1 else None  # e.g. the budgets the runs had, when the preset has changed since
     result = {"runs": runs, "note": note, "data": json.loads(data_path.read_text()) if data_path.is_file() else None,
               "loader": json.loads(loader_path.read_text()) if loader_path.is_file() else None,
-              "meta": {"machine": MACHINE, "date": time.strftime("%Y-%m-%d"), "seconds": max(r["seconds"] for r in runs),
-                       "command": "OUT=DIR bash benchmarks/device_demo.sh; python -m benchmarks.device_demo DIR"}}
+              "meta": {"machine": machine_of(source, "device_demo"), "date": time.strftime("%Y-%m-%d"), "seconds": max(r["seconds"] for r in runs),
+                       "command": "OUT=DIR bash experiments/device_demo.sh; python -m experiments.device_demo DIR"}}
     from benchmarks.run import save_collected
 
-    save_collected("device_demo", result, markdown(result))
+    save_collected("device_demo", result, markdown(result), package="experiments")
     return 0
 
 

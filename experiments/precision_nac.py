@@ -6,12 +6,12 @@ Settings, fixed before the first run:
 
 - Training: the NAC's first module (``m2mkd:0``, tokenizer + read-in, the module whose signal bf16 used to lose)
   distilled for the demo's 250 steps in fp32 and under bf16 autocast, seeds 0, 1, 2, in the evidence
-  round's meta model and teacher (``benchmarks/evidence_nac.py``, teacher seed 0); its student hybrid is measured in
+  round's meta model and teacher (``experiments/evidence_nac.py``, teacher seed 0); its student hybrid is measured in
   the precision it trained in.
 - Inference: the evidence round's fine-tuned NAC students (fp32-trained, seeds 0-2) evaluated in fp32 and under
   bf16 autocast.
 
-``python -m benchmarks.precision_nac`` after the evidence round's seeds (a seed whose fine-tune is missing is left
+``python -m experiments.precision_nac`` after the evidence round's seeds (a seed whose fine-tune is missing is left
 out of the inference table; run again once it is there: finished jobs are kept); one job at a time on 1 thread.
 """
 from __future__ import annotations
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import evidence as ev
-from benchmarks.evidence_nac import NAME
+from experiments import evidence as ev
+from experiments.evidence_nac import NAME
 from monomod.api import load_run
 from monomod.compiler import ConvertOptions, compile_options
 from monomod.rundir import RunDir
@@ -105,7 +105,7 @@ def main() -> int:
     from benchmarks.run import write_result
 
     started = time.perf_counter()
-    write_result("precision_nac", run(), started, quick=False, command="python -m benchmarks.precision_nac")
+    write_result("precision_nac", run(), started, quick=False, package="experiments", command="python -m experiments.precision_nac")
     return 0
 
 

@@ -2,9 +2,9 @@
 # The demo matrix of the turn's method issues on one GPU machine: every variant of `monomod convert vit_tiny
 # --modules 4 --preset demo` side by side, teacher-side jobs shared through --reuse. Writes $OUT/results.jsonl
 # (one line per run: its report's results and per-module table) and $OUT/log.txt. Usage (from the repo root):
-#   OUT=/tmp/out bash benchmarks/device_demo.sh
+#   OUT=/tmp/out bash experiments/device_demo.sh
 export OMP_NUM_THREADS=2 BASE_ARGS="--modules 4 --preset demo"
-source benchmarks/device_common.sh
+source experiments/device_common.sh
 run nac --to nac & run nac-e2e --to nac --teacher-training end-to-end & wait
 run moe --to moe --reuse "$R/nac" &
 run moe-e2e --to moe --teacher-training end-to-end --reuse "$R/nac-e2e" &

@@ -6,7 +6,7 @@ set -u
 OUT=${OUT:-/tmp/monomod-device}; mkdir -p "$OUT"; R=/tmp/monomod-runs; mkdir -p "$R"
 PP=/tmp/monomod-pp; rm -rf "$PP"; mkdir -p "$PP"
 cp -r monomod "$PP/monomod"; cp -r passes "$PP/monomod/passes"; cp -r recipes "$PP/monomod/recipes"
-cp -r benchmarks "$PP/benchmarks"; cd "$PP"
+cp -r benchmarks "$PP/benchmarks"; cp -r experiments "$PP/experiments"; cd "$PP"
 export PYTHONPATH=$PP PYTHONUNBUFFERED=1
 M="python3 -m monomod.cli"
 RUN_LIMIT=${RUN_LIMIT:-0}
@@ -28,3 +28,9 @@ PY
 }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader >> "$OUT/log.txt" 2>&1
 python3 -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" >> "$OUT/log.txt" 2>&1
+# The machine, into the results (never into code): GPU, CPU cores, torch and timm, and the threads per run.
+python3 - "$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)" > "$OUT/machine.txt" <<'PY'
+import os, sys, timm, torch
+gpu = sys.argv[1] or "no GPU"
+print(f"{gpu}, {os.cpu_count()} CPU cores, torch {torch.__version__}, timm {timm.__version__}")
+PY
