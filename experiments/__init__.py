@@ -12,7 +12,9 @@ TITLES = {
                 "Incubation teacher, NAC and V-MoE, 3 seeds, full data and few labels)",
     "evidence_nac": "Evidence, third round: the NAC with the reference's read-in against the same NAC from scratch "
                     "(3 seeds, full data at equal epochs and equal compute, few labels, dropped and bridged assembly)",
-    "precision_nac": "The NAC in bf16 against fp32 on this CPU, at a reduced budget (module 0's m2mKD; inference)",
+    "precision_nac": "The NAC in bf16 against fp32 on this CPU: module 0's m2mKD, inference, and the whole student at "
+                     "the demo's budgets",
+    "boundary": "The boundary loss: the assembled student before and after fine-tuning, V-MoE, ViT and NAC, 3 seeds",
     "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
     "precision_demo": "The demo in fp32 and in bf16 on the same seed, at a fifth of the demo's budgets (this CPU)",
     "device_check": "On a GPU machine: the demo in fp32 against bf16, the evidence study's ablations, throughput",

@@ -64,13 +64,37 @@ def inference(seed: int) -> dict[str, Any]:
     return out
 
 
+def train_student(seed: int, precision: str, root: Path) -> dict[str, Any]:
+    """The whole NAC student in ``precision``: its four m2mKD jobs and the fine-tune under that autocast, on the
+    evidence round's fp32 teacher side, measured in the precision it trained in. fp32 reuses the round's own runs."""
+    plan = compile_options(ConvertOptions(teacher="vit_tiny", student="nac", modules=4, preset="demo",
+                                          teacher_seed=0, seed=seed, threads=2))
+    if precision != "fp32":
+        for job in plan.jobs:
+            if job.kind in ("m2mkd", "finetune"):
+                job.config["train"]["precision"] = precision
+        plan.rehash()
+    runs = HERE / "runs" / NAME
+    run_dir = prepare_run_dir(plan, root / f"student-{precision}-s{seed}", force=True)
+    reuse_finished(plan, run_dir, [runs / "teacher", runs / f"nac-bridged-s{seed}", runs / f"nac-m2mkd-s{seed}"])
+    execute(plan, run_dir, only=["finetune", "assemble", *(f"m2mkd:{i}" for i in range(4))], console=ev.Study().quiet)
+    ctx = RunContext(run_dir=run_dir, plan=load_run(run_dir).plan)
+    model = ctx.assembled_student()
+    model.load_state_dict(ctx.product("finetune"))
+    result = accuracies(ctx, {"student": model}, 256, distill=False, precision=precision)["student"]
+    hybrids = [RunDir(run_dir).done(plan.job(f"m2mkd:{i}"))["result"]["student_hybrid_acc"] for i in range(4)]
+    return {"seed": seed, "precision": precision, "iid": result["iid_acc"], "ood": result["ood_acc"], "hybrids": hybrids}
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     root = HERE / "runs" / "precision-nac"
     seeds = ev.SEEDS[:1] if quick else ev.SEEDS
     training = [distil_first_module(seed, precision, root) for seed in seeds for precision in PRECISIONS]
     runs = HERE / "runs" / NAME
     finished = [seed for seed in seeds if (runs / f"nac-m2mkd-s{seed}" / "jobs" / "finetune" / "done.json").is_file()]
-    return {"steps": STEPS, "training": training, "inference": [inference(seed) for seed in finished]}
+    students = [train_student(seed, precision, root) for seed in seeds for precision in PRECISIONS]
+    return {"steps": STEPS, "training": training, "inference": [inference(seed) for seed in finished],
+            "students": students}
 
 
 def _diff(pairs: list[tuple[float, float]]) -> str:
@@ -98,7 +122,28 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['seed']} | {100 * r['fp32']['iid']:.1f} | {100 * r['bf16']['iid']:.1f} | "
                      f"{100 * r['fp32']['ood']:.1f} | {100 * r['bf16']['ood']:.1f} |")
     iid = [(r["fp32"]["iid"], r["bf16"]["iid"]) for r in result["inference"]]
-    return "\n".join(lines + ["", f"Fine-tuned student IID, bf16 minus fp32 inference: {_diff(iid)} points.", ""])
+    lines += ["", f"Fine-tuned student IID, bf16 minus fp32 inference: {_diff(iid)} points.", ""]
+    return "\n".join(lines + _students_markdown(result.get("students", [])))
+
+
+def _students_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The whole student trained in each precision (demo budgets), measured in the precision it trained in."""
+    if not rows:
+        return []
+    by = {(r["seed"], r["precision"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["The whole NAC student trained in each precision (its four m2mKD jobs and the fine-tune under that "
+             "autocast, the demo's budgets, bridged assembly), measured in the precision it trained in.", "",
+             "| seed | IID fp32 | IID bf16 | OOD fp32 | OOD bf16 | module 0 hybrid fp32 | bf16 |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for seed in seeds:
+        f, b = by[(seed, "fp32")], by[(seed, "bf16")]
+        lines.append(f"| {seed} | {100 * f['iid']:.1f} | {100 * b['iid']:.1f} | {100 * f['ood']:.1f} | "
+                     f"{100 * b['ood']:.1f} | {100 * f['hybrids'][0]:.1f} | {100 * b['hybrids'][0]:.1f} |")
+    pair = lambda key: [(by[(s, "fp32")][key], by[(s, "bf16")][key]) for s in seeds]  # noqa: E731
+    module0 = [(by[(s, "fp32")]["hybrids"][0], by[(s, "bf16")]["hybrids"][0]) for s in seeds]
+    return lines + ["", f"Student, bf16 minus fp32: IID {_diff(pair('iid'))}, OOD {_diff(pair('ood'))}, module 0 "
+                    f"hybrid {_diff(module0)} points.", ""]
 
 
 def main() -> int:
