@@ -9,14 +9,22 @@ of repeats), and for three partitioners the FLOPs balance (max/mean) and the byt
 * ``uniform-blocks``: split the model's repeated blocks into K equal runs by count (as the m2mKD reference scripts
   do with hand-written depth lists).
 
-Also how partition time grows with graph size, vit_tiny -> vit_huge (traced on the meta device, no weights).
+Also how partition time grows with graph size, vit_tiny -> vit_huge (traced on the meta device, no weights), and
+the FLOPs balance at K=8 across timm: the smallest model (by parameters) of each model family (timm module) that
+timm's own fx test covers, traced on the meta device at its default input size (``families``; standalone:
+``python -m benchmarks.partition families OUT.jsonl``, one JSON line per family as it goes).
 """
 from __future__ import annotations
 
+import fnmatch
+import json
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 
 import monomod
@@ -35,6 +43,10 @@ MODELS: list[tuple[str, dict[str, Any], int]] = [
     ("regnety_016", {}, 224),
 ]
 QUICK_MODELS = MODELS[:2] + [MODELS[5]]
+# timm's tests/test_models.py, test_model_forward_fx, off GitHub's runners: EXCLUDE_FILTERS + EXCLUDE_FX_FILTERS.
+FX_TEST_EXCLUDE = ["*enormous*", "*_7b_*", "vit_gi*", "hiera*", "gemma4_vit*"]
+FAMILY_K = 8
+BEFORE = Path(__file__).parent / "results" / "partition_families_before.json"  # the min-cut search's numbers
 SCALING = ["vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224", "vit_huge_patch14_224"]
 
 
@@ -140,3 +152,68 @@ def markdown(result: dict[str, Any]) -> str:
     lines += ["", "| model | fx nodes | params | partition K=8 (s) |", "|---|---:|---:|---:|"]
     lines += [f"| {s['model']} | {s['nodes']} | {s['params']} | {s['partition_k8_s']} |" for s in result["scaling"]]
     return "\n".join(lines) + "\n"
+
+
+def smallest_per_family() -> list[tuple[str, str, int]]:
+    """(family, model, params) for the smallest model of each timm module that timm's fx test covers (meta device)."""
+    picks = []
+    for family in sorted(timm.list_modules()):
+        best: tuple[int, str] | None = None
+        for name in timm.list_models(module=family):
+            if any(fnmatch.fnmatch(name, pattern) for pattern in FX_TEST_EXCLUDE):
+                continue
+            try:
+                model = monomod.load_model(name, device="meta")
+            except Exception:  # noqa: BLE001 - a model timm cannot build is no candidate
+                continue
+            params = sum(p.numel() for p in model.parameters())
+            if best is None or (params, name) < best:
+                best = (params, name)
+        if best is not None:
+            picks.append((family, best[1], best[0]))
+    return picks
+
+
+def family_row(family: str, name: str, params: int, k: int = FAMILY_K) -> dict[str, Any]:
+    """Trace one model on the meta device at its default input size and partition it at ``k``."""
+    row: dict[str, Any] = {"family": family, "model": name, "params": params}
+    try:
+        model = monomod.load_model(name, device="meta")
+        size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+        traced = monomod.trace(model, torch.zeros(1, *size, device="meta"), name=name)
+        start = time.perf_counter()
+        part = monomod.partition(traced, k)
+        row.update(nodes=len(traced.nodes), partition_s=round(time.perf_counter() - start, 4),
+                   balance=round(part.balance, 4), tensors_cut=sum(len(c) for c in part.cuts),
+                   optimum=getattr(part, "optimum", None), cut_points=getattr(part, "cut_points", None))
+    except Exception as e:  # noqa: BLE001 - recorded, not fatal: one family must not stop the survey
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    return row
+
+
+def families(out: Path | None = None) -> list[dict[str, Any]]:
+    """One row per family (see ``family_row``); with ``out``, each row is appended to it as it is measured."""
+    rows = []
+    for family, name, params in smallest_per_family():
+        row = family_row(family, name, params)
+        rows.append(row)
+        if out is not None:
+            with out.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        print(f"  {family}: {name} balance {row.get('balance')} {row.get('error', '')}", flush=True)
+    return rows
+
+
+def family_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median and worst balance, and how many families are above 1.5, over the rows that partitioned."""
+    done = [r for r in rows if "balance" in r]
+    if not done:
+        return {"families": len(rows), "partitioned": 0}
+    worst = max(done, key=lambda r: r["balance"])
+    return {"families": len(rows), "partitioned": len(done), "median": round(statistics.median(r["balance"] for r in done), 4),
+            "worst": worst["balance"], "worst_model": worst["model"], "above_1_5": sum(r["balance"] > 1.5 for r in done),
+            "max_partition_s": max(r["partition_s"] for r in done)}
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["families"]:
+    families(Path(sys.argv[2]))

@@ -53,11 +53,21 @@ def balance_line(p: Partition) -> Text:
     costs = [p.module_cost(m) for m in p.modules]
     mean = sum(costs) / len(costs)
     tensors = sum(len(c) for c in p.cuts)
+    optimum = "" if p.optimum is None else f", optimum {p.optimum:.3f} over {p.legal_points} legal cut points"
     return Text.assemble(
-        ("balance ", "bold"), f"{p.balance:.3f} max/mean {p.cost} ({human(max(costs))} / {human(mean)})",
+        ("balance ", "bold"), f"{p.balance:.3f} max/mean {p.cost} ({human(max(costs))} / {human(mean)}{optimum})",
         ("  ·  cut ", "bold"), f"{human_bytes(p.bytes_cut)} per sample in {tensors} tensor(s) over {p.k - 1} cut(s)",
         ("  ·  model ", "bold"), f"{human(p.traced.params)} params, {human(p.traced.flops)} FLOPs per sample",
     )
+
+
+def optimum_note(p: Partition, tolerance: float) -> str | None:
+    """One line when even the best cut of this model at this K is above the accepted imbalance (1 + tolerance):
+    then no search or hand cut does better, and only fewer modules (or a finer trace) would."""
+    if p.optimum is None or p.optimum <= 1 + tolerance:
+        return None
+    return (f"no {p.k}-module cut of {p.traced.name} balances {p.cost} within {1 + tolerance:.2f}: the optimum over "
+            f"its {p.legal_points} legal cut points is {p.optimum:.3f} (use fewer --modules, or another --cost)")
 
 
 def partition_json(p: Partition) -> str:
