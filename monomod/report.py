@@ -63,11 +63,21 @@ def balance_line(p: Partition) -> Text:
 
 def optimum_note(p: Partition, tolerance: float) -> str | None:
     """One line when even the best cut of this model at this K is above the accepted imbalance (1 + tolerance):
-    then no search or hand cut does better, and only fewer modules (or a finer trace) would."""
-    if p.optimum is None or p.optimum <= 1 + tolerance:
+    then no search or hand cut does better, and only fewer modules (or a finer trace) would; or when the search
+    took cuts of several tensors to get closer, which a trained meta model cannot take."""
+    if p.optimum is None:
         return None
-    return (f"no {p.k}-module cut of {p.traced.name} balances {p.cost} within {1 + tolerance:.2f}: the optimum over "
-            f"its {p.legal_points} legal cut points is {p.optimum:.3f} (use fewer --modules, or another --cost)")
+    single = p.single_tensor_optimum
+    several = single is None or single > p.optimum
+    if p.optimum > 1 + tolerance:
+        return (f"no {p.k}-module cut of {p.traced.name} balances {p.cost} within {1 + tolerance:.2f}: the optimum over "
+                f"its {p.legal_points} legal cut points is {p.optimum:.3f}"
+                + (" with cuts of several tensors" if several else "") + " (use fewer --modules, or another --cost)")
+    if several:
+        over = "none" if single is None else f"{single:.3f}"
+        return (f"cuts of several tensors: single-tensor cuts balance {over} at best, above {1 + tolerance:.2f}; a "
+                f"trained meta model needs single-tensor cuts (raise --tolerance, or --cuts)")
+    return None
 
 
 def partition_json(p: Partition) -> str:

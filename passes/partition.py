@@ -3,16 +3,16 @@
 The modules are runs of the fx graph's order (which is topological), so a partition is K-1 cut positions in that
 order, and the modules chain without cycles. A position is a **legal cut point** when exactly one tensor crosses it
 (non-tensor values such as ``.shape`` ints and parameter reads cost nothing: the extract pass recomputes them where
-they are needed, or passes the tiny value on). One tensor is what the students' stitches and the meta models take,
-and it is the byte budget of a cut: inside a ViT block, between its attention and MLP halves, is as legal as
-between blocks.
+they are needed, or passes the tiny value on). One tensor is what the students' stitches and the trained meta model
+take: inside a ViT block, between its attention and MLP halves, is as legal as between blocks. Where the
+single-tensor points cannot balance within ``1 + tolerance`` (models with parallel branches, such as CoaT), cuts
+that carry several tensors are considered too, within a byte budget: at most the bytes of the model's largest
+activation; they are taken only when they balance strictly better.
 
-Over the legal points the search is exact (``optimal_cuts``): it finds the smallest possible largest module cost
+Over the chosen points the search is exact (``optimal_cuts``): it finds the smallest possible largest module cost
 (FLOPs or parameters) by bisection on that bound, with a greedy feasibility test (a cut as late as the bound allows
 is never worse), and then, among the cuts that reach it, those that carry the fewest bytes, by a dynamic programme
-over the points with a sliding-window minimum. Where a model has fewer than K-1 legal points, every position
-between two compute nodes is used instead (a cut may then carry several tensors). Same model and K give the same
-partition.
+over the points with a sliding-window minimum. Same model and K give the same partition.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import bisect
 import difflib
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from torch import nn
 
@@ -42,8 +42,9 @@ def partition(
 
     ``cost`` ("flops" or "params") is what the parts are balanced by. The search is exact over the legal cut
     points (see the module doc); among equally balanced cuts it takes those that carry the fewest bytes.
-    ``tolerance`` is the imbalance the caller accepts (max/mean <= 1 + tolerance): it never trades balance away,
-    and ``Partition.optimum`` says when even the optimum is above it. ``cuts`` overrides the search: each name (a
+    ``tolerance`` is the imbalance the caller accepts (max/mean <= 1 + tolerance): it never trades balance away;
+    above it, cuts of several tensors are tried (see the module doc), and ``Partition.optimum`` says when even the
+    optimum is above it. ``cuts`` overrides the search: each name (a
     module path such as ``"blocks.3"`` or an fx node name) is where a new module begins; the partition still
     carries the optimum for its K, for comparison. Same model and K give the same partition.
     """
@@ -55,7 +56,7 @@ def partition(
             raise MonomodError(f"{len(cuts)} cuts make {len(cuts) + 1} modules, not {modules}", "drop --modules or give K-1 cuts")
         k = len(cuts) + 1
         assignment, method = _manual_assignment(traced, cuts), "manual"
-        best = search(traced, k, cost)
+        best = search(traced, k, cost, tolerance)
     else:
         k = 1 if modules is None else modules
         if not isinstance(k, int) or k < 1:
@@ -66,10 +67,11 @@ def partition(
                 f"K={k} is more modules than {traced.name} has places to cut ({limit} compute nodes)",
                 f"use --modules {limit} or fewer",
             )
-        best = search(traced, k, cost)
+        best = search(traced, k, cost, tolerance)
         assignment, method = _assignment_at(traced, best.positions), "optimal"
     part = _build_partition(traced, assignment, k, cost, method)
     part.optimum, part.legal_points = best.balance, best.points
+    part.single_tensor_optimum = best.balance if best.single_tensor else best.single_balance
     return part
 
 
@@ -106,11 +108,15 @@ class CutSearch:
     largest: int  # the largest module's cost: the smallest any legal cut reaches
     balance: float  # largest * K / total cost: the optimum max/mean
     points: int  # how many legal cut points the search chose from
-    single_tensor: bool  # the points are single-tensor cuts (False: too few of them, every position was used)
+    single_tensor: bool  # every cut carries one tensor (False: cuts within the byte budget, see ``search``)
+    single_balance: float | None = None  # when not single_tensor: the optimum over single-tensor cuts (None: none)
 
 
-def search(traced: TracedModel, k: int, cost: str = "flops") -> CutSearch:
-    """The exact most balanced K-module cut of ``traced`` over its legal cut points (see the module doc)."""
+def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 0.25) -> CutSearch:
+    """The exact most balanced K-module cut of ``traced`` over its legal cut points (see the module doc).
+
+    Single-tensor cut points first; where their optimum is above ``1 + tolerance`` and cuts within the byte budget
+    (at most the bytes of the model's largest activation, however many tensors) do strictly better, those."""
     costs = _node_costs(traced, cost)
     prefix = [0]
     for name in traced.nodes:
@@ -119,14 +125,27 @@ def search(traced: TracedModel, k: int, cost: str = "flops") -> CutSearch:
     compute = [i for i, info in enumerate(traced.nodes.values()) if _is_compute(info)]
     between = compute[1:]  # a cut before any compute node but the first leaves no module empty
     single = [p for p in between if crossing[p][1] == 1 and crossing[p][2]]
-    points = single if len(single) >= k - 1 else between
-    if len(points) < k - 1:
-        raise MonomodError(f"cannot cut {traced.name} into {k} non-empty modules ({len(points) + 1} at most)",
-                           f"use --modules {len(points) + 1} or fewer")
+    best = _search_over(prefix, crossing, single, k, True) if len(single) >= k - 1 else None
+    if best is not None and best.balance <= 1 + tolerance:
+        return best
+    budget = max((i.bytes for i in traced.nodes.values() if i.is_tensor and not i.rematerializable), default=0)
+    within = [p for p in between if crossing[p][0] <= budget]
+    if len(within) >= k - 1:
+        wide = _search_over(prefix, crossing, within, k, False)
+        if best is None or wide.largest < best.largest:
+            return replace(wide, single_balance=best.balance if best else None)
+    if best is None:
+        raise MonomodError(f"cannot cut {traced.name} into {k} non-empty modules within the byte budget "
+                           f"({max(len(single), len(within)) + 1} at most)", "use fewer --modules or manual --cuts")
+    return best
+
+
+def _search_over(prefix: list[int], crossing: list[tuple[int, int, bool]], points: list[int], k: int,
+                 single: bool) -> CutSearch:
     positions, largest = optimal_cuts(prefix, points, [crossing[p][0] for p in points], k)
     total = prefix[-1]
     return CutSearch(positions=tuple(positions), largest=largest, balance=largest * k / total if total else 1.0,
-                     points=len(points), single_tensor=points is single)
+                     points=len(points), single_tensor=single)
 
 
 def cut_crossings(traced: TracedModel) -> list[tuple[int, int, bool]]:

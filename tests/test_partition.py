@@ -165,7 +165,7 @@ def test_partition_is_the_optimum_of_every_single_tensor_cut_on_random_graphs(se
     compute = [i for i, n in enumerate(names) if traced.nodes[n].op.startswith("call_") and not traced.nodes[n].rematerializable]
     single = [p for p in compute[1:] if crossing[p][1] == 1 and crossing[p][2]]
     k = min(3, len(single) + 1)
-    found = monomod.partition(traced, k)
+    found = monomod.partition(traced, k, tolerance=float("inf"))  # single-tensor cuts, however unbalanced
     best = None
     for chosen in itertools.combinations(single, k - 1):
         manual = monomod.partition(traced, cuts=[names[p] for p in chosen])
@@ -195,3 +195,34 @@ def test_manual_cuts_carry_the_optimum_for_comparison(traced_models):
     best = monomod.partition(traced_models["vit"], 3)
     assert manual.optimum == best.optimum and best.balance == pytest.approx(best.optimum, abs=1e-4)
     assert best.balance < manual.balance
+
+
+class _TwoBranches(nn.Module):
+    """Two parallel branches from the stem to the head (as CoaT's scales): single-tensor cuts only at the ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.head = nn.Linear(8, 16), nn.Linear(4, 8)  # the stem's output is the largest activation
+        self.left = nn.Sequential(nn.Linear(16, 4), *[nn.Linear(4, 4) for _ in range(6)])
+        self.right = nn.Sequential(nn.Linear(16, 4), *[nn.Linear(4, 4) for _ in range(6)])
+
+    def forward(self, x):
+        h = self.stem(x)
+        return self.head(self.left(h) + self.right(h))
+
+
+def test_cuts_of_several_tensors_only_where_single_tensor_cuts_cannot_balance():
+    traced = monomod.trace(_TwoBranches(), torch.randn(1, 8))
+    strict = monomod.partition(traced, 3, tolerance=float("inf"))
+    assert all(len(cut) == 1 for cut in strict.cuts) and strict.optimum == strict.single_tensor_optimum > 1.5
+    part = monomod.partition(traced, 3)
+    assert part.optimum < part.single_tensor_optimum == strict.optimum and strict.optimum > 1.25
+    assert part.balance == pytest.approx(part.optimum, abs=1e-4) and any(len(cut) == 2 for cut in part.cuts)
+    budget = max(i.bytes for i in traced.nodes.values() if i.is_tensor and not i.rematerializable)
+    assert all(sum(v.bytes for v in cut) <= budget for cut in part.cuts)
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(monomod.Chain(monomod.extract(part))(x), traced.model(x), rtol=0, atol=0)
+    from monomod.report import optimum_note
+    assert "cuts of several tensors: single-tensor cuts balance 2.011 at best" in optimum_note(part, 0.5)
+    assert "is 1.379 with cuts of several tensors" in optimum_note(part, 0.25)
+    assert optimum_note(strict, float("inf")) is None
