@@ -23,6 +23,7 @@ from conftest import FAMILY_RUNS, copy_run
 from plan_helpers import run_tiny, tiny_plan  # noqa: F401 - run_tiny, tiny_plan: other test modules import them here
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student", FAMILY_RUNS)
 def test_tiny_plan_end_to_end(finished_runs, student):
     run_dir = finished_runs(student)  # the session's one real run of this family (vit 2 trained, nac 3 teacher, moe 2 trained)
@@ -96,6 +97,7 @@ class _RecordingSettings(dict):
         return super().get(key, default)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student, modules, upcycle", [("nac", 3, False), ("moe", 2, True)])
 def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, modules, upcycle):
     """A job reading a setting outside SETTINGS_SCOPE would be reused after that setting changed: forbid it."""
