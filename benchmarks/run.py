@@ -20,6 +20,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 BENCHMARKS = {
     "partition": "Partition quality and speed against greedy-by-parameters and uniform-by-blocks splits",
+    "partition_families": "Partition balance at K=8 across timm: the smallest model of each family timm's fx test covers",
     "memory": "Peak memory and step time: one m2mKD job against whole-model KD",
     "scaling": "The K m2mKD jobs of the demo plan on 1 and 2 workers",
     "onnx_latency": "Per-stage latency: onnxruntime against torch eager on the CPU",

@@ -170,6 +170,9 @@ def inspect(
         return
     out.print(report.partition_table(part))
     out.print(report.balance_line(part))
+    note = report.optimum_note(part, tolerance)
+    if note:
+        out.print(rich_text(note), style="yellow")
     out.print(f"[dim]traced {len(traced.nodes)} nodes and partitioned in {elapsed:.2f} s[/dim]")
 
 

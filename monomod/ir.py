@@ -131,8 +131,11 @@ class Partition:
     traced: TracedModel
     modules: list[ModuleSpec]
     cost: str  # "flops" or "params": what the parts are balanced by
-    method: str  # "mincut" or "manual"
+    method: str  # "optimal" (the exact search) or "manual"
     assignment: dict[str, int] = field(repr=False)  # node name -> module index
+    optimum: float | None = None  # the best balance any legal cut reaches at this K (what "optimal" achieves)
+    legal_points: int = 0  # how many legal cut points the search chose from
+    single_tensor_optimum: float | None = None  # the optimum over single-tensor cut points (None: fewer than K-1)
 
     @property
     def k(self) -> int:
@@ -168,6 +171,9 @@ class Partition:
             "cost": self.cost,
             "method": self.method,
             "balance": round(self.balance, 4),
+            "optimum": None if self.optimum is None else round(self.optimum, 4),
+            "legal_cut_points": self.legal_points,
+            "single_tensor_optimum": None if self.single_tensor_optimum is None else round(self.single_tensor_optimum, 4),
             "bytes_cut": self.bytes_cut,
             "modules": [m.to_json() for m in self.modules],
         }

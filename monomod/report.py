@@ -53,11 +53,31 @@ def balance_line(p: Partition) -> Text:
     costs = [p.module_cost(m) for m in p.modules]
     mean = sum(costs) / len(costs)
     tensors = sum(len(c) for c in p.cuts)
+    optimum = "" if p.optimum is None else f", optimum {p.optimum:.3f} over {p.legal_points} legal cut points"
     return Text.assemble(
-        ("balance ", "bold"), f"{p.balance:.3f} max/mean {p.cost} ({human(max(costs))} / {human(mean)})",
+        ("balance ", "bold"), f"{p.balance:.3f} max/mean {p.cost} ({human(max(costs))} / {human(mean)}{optimum})",
         ("  ·  cut ", "bold"), f"{human_bytes(p.bytes_cut)} per sample in {tensors} tensor(s) over {p.k - 1} cut(s)",
         ("  ·  model ", "bold"), f"{human(p.traced.params)} params, {human(p.traced.flops)} FLOPs per sample",
     )
+
+
+def optimum_note(p: Partition, tolerance: float) -> str | None:
+    """One line when even the best cut of this model at this K is above the accepted imbalance (1 + tolerance):
+    then no search or hand cut does better, and only fewer modules (or a finer trace) would; or when the search
+    took cuts of several tensors to get closer, which a trained meta model cannot take."""
+    if p.optimum is None:
+        return None
+    single = p.single_tensor_optimum
+    several = single is None or single > p.optimum
+    if p.optimum > 1 + tolerance:
+        return (f"no {p.k}-module cut of {p.traced.name} balances {p.cost} within {1 + tolerance:.2f}: the optimum over "
+                f"its {p.legal_points} legal cut points is {p.optimum:.3f}"
+                + (" with cuts of several tensors" if several else "") + " (use fewer --modules, or another --cost)")
+    if several:
+        over = "none" if single is None else f"{single:.3f}"
+        return (f"cuts of several tensors: single-tensor cuts balance {over} at best, above {1 + tolerance:.2f}; a "
+                f"trained meta model needs single-tensor cuts (raise --tolerance, or --cuts)")
+    return None
 
 
 def partition_json(p: Partition) -> str:

@@ -1,33 +1,33 @@
-"""Partition pass: TracedModel -> Partition of K contiguous modules, found with networkx minimum cuts.
+"""Partition pass: TracedModel -> Partition of K contiguous modules, the exact most balanced cut of the graph order.
 
-Each cut is an s-t minimum cut of a flow network built from the fx graph:
+The modules are runs of the fx graph's order (which is topological), so a partition is K-1 cut positions in that
+order, and the modules chain without cycles. A position is a **legal cut point** when exactly one tensor crosses it
+(non-tensor values such as ``.shape`` ints and parameter reads cost nothing: the extract pass recomputes them where
+they are needed, or passes the tiny value on). One tensor is what the students' stitches and the trained meta model
+take: inside a ViT block, between its attention and MLP halves, is as legal as between blocks. Where the
+single-tensor points cannot balance within ``1 + tolerance`` (models with parallel branches, such as CoaT), cuts
+that carry several tensors are considered too, within a byte budget: at most the bytes of the model's largest
+activation; they are taken only when they balance strictly better.
 
-* every value ``v`` becomes a gadget ``v_in -> v_out`` whose capacity is the bytes ``v`` holds, so cutting it
-  costs what must be sent to the next module, once, however many consumers it has;
-* every use ``v -> w`` becomes ``v_out -> w_in`` (infinite), and ``w_in -> v_in`` (infinite, reversed), so the
-  source side is closed under predecessors: every module is contiguous and the modules chain without cycles;
-* balance comes from windows: nodes whose cumulative cost (in graph order) ends before ``target - w`` are pinned
-  to the source, nodes that start after ``target + w`` to the sink; ``target`` adapts to what earlier cuts took;
-* among cuts of equal bytes (every residual stream of a ViT has the same size) a tie-break term, too small ever
-  to outweigh one byte, prefers tensors produced closest to the target, which gives the balance.
-
-Values that hold no tensor (ints from ``.shape``, None, asserts) and parameter reads cost nothing to cut: the
-extract pass recomputes them where they are needed, or passes the (tiny) value on.
+Over the chosen points the search is exact (``optimal_cuts``): it finds the smallest possible largest module cost
+(FLOPs or parameters) by bisection on that bound, with a greedy feasibility test (a cut as late as the bound allows
+is never worse), and then, among the cuts that reach it, those that carry the fewest bytes, by a dynamic programme
+over the points with a sliding-window minimum. Same model and K give the same partition.
 """
 from __future__ import annotations
 
+import bisect
 import difflib
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
-import networkx as nx
 from torch import nn
 
 from monomod.errors import MonomodError
 from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedModel
 
 COSTS = ("flops", "params")
-_SOURCE, _SINK = "__source__", "__sink__"
-_TIE_RESOLUTION = 10**6  # tie-break steps across the whole cost range
 
 
 def partition(
@@ -38,12 +38,15 @@ def partition(
     cuts: Sequence[str] | None = None,
     tolerance: float = 0.25,
 ) -> Partition:
-    """Split ``traced`` into ``modules`` contiguous parts, minimising the bytes crossing each cut.
+    """Split ``traced`` into ``modules`` contiguous parts with the smallest possible largest part.
 
-    ``cost`` ("flops" or "params") is what the parts are balanced by. ``tolerance`` bounds the imbalance: the
-    search aims for max/mean cost <= 1 + tolerance, narrowing its balance windows until it gets there (where the
-    model's granularity allows; otherwise the best balance found is returned). ``cuts`` overrides the search: each name (a module path such as
-    ``"blocks.3"`` or an fx node name) is where a new module begins. Same model and K give the same partition.
+    ``cost`` ("flops" or "params") is what the parts are balanced by. The search is exact over the legal cut
+    points (see the module doc); among equally balanced cuts it takes those that carry the fewest bytes.
+    ``tolerance`` is the imbalance the caller accepts (max/mean <= 1 + tolerance): it never trades balance away;
+    above it, cuts of several tensors are tried (see the module doc), and ``Partition.optimum`` says when even the
+    optimum is above it. ``cuts`` overrides the search: each name (a
+    module path such as ``"blocks.3"`` or an fx node name) is where a new module begins; the partition still
+    carries the optimum for its K, for comparison. Same model and K give the same partition.
     """
     if cost not in COSTS:
         raise MonomodError(f"unknown cost {cost!r}", f"use one of {', '.join(COSTS)}")
@@ -51,7 +54,9 @@ def partition(
         cuts = list(cuts)
         if modules is not None and modules != len(cuts) + 1:
             raise MonomodError(f"{len(cuts)} cuts make {len(cuts) + 1} modules, not {modules}", "drop --modules or give K-1 cuts")
-        assignment, k, method = _manual_assignment(traced, cuts), len(cuts) + 1, "manual"
+        k = len(cuts) + 1
+        assignment, method = _manual_assignment(traced, cuts), "manual"
+        best = search(traced, k, cost, tolerance)
     else:
         k = 1 if modules is None else modules
         if not isinstance(k, int) or k < 1:
@@ -62,8 +67,12 @@ def partition(
                 f"K={k} is more modules than {traced.name} has places to cut ({limit} compute nodes)",
                 f"use --modules {limit} or fewer",
             )
-        assignment, method = _balanced_mincut_assignment(traced, k, cost, tolerance), "mincut"
-    return _build_partition(traced, assignment, k, cost, method)
+        best = search(traced, k, cost, tolerance)
+        assignment, method = _assignment_at(traced, best.positions), "optimal"
+    part = _build_partition(traced, assignment, k, cost, method)
+    part.optimum, part.legal_points = best.balance, best.points
+    part.single_tensor_optimum = best.balance if best.single_tensor else best.single_balance
+    return part
 
 
 def max_modules(traced: TracedModel) -> int:
@@ -91,102 +100,149 @@ def _order(traced: TracedModel) -> dict[str, int]:
     return {name: i for i, name in enumerate(traced.nodes)}
 
 
-def _balanced_mincut_assignment(traced: TracedModel, k: int, cost: str, tolerance: float, attempts: int = 5) -> dict[str, int]:
-    """Min-cut partitions with ever narrower windows until max/mean cost <= 1 + tolerance."""
+@dataclass(frozen=True)
+class CutSearch:
+    """The exact search's answer for one K: where the modules begin and how balanced that is."""
+
+    positions: tuple[int, ...]  # graph-order index of each module's first node, modules 1..K-1
+    largest: int  # the largest module's cost: the smallest any legal cut reaches
+    balance: float  # largest * K / total cost: the optimum max/mean
+    points: int  # how many legal cut points the search chose from
+    single_tensor: bool  # every cut carries one tensor (False: cuts within the byte budget, see ``search``)
+    single_balance: float | None = None  # when not single_tensor: the optimum over single-tensor cuts (None: none)
+
+
+def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 0.25) -> CutSearch:
+    """The exact most balanced K-module cut of ``traced`` over its legal cut points (see the module doc).
+
+    Single-tensor cut points first; where their optimum is above ``1 + tolerance`` and cuts within the byte budget
+    (at most the bytes of the model's largest activation, however many tensors) do strictly better, those."""
     costs = _node_costs(traced, cost)
-    best: tuple[float, dict[str, int]] | None = None
-    window = tolerance
-    for _ in range(attempts):
-        assignment = _mincut_assignment(traced, k, costs, window)
-        per_part = [0] * k
-        for name, part in assignment.items():
-            per_part[part] += costs[name]
-        balance = max(per_part) * k / max(sum(per_part), 1)
-        if best is None or balance < best[0]:
-            best = (balance, assignment)
-        if balance <= 1 + tolerance:
-            break
-        window /= 2
-    return best[1]
+    prefix = [0]
+    for name in traced.nodes:
+        prefix.append(prefix[-1] + costs[name])
+    crossing = cut_crossings(traced)
+    compute = [i for i, info in enumerate(traced.nodes.values()) if _is_compute(info)]
+    between = compute[1:]  # a cut before any compute node but the first leaves no module empty
+    single = [p for p in between if crossing[p][1] == 1 and crossing[p][2]]
+    best = _search_over(prefix, crossing, single, k, True) if len(single) >= k - 1 else None
+    if best is not None and best.balance <= 1 + tolerance:
+        return best
+    budget = max((i.bytes for i in traced.nodes.values() if i.is_tensor and not i.rematerializable), default=0)
+    within = [p for p in between if crossing[p][0] <= budget]
+    if len(within) >= k - 1:
+        wide = _search_over(prefix, crossing, within, k, False)
+        if best is None or wide.largest < best.largest:
+            return replace(wide, single_balance=best.balance if best else None)
+    if best is None:
+        raise MonomodError(f"cannot cut {traced.name} into {k} non-empty modules within the byte budget "
+                           f"({max(len(single), len(within)) + 1} at most)", "use fewer --modules or manual --cuts")
+    return best
 
 
-def _mincut_assignment(traced: TracedModel, k: int, costs: dict[str, int], tolerance: float) -> dict[str, int]:
+def _search_over(prefix: list[int], crossing: list[tuple[int, int, bool]], points: list[int], k: int,
+                 single: bool) -> CutSearch:
+    positions, largest = optimal_cuts(prefix, points, [crossing[p][0] for p in points], k)
+    total = prefix[-1]
+    return CutSearch(positions=tuple(positions), largest=largest, balance=largest * k / total if total else 1.0,
+                     points=len(points), single_tensor=single)
+
+
+def cut_crossings(traced: TracedModel) -> list[tuple[int, int, bool]]:
+    """Per graph position p (a cut just before node p): (bytes, values, all tensors) of what crosses it.
+
+    A value crosses p when it is made before p and used at or after p; values free to recompute never cross.
+    """
     names = list(traced.nodes)
-    start, end, running = {}, {}, 0
-    for name in names:
-        start[name] = running
-        running += costs[name]
-        end[name] = running
-    total = max(running, 1)
-    compute = [n for n in names if _is_compute(traced.nodes[n])]
-    source_side = {n for n in names if traced.nodes[n].op == "placeholder"}
-    assignment = {n: 0 for n in source_side}
-    for cut in range(1, k):
-        done = sum(costs[n] for n in source_side)
-        target = done + (total - done) / (k - cut + 1)
-        width = tolerance * total / k
-        # Every module gets at least one compute node: take the next one, leave one for each later module.
-        pin_source = source_side | {next(n for n in compute if n not in source_side)}
-        pin_sink = set(compute[len(compute) - (k - cut):])
-        new_side = _min_cut(traced, pin_source, pin_sink, start, end, target, target - width, target + width, total)
-        fresh = new_side - source_side
-        if not any(_is_compute(traced.nodes[n]) for n in fresh):
-            raise MonomodError(
-                f"cannot find {k} non-empty contiguous modules in {traced.name} (module {cut - 1} came out empty)",
-                "use fewer --modules or a looser balance tolerance",
-            )
-        for n in fresh:
-            assignment[n] = cut - 1
-        source_side = new_side
-    for n in names:
-        assignment.setdefault(n, k - 1)
-    if not any(_is_compute(traced.nodes[n]) for n in names if assignment[n] == k - 1):
-        raise MonomodError(f"cannot find {k} non-empty contiguous modules in {traced.name} (the last came out empty)", "use fewer --modules")
-    return assignment
+    order = {name: i for i, name in enumerate(names)}
+    starts: list[list[str]] = [[] for _ in range(len(names) + 1)]
+    ends: list[list[str]] = [[] for _ in range(len(names) + 1)]
+    for node in traced.graph_module.graph.nodes:
+        info = traced.nodes[node.name]
+        last = max((order[u.name] for u in node.users), default=order[node.name])
+        if info.rematerializable or last == order[node.name]:
+            continue
+        starts[order[node.name] + 1].append(node.name)
+        ends[last + 1].append(node.name)
+    out, size, count, containers = [], 0, 0, 0
+    for p in range(len(names) + 1):
+        for name in starts[p]:
+            info = traced.nodes[name]
+            size, count, containers = size + info.bytes, count + 1, containers + (not info.is_tensor)
+        for name in ends[p]:
+            info = traced.nodes[name]
+            size, count, containers = size - info.bytes, count - 1, containers - (not info.is_tensor)
+        out.append((size, count, containers == 0))
+    return out
 
 
-def _min_cut(
-    traced: TracedModel,
-    pinned_source: set[str],
-    pinned_sink: set[str],
-    start: dict[str, int],
-    end: dict[str, int],
-    target: float,
-    lo: float,
-    hi: float,
-    total: int,
-) -> set[str]:
-    """One s-t minimum cut; returns the names of the nodes on the source side."""
-    graph = nx.DiGraph()
-    infos = traced.nodes
-    fx_nodes = traced.fx_nodes()
-    byte_weight = _TIE_RESOLUTION * (len(fx_nodes) + 1) + 1  # one byte outweighs every tie-break term together
-    for node in fx_nodes:
-        info = infos[node.name]
-        v_in, v_out = ("in", node.name), ("out", node.name)
-        if not info.rematerializable:
-            tie = round(_TIE_RESOLUTION * abs(end[node.name] - target) / total)
-            # Containers (tuples of tensors) cost one byte more than their tensors, so cuts land on tensors.
-            size = info.bytes + (0 if info.is_tensor else 1)
-            graph.add_edge(v_in, v_out, capacity=size * byte_weight + tie)
-        for user in node.users:
-            if not info.rematerializable:  # a recomputable value is free to cut: no edge forward
-                graph.add_edge(v_out, ("in", user.name))  # infinite
-            graph.add_edge(("in", user.name), v_in)  # infinite: a module holds its inputs' producers
-        if node.name in pinned_source or node.op == "placeholder" or end[node.name] <= lo:
-            graph.add_edge(_SOURCE, v_in)
-        elif node.op == "output" or node.name in pinned_sink or start[node.name] >= hi:
-            graph.add_edge(v_in, _SINK)
-    graph.add_node(_SOURCE)
-    graph.add_node(_SINK)
-    try:
-        _, (reachable, _) = nx.minimum_cut(graph, _SOURCE, _SINK)
-    except nx.NetworkXUnbounded:
-        raise MonomodError(
-            f"no finite cut of {traced.name} near cost {target:.3g}: the balance window pins a node to both sides",
-            "use fewer --modules or manual --cuts",
-        ) from None
-    return {name for side, name in (v for v in reachable if v not in (_SOURCE, _SINK)) if side == "in"}
+def optimal_cuts(prefix: Sequence[int], points: Sequence[int], cut_bytes: Sequence[int], k: int) -> tuple[list[int], int]:
+    """K-1 of ``points`` that minimise the largest part, then the bytes cut; returns (cuts, largest part).
+
+    ``prefix[p]`` is the cost of everything before position p (non-decreasing, ``prefix[0] == 0``; the last entry is
+    the total), ``points`` the legal positions in increasing order (strictly inside), ``cut_bytes[i]`` what
+    cutting at ``points[i]`` carries. Exact: the largest part by bisection on integers with a greedy test, the
+    bytes by a dynamic programme over the points.
+    """
+    if k == 1:
+        return [], prefix[-1]
+    at = [prefix[p] for p in points]
+    low, high = max(0, -(-prefix[-1] // k) - 1), prefix[-1]  # low is infeasible (parts below the mean), high is not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _fits(at, prefix[-1], middle, k):
+            high = middle
+        else:
+            low = middle
+    return [points[i] for i in _fewest_bytes(at, prefix[-1], cut_bytes, high, k)], high
+
+
+def _fits(at: Sequence[int], total: int, bound: int, k: int) -> bool:
+    """Can the cuts at prefix costs ``at`` make at most ``k`` parts of cost <= bound? (Greedy: cut as late as
+    possible; an earlier cut never helps a later part.) Fewer parts are enough: more legal cuts only split parts."""
+    done, index, parts = 0, -1, 1
+    while total - done > bound:
+        reach = bisect.bisect_right(at, done + bound) - 1
+        if reach <= index or parts == k:
+            return False
+        index, done, parts = reach, at[reach], parts + 1
+    return True
+
+
+def _fewest_bytes(at: Sequence[int], total: int, cut_bytes: Sequence[int], bound: int, k: int) -> list[int]:
+    """Indices of the K-1 cuts with the fewest bytes among those whose parts all cost <= bound.
+
+    ``best[i]`` is the fewest bytes of j cuts ending at point i; its predecessors are the points i' < i with
+    ``at[i] - at[i'] <= bound``, a window that only moves forward, so a monotone deque keeps its minimum.
+    """
+    n, inf = len(at), float("inf")
+    best = [cut_bytes[i] if at[i] <= bound else inf for i in range(n)]
+    parents: list[list[int]] = []
+    for _ in range(k - 2):
+        new, parent, window, left = [inf] * n, [-1] * n, deque(), 0
+        for i in range(n):
+            if i > 0:
+                while window and best[window[-1]] > best[i - 1]:
+                    window.pop()
+                window.append(i - 1)
+            while left < i and at[i] - at[left] > bound:
+                left += 1
+            while window and window[0] < left:
+                window.popleft()
+            if window and best[window[0]] < inf:
+                new[i], parent[i] = best[window[0]] + cut_bytes[i], window[0]
+        best = new
+        parents.append(parent)
+    last = min((i for i in range(n) if total - at[i] <= bound and best[i] < inf), key=lambda i: (best[i], i))
+    chosen = [last]
+    for parent in reversed(parents):
+        chosen.append(parent[chosen[-1]])
+    return chosen[::-1]
+
+
+def _assignment_at(traced: TracedModel, positions: Sequence[int]) -> dict[str, int]:
+    """Node -> module for modules that begin at the given graph positions (as the manual path assigns)."""
+    return {name: bisect.bisect_right(positions, i) for i, name in enumerate(traced.nodes)}
 
 
 def cut_points(traced: TracedModel) -> dict[str, str]:
@@ -237,7 +293,7 @@ def _manual_assignment(traced: TracedModel, cuts: list[str]) -> dict[str, int]:
             hint = f"did you mean {', '.join(close)}?" if close else "name a module path (e.g. blocks.3) or an fx node (see inspect --format json)"
             raise MonomodError(f"cut point {cut!r} matches no module or node of {traced.name}", hint)
         positions.append(hits[0])
-    if positions != sorted(set(positions)) or positions[0] == 0:
+    if positions != sorted(set(positions)) or positions[:1] == [0]:
         raise MonomodError(f"cuts {cuts} are not in forward order or leave an empty module", "list distinct cut points in the order the model runs them")
     return {name: sum(1 for p in positions if p <= i) for i, name in enumerate(names)}
 

@@ -1,5 +1,10 @@
-"""Shared fixtures: small timm models (no downloads) and their traces, built once per session."""
+"""Shared fixtures: small timm models (no downloads) and their traces, one real tiny run per student family, built
+once per session; and a stub for the job runners."""
 from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
 
 import pytest
 import timm
@@ -30,3 +35,59 @@ def traced_models() -> dict[str, monomod.TracedModel]:
         model, size = make_model(family)
         out[family] = monomod.trace(model, torch.randn(1, 3, size, size), name=FAMILIES[family][0])
     return out
+
+
+# One real end-to-end tiny run per student family (tiny_plan's arguments), as test_tiny_plan_end_to_end checks it.
+# threads=1: a plan that asks for a thread count computes bitwise alike on every executor (test_executors)
+FAMILY_RUNS = {"vit": {"modules": 2, "meta": "trained", "threads": 1}, "nac": {"modules": 3, "meta": "teacher", "threads": 1},
+               "moe": {"modules": 2, "meta": "trained", "threads": 1}}
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory):
+    """``finished_runs(student)``: the RUN_DIR of that family's tiny plan run for real, built on first use and
+    shared by every test: read it as is, or ``copy_run`` it first to change it."""
+    from plan_helpers import run_tiny
+
+    built: dict[str, Path] = {}
+
+    def get(student: str) -> Path:
+        if student not in built:
+            built[student] = run_tiny(tmp_path_factory.mktemp(f"run-{student}"), student=student, **FAMILY_RUNS[student])
+        return built[student]
+
+    return get
+
+
+def copy_run(run_dir: Path, dest: Path) -> Path:
+    """A private copy of a finished RUN_DIR (a run dir holds only relative paths, so the copy is finished too)."""
+    shutil.copytree(run_dir, dest, symlinks=True)
+    return dest
+
+
+@pytest.fixture
+def stub_runners(monkeypatch):
+    """Every job kind's runner replaced by one that only writes the job's products (deterministic bytes per job
+    hash) and returns a small result: for tests of the scheduler, caching and integrity, which need the plan and
+    job machinery but no training. In-process (local executor) only: worker processes import the real runners."""
+    from safetensors.torch import save_file
+
+    from monomod.runtime import jobs
+
+    ran: list[str] = []
+
+    def stub(ctx, job):
+        ran.append(job.name)
+        for output in job.outputs:
+            path = Path(ctx.run_dir) / output
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.suffix == ".safetensors":
+                seed = int(job.hash[:8], 16)
+                save_file({"stub": torch.arange(1024, dtype=torch.float32) + seed}, str(path))  # 4 KiB
+            else:
+                path.write_text(f"{job.name} {job.hash}\n")
+        return {"stub": True}
+
+    for kind, entry in list(jobs.RUNNERS.items()):
+        monkeypatch.setitem(jobs.RUNNERS, kind, dataclasses.replace(entry, run=stub))
+    return ran

@@ -7,7 +7,7 @@ from monomod.runtime import runners
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.losses import boundary_loss
 from test_plan import plan_for
-from test_runtime import tiny_plan
+from plan_helpers import tiny_plan
 
 
 def test_boundary_loss_is_zero_at_the_target_and_scale_free():

@@ -17,6 +17,22 @@ def test_inspect_table():
     assert "balance" in result.output and "blocks.3-5" in result.output and "B×5×192" in result.output
 
 
+def test_inspect_reports_the_optimum_and_says_when_it_misses_the_tolerance():
+    result = run("inspect", "vit_tiny", "--img-size", "32", "--modules", "4", "--format", "json")
+    data = json.loads(result.output)
+    assert data["method"] == "optimal" and data["optimum"] == data["balance"] > 1 and data["legal_cut_points"] > 12
+    within = run("inspect", "vit_tiny", "--img-size", "32", "--modules", "4")
+    assert f"optimum {data['optimum']:.3f} over {data['legal_cut_points']} legal cut points" in " ".join(within.output.split())
+    assert "no 4-module cut" not in within.output
+    strict = run("inspect", "vit_tiny", "--img-size", "32", "--modules", "4", "--tolerance", "0")
+    assert strict.exit_code == 0, strict.output
+    best = json.loads(run("inspect", "vit_tiny", "--img-size", "32", "--modules", "4", "--tolerance", "0",
+                          "--format", "json").output)
+    assert best["optimum"] <= data["optimum"] and best["single_tensor_optimum"] == data["optimum"]
+    assert f"no 4-module cut of vit_tiny balances flops within 1.00: the optimum over its {best['legal_cut_points']} " \
+        f"legal cut points is {best['optimum']:.3f}" in " ".join(strict.output.split())
+
+
 def test_inspect_json_dot_and_html(tmp_path):
     dot, page = tmp_path / "p.dot", tmp_path / "p.html"
     result = run("inspect", "deit_small", "--img-size", "32", "-k", "3", "--format", "json", "--dot", str(dot), "--html", str(page))

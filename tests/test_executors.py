@@ -20,7 +20,7 @@ from monomod.cli import cli
 from monomod.errors import JobFailed
 from monomod.runtime.execute import JobBoard, execute, prepare_run_dir
 from monomod.runtime.executors import Outcome
-from test_runtime import tiny_plan
+from plan_helpers import tiny_plan
 
 MODELS = ("teacher", "meta", "m2mkd-0", "m2mkd-1", "assemble", "finetune", "baseline")
 RESULTS = ("teacher", "meta", "assembled", "student", "baseline")
@@ -45,11 +45,8 @@ def _assert_same_run(ours: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory) -> Path:
-    plan = tiny_plan(threads=1)
-    run_dir = prepare_run_dir(plan, tmp_path_factory.mktemp("local") / "run")
-    execute(plan, run_dir)
-    return run_dir
+def local_run(finished_runs) -> Path:
+    return finished_runs("vit")  # tiny_plan(threads=1) run for real by the local executor, shared with test_runtime
 
 
 @pytest.mark.slow

@@ -238,7 +238,7 @@ def test_dragging_a_cut_moves_it(browser, pages):
 def finished_run(tmp_path_factory):
     """A compiled 3-module plan with a report.json (numbers made up: the page is what is tested, not training)."""
     from monomod.runtime.execute import prepare_run_dir
-    from tests.test_runtime import tiny_plan
+    from plan_helpers import tiny_plan
 
     plan = tiny_plan(modules=3)
     run_dir = prepare_run_dir(plan, tmp_path_factory.mktemp("run") / "run")

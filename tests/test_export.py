@@ -14,7 +14,7 @@ from monomod.cli import cli
 from monomod.passes import export as ex
 from monomod.api import load_run, run_exportables
 from monomod.runtime.execute import execute, prepare_run_dir
-from test_runtime import tiny_plan
+from plan_helpers import tiny_plan
 
 # Which student each run exports, and the jobs that must have run for it (export reads their products).
 SOURCES = {"nac": "assemble", "moe": "finetune"}

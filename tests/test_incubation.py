@@ -16,7 +16,7 @@ from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.jobs import RunContext, measure_hybrids
 from monomod.runtime.losses import m2mkd_loss
-from test_runtime import tiny_plan
+from plan_helpers import tiny_plan
 
 DATA = DataInfo(num_classes=10, in_chans=3, train_size=1437)
 

@@ -221,7 +221,7 @@ def test_checkpoint_settings_do_not_enter_job_hashes(plan_dict, tmp_path):
 # ------------------------------------------------------------------------------ 5. products verified when read
 
 
-def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan_dict, tmp_path):
+def test_a_truncated_product_is_not_done_and_runs_again_with_its_dependents(plan_dict, tmp_path, stub_runners):
     plan = _plan(plan_dict)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     execute(plan, run_dir, only=["teacher", "meta", "m2mkd:0"])
@@ -284,7 +284,7 @@ def test_export_swaps_a_whole_folder_in_and_cleans_leftovers(tmp_path, monkeypat
         ex.export_all([], tmp_path / "mine")
 
 
-def test_temporary_files_of_killed_writes_are_cleaned_on_the_next_run(plan_dict, tmp_path):
+def test_temporary_files_of_killed_writes_are_cleaned_on_the_next_run(plan_dict, tmp_path, stub_runners):
     plan = _plan(plan_dict)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     stray = run_dir / "jobs/meta/.model.safetensors.tmp-12345-0123abcd"
@@ -522,7 +522,7 @@ def test_a_corrupt_checkpoint_is_set_aside_and_the_job_restarts(tmp_path, caplog
     assert len(said) == 1 and "set aside as checkpoint.unreadable-1, the job restarts from step 0" in said[0]
 
 
-def test_a_done_record_without_its_product_list_is_not_done(plan_dict, tmp_path):
+def test_a_done_record_without_its_product_list_is_not_done(plan_dict, tmp_path, stub_runners):
     plan = _plan(plan_dict)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     execute(plan, run_dir, only=["teacher"])

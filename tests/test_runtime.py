@@ -19,31 +19,14 @@ from monomod.api import load_run, load_student
 from monomod.compiler import compile_options
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.jobs import RunContext
+from conftest import FAMILY_RUNS, copy_run
+from plan_helpers import run_tiny, tiny_plan  # noqa: F401 - run_tiny, tiny_plan: other test modules import them here
 
 
-def tiny_plan(student: str = "vit", modules: int = 2, meta: str = "trained", steps: int = 3, **kwargs) -> Plan:
-    """A plan of a few steps per job; its teacher trains end to end unless ``teacher_training`` says otherwise."""
-    kwargs.setdefault("teacher_training", "end-to-end")
-    options = ConvertOptions(teacher="vit_tiny", student=student, modules=modules, data="synthetic", img_size=32,
-                             meta=meta, **kwargs)
-    plan = compile_options(options)
-    for job in plan.jobs:  # a plan is data: shrink every budget to a few steps
-        if "train" in job.config:
-            job.config["train"].update(steps=steps, batch_size=16, warmup_steps=1)
-    plan.rehash()
-    return plan
-
-
-def run_tiny(tmp_path: Path, **kwargs) -> Path:
-    plan = tiny_plan(**kwargs)
-    run_dir = prepare_run_dir(plan, tmp_path / "run")
-    execute(plan, run_dir)
-    return run_dir
-
-
-@pytest.mark.parametrize("student, modules, meta", [("vit", 2, "trained"), ("nac", 3, "teacher"), ("moe", 2, "trained")])
-def test_tiny_plan_end_to_end(tmp_path, student, modules, meta):
-    run_dir = run_tiny(tmp_path, student=student, modules=modules, meta=meta)
+@pytest.mark.slow
+@pytest.mark.parametrize("student", FAMILY_RUNS)
+def test_tiny_plan_end_to_end(finished_runs, student):
+    run_dir = finished_runs(student)  # the session's one real run of this family (vit 2 trained, nac 3 teacher, moe 2 trained)
     report = json.loads((run_dir / "report.json").read_text())
     for model in ("teacher", "student", "baseline"):
         assert 0.0 <= report[model]["iid_acc"] <= 1.0 and 0.0 <= report[model]["ood_acc"] <= 1.0
@@ -87,10 +70,9 @@ def test_m2mkd_job_changes_only_the_student_stage_and_its_stitches(tmp_path):
     assert any(k.startswith("pre.") for k in changed) and any(k.startswith("stage.") for k in changed)
 
 
-def test_rerun_skips_finished_jobs_and_edits_rerun_only_dependents(tmp_path):
+def test_rerun_skips_finished_jobs_and_edits_rerun_only_dependents(tmp_path, finished_runs):
     plan = tiny_plan()
-    run_dir = prepare_run_dir(plan, tmp_path / "run")
-    execute(plan, run_dir)
+    run_dir = copy_run(finished_runs("vit"), tmp_path / "run")  # tiny_plan() run for real
     assert {s.state for s in execute(plan, run_dir)} == {"cached"}
     edited = Plan.load(run_dir)
     edited.job("m2mkd:1").config["train"]["steps"] = 2
@@ -115,6 +97,7 @@ class _RecordingSettings(dict):
         return super().get(key, default)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("student, modules, upcycle", [("nac", 3, False), ("moe", 2, True)])
 def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, modules, upcycle):
     """A job reading a setting outside its JobKind.settings would be reused after that setting changed: forbid it."""
@@ -135,7 +118,7 @@ def test_every_job_reads_only_the_settings_its_hash_covers(tmp_path, student, mo
             assert settings.read <= allowed, (job.name, sorted(settings.read - allowed))
 
 
-def test_reuse_copies_finished_jobs_with_the_same_hash(tmp_path):
+def test_reuse_copies_finished_jobs_with_the_same_hash(tmp_path, stub_runners):
     from monomod.runtime.execute import reuse_finished
 
     first = prepare_run_dir(tiny_plan(student="nac", modules=3), tmp_path / "nac")

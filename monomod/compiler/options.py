@@ -128,11 +128,11 @@ OPTIONS: tuple[Option, ...] = (
         isinstance(v, list) and all(isinstance(c, str) and c for c in v))),
            "a list of module paths or fx node names (or one comma-separated string), or null",
            "Manual cut points, comma-separated: where each new teacher module begins (e.g. blocks.3,blocks.6); "
-           "default: the minimum-cut search. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
+           "default: the exact most balanced cut. Recorded in plan.yaml.", flag="--cuts", parse=lambda text: [
                c.strip() for c in text.split(",") if c.strip()], fix="name cut points, e.g. --cuts blocks.4,blocks.8"),
     _choice("cost", COSTS, "flops", "What the teacher's modules are balanced by.", flag="--cost"),
     Option("tolerance", TOLERANCE, lambda v: _is_num(v) and v >= 0, "a number >= 0",
-           "Allowed imbalance of the teacher's modules: aim for max/mean cost <= 1 + tolerance.", flag="--tolerance",
+           "Accepted imbalance of the teacher's modules (max/mean cost <= 1 + tolerance): inspect says when even the optimum is above it.", flag="--tolerance",
            kind=float),
     Option("data", "digits", _data_spec, "digits, synthetic or imagefolder:PATH (optionally with shots=N)",
            "digits | synthetic | imagefolder:PATH (train/ and val/); few labels: digits:shots=5, "

@@ -568,7 +568,8 @@
     const tensors = f.boundaries.reduce((a, b) => a + b.length, 0);
     $("#figures").innerHTML = "";
     $("#figures").append(
-      el("b", {}, "balance "), `${f.balance.toFixed(3)} max/mean ${D.cost} (${human(Math.max(...costs))} / ${human(mean)})`,
+      el("b", {}, "balance "), `${f.balance.toFixed(3)} max/mean ${D.cost} (${human(Math.max(...costs))} / ${human(mean)}` +
+        (D.optimum == null ? ")" : `, optimum ${D.optimum.toFixed(3)} at K=${D.k})`),
       el("b", {}, "  ·  cut "), `${humanBytes(f.bytes_cut)} per sample in ${tensors} tensor(s) over ${S.cuts.length} cut(s)`,
     );
     $("#cuts-arg").value = S.cuts.length ? `--cuts ${f.cuts_arg}` : "(one module: no cuts)";

@@ -59,6 +59,7 @@ def page_data(p: Partition, run: dict[str, Any] | None = None) -> dict[str, Any]
         "collapsed": block_paths(info.module for name, info in traced.nodes.items() if name in layout),
         "reference": figures(partition(traced, cost=p.cost, cuts=[labels.get(names[i], names[i]) for i in positions]) if positions else p),
         "found": figures(p),
+        "optimum": p.optimum,  # the best balance any legal cut reaches at this K
         "run": run,
     }
 

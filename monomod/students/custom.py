@@ -2,7 +2,7 @@
 
 A factory may return a ``StagedModel`` with K stages (the interface ``monomod student`` prints), used as it is, or
 any ``nn.Module``; a timm name builds that timm model with the run's image size, classes and channels. A plain
-module is cut into K stages by the compiler's own passes, as the teacher is: trace, partition (balanced min-cut),
+module is cut into K stages by the compiler's own passes, as the teacher is: trace, partition (the most balanced cut),
 extract. The stitch layers then join each stage to the teacher's boundaries by their shapes
 (``monomod.students.stitching``), so the student may be smaller or larger than its teacher, a CNN or a ViT.
 """
