@@ -22,8 +22,9 @@ from monomod.safe import check_links, inside, load_yaml, read_yaml
 
 PLAN_FILE = "plan.yaml"
 PLAN_VERSION = 1
-JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate")
-DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd"})  # jobs that train on the distillation data
+JOB_KINDS = ("teacher", "meta", "incubate", "m2mkd", "assemble", "finetune", "baseline", "evaluate", "m2mkd-fused")
+# jobs that train on the distillation data
+DISTILL_KINDS = frozenset({"teacher", "meta", "incubate", "m2mkd", "m2mkd-fused"})
 # Training-config keys that say how a job is run, not what it computes: they stay out of job hashes, so changing
 # how often a job checkpoints or logs never re-runs a finished job (train.py's RESUME_INSENSITIVE holds them too).
 UNHASHED_TRAIN_KEYS = ("log_every", "checkpoint_every", "checkpoint_minutes", "compile")
@@ -60,6 +61,7 @@ SETTINGS_SCOPE: dict[str, tuple[str, ...] | None] = {
     "m2mkd": (*_TEACHER_SETTINGS, "student", "student_preset", "student_overrides", "student_revision", "modules",
               "seed", "meta", "partition", "teacher_training"),
 }
+SETTINGS_SCOPE["m2mkd-fused"] = SETTINGS_SCOPE["m2mkd"]  # the K m2mKD jobs as one (monomod.passes.fuse)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from monomod.passes.fuse import fuse_m2mkd
 from monomod.plan import DISTILL_KINDS, Job, PartitionRecord, Plan
 from monomod.version import __version__
 
@@ -109,6 +110,8 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord, *, studen
     train = _budget_maker(options, data)
     jobs = _teacher_jobs(options, training, train)
     jobs += _m2mkd_jobs(options, training, train)
+    if getattr(options, "m2mkd", "separate") == "fused":  # resolved by compile_options (monomod.runtime.fused)
+        jobs = fuse_m2mkd(jobs)
     distilled = [f"m2mkd:{i}" for i in range(options.modules)]
     jobs += [
         Job("assemble", "assemble", distilled, ["jobs/assemble/model.safetensors"], {"assemble": options.assemble}),

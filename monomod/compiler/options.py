@@ -203,6 +203,11 @@ OPTIONS: tuple[Option, ...] = (
             "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
             "job and its hash). fp32 by default: on an H200, bf16 cost the NAC demo student 15 points over 3 seeds "
             "and sped its jobs up by at most 1.1x (benchmarks/RESULTS.md).", flag="--precision"),
+    _choice("m2mkd", ("auto", "separate", "fused"), "auto",
+            "The K m2mKD jobs as K separate jobs (each loads the data and runs the meta prefix itself; K machines can "
+            "share them) or as one fused job that loads each batch once, runs the meta prefix once and steps all K "
+            "students on it. auto: fused on a CPU (measured faster, benchmarks/RESULTS.md), separate on CUDA (not yet "
+            "measured there); resolved when the plan is compiled.", flag="--m2mkd"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),

@@ -308,13 +308,15 @@ def _classification(model: nn.Module, label_smoothing: float) -> Callable:
     return loss_fn
 
 
-def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
+def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig,
+         **train_options: Any) -> dict[str, Any]:
+    """``model`` trained by ``train`` on the job's data (``train_options``: the loop's keyword options)."""
     from monomod.data import Augment
 
     augment = Augment(auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob)
     loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS,
                         augment=augment)
-    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name)
+    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name, **train_options)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}
 
@@ -391,6 +393,10 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     module i, or incubated module i (``target``)."""
     from monomod.students.hybrid import hybrid
 
+    if job.config.get("fused"):  # a fused plan: the stage was trained by the fused job (monomod.runtime.fused)
+        from monomod.runtime.fused import publish_member
+
+        return publish_member(ctx, job)
     i, loss_cfg = job.config["module"], job.config["loss"]
     cfg = _train_config(ctx, job)
     device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
@@ -573,6 +579,15 @@ RUNNERS: dict[str, JobKind] = {  # one entry per monomod.plan.JOB_KINDS
     "baseline": JobKind(run_baseline, trains=True),
     "evaluate": JobKind(run_evaluate, trains=False),
 }
+
+
+def _run_m2mkd_fused(ctx: RunContext, job: Job) -> dict[str, Any]:
+    from monomod.runtime.fused import run_m2mkd_fused
+
+    return run_m2mkd_fused(ctx, job)
+
+
+RUNNERS["m2mkd-fused"] = JobKind(_run_m2mkd_fused, trains=True)  # the K m2mKD jobs as one (--m2mkd fused)
 
 
 @contextmanager
