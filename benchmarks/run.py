@@ -29,6 +29,7 @@ BENCHMARKS = {
     "data": "Training-loader images/s on real JPEGs: monomod against timm's create_loader, 0/1/2 workers",
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
     "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",
+    "fused": "The demo's m2mKD phase as one fused job against K separate jobs (3 seeds, hybrid accuracies)",
 }
 
 

@@ -117,17 +117,13 @@ def seeded_rng_state(seed: int, device: torch.device) -> Tensor:
 # ------------------------------------------------------------------------------------------------------ the loss
 
 
-def member_loss(member: Member, context: Tensor, suffix: list[nn.Module], y: Tensor, label_smoothing: float,
-                last: bool) -> tuple[Tensor, Tensor]:
-    """The separate m2mKD job's loss (``jobs.run_m2mkd``) for one member, on the meta prefix's output ``context``:
-    the teacher module and the meta suffix without autograd give the targets, the student's logits come through
-    the suffix with autograd. ``last``: the last module has no boundary for the feature loss."""
+def member_loss(member: Member, y: Tensor, features: tuple[Tensor, Tensor], logits: tuple[Tensor, Tensor],
+                label_smoothing: float, last: bool) -> Tensor:
+    """The separate m2mKD job's loss (``jobs.run_m2mkd``) for one member, from its student and teacher features
+    (the stage's outputs) and logits (the meta suffix's). ``last``: the last module has no boundary for the
+    feature loss."""
+    (student_features, teacher_features), (student_logits, teacher_logits) = features, logits
     loss_cfg = member.config["loss"]
-    with torch.no_grad():
-        teacher_features = member.teacher_module[0](context)
-        teacher_logits = _run(suffix, teacher_features)
-    student_features = member.stitched(context)
-    student_logits = _run(suffix, student_features)
     loss = m2mkd_loss(student_logits, teacher_logits, y, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
                       kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"], label_smoothing=label_smoothing)
     feature_weight = 0.0 if last else loss_cfg.get("feature_loss", 0.0)
@@ -137,31 +133,63 @@ def member_loss(member: Member, context: Tensor, suffix: list[nn.Module], y: Ten
                                f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
         loss = loss + feature_weight * F.mse_loss(student_features, teacher_features)
     aux = member.stitched.aux_loss()
-    return (loss + aux if aux is not None else loss), student_logits
+    return loss + aux if aux is not None else loss
 
 
-def _run(modules: list[nn.Module], x: Tensor) -> Tensor:
-    for module in modules:
-        x = module(x)
-    return x
+def prefixes(stages: list[nn.Module], x: Tensor, starts: list[int]) -> list[Tensor]:
+    """``meta[:i](x)`` for every i of ``starts`` (ascending), without autograd, each stage run once."""
+    out, done = [], 0
+    with torch.no_grad():
+        for i in starts:
+            for stage in stages[done:i]:
+                x = stage(x)
+            done = i
+            out.append(x)
+    return out
+
+
+def suffixes(stages: list[nn.Module], starts: list[int], features: list[Tensor]) -> list[Tensor]:
+    """``meta[i+1:](features[k])`` for every k (``i = starts[k]``), in batches: each stage runs once per shape of
+    the streams that have reached it, concatenated along the batch. The stages are per-sample (no batch statistics
+    in eval), so each stream's result is its own; one call instead of up to K cuts the per-call cost that
+    dominates small inputs. (A NAC student's boundary carries its latents, the teacher's its tokens: streams of
+    other shapes run apart.)"""
+    groups: list[tuple[Tensor, list[int]]] = []
+    for m, stage in enumerate(stages):
+        for k in (k for k, i in enumerate(starts) if i + 1 == m):
+            same = next((g for g, (x, _) in enumerate(groups) if x.shape[1:] == features[k].shape[1:]), None)
+            if same is None:
+                groups.append((features[k], [k]))
+            else:
+                x, members = groups[same]
+                groups[same] = (torch.cat([x, features[k]]), [*members, k])
+        groups = [(stage(x), members) for x, members in groups]
+    done = {}
+    for x, members in groups:
+        done.update(zip(members, x.split(features[members[0]].shape[0])))
+    return [done.get(k, features[k]) for k in range(len(features))]  # the last module has no suffix
 
 
 def fused_loss(students: FusedStudents, meta_stages: list[nn.Module], label_smoothing: float, device: torch.device):
-    """``loss_fn(x, y)`` of the fused job: the meta prefix once, progressively, then every member's loss on its
-    context, summed (one backward gives each student its own loss's gradients)."""
-    last = len(meta_stages) - 1
+    """``loss_fn(x, y)`` of the fused job: the meta prefix once, progressively; each member's teacher module and
+    student stage on its context (the student on its own random stream); the meta suffix once per stage for all
+    streams; every member's loss, summed (one backward gives each student its own loss's gradients)."""
+    members = list(students.members)
+    starts, last = [m.module for m in members], len(meta_stages) - 1
 
     def loss_fn(x: Tensor, y: Tensor) -> tuple[Tensor, None]:
-        total, context, done = None, x, 0
-        for k, member in enumerate(students.members):
-            i = member.module
-            with torch.no_grad():
-                context = _run(meta_stages[done:i], context)
-            done = i
+        contexts = prefixes(meta_stages, x, starts)
+        with torch.no_grad():
+            teacher_features = [m.teacher_module[0](c) for m, c in zip(members, contexts)]
+            teacher_logits = suffixes(meta_stages, starts, teacher_features)
+        student_features = []
+        for k, (member, context) in enumerate(zip(members, contexts)):
             with students.own_rng(k, device):
-                loss, _ = member_loss(member, context, meta_stages[i + 1:], y, label_smoothing, i == last)
-            total = loss if total is None else total + loss
-        return total, None
+                student_features.append(member.stitched(context))
+        student_logits = suffixes(meta_stages, starts, student_features)
+        losses = [member_loss(m, y, (sf, tf), (sl, tl), label_smoothing, m.module == last) for m, sf, tf, sl, tl
+                  in zip(members, student_features, teacher_features, student_logits, teacher_logits)]
+        return torch.stack(losses).sum(), None
 
     return loss_fn
 
@@ -174,7 +202,7 @@ def run_m2mkd_fused(ctx: Any, job: Job) -> dict[str, Any]:
     hybrids as its separate job would. ``ctx`` is a ``monomod.runtime.jobs.RunContext``."""
     from monomod.runtime.jobs import _fit, measure_hybrids
 
-    members_cfg = sorted(job.config["members"], key=lambda m: m["module"])
+    members_cfg = sorted(job.config["members"], key=lambda m: m["module"])  # the prefix runs progressively
     try:
         train_cfg = shared_train_config(members_cfg)
     except ValueError as e:
