@@ -138,3 +138,28 @@ def test_a_killed_fused_job_resumes_bitwise(tmp_path, monkeypatch):
     for name, ours in _products(killed, members).items():
         _assert_equal(ours, _products(reference, [name])[name], name)
     assert json.loads((killed / "report.json").read_text())["modules"][0]["student_hybrid_acc"] is not None
+
+
+def test_the_meta_suffix_runs_each_stream_as_alone_whatever_its_shape():
+    """``suffixes`` batches the streams that reached a stage; a stream of another token count (a NAC's latents
+    against the teacher's tokens) runs in its own batch; the last module has no suffix; ``prefixes`` runs each
+    stage once."""
+    torch.manual_seed(0)
+    stages = [torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8), torch.nn.GELU()) for _ in range(4)]
+    starts = [0, 1, 2, 3]
+    features = [torch.randn(5, 3 if k % 2 else 4, 8) for k in starts]
+    alone = []
+    for i, x in zip(starts, features):
+        for stage in stages[i + 1:]:
+            x = stage(x)
+        alone.append(x)
+    for ours, theirs in zip(fused_runtime.suffixes(stages, starts, features), alone):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    calls = {"n": 0}
+    counted = [torch.nn.Sequential(stage) for stage in stages]
+    for stage in counted:
+        stage.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    x = torch.randn(5, 4, 8)
+    contexts = fused_runtime.prefixes(counted, x, starts)
+    assert calls["n"] == 3 and torch.equal(contexts[0], x)
+    torch.testing.assert_close(contexts[3], stages[2](stages[1](stages[0](x))))
