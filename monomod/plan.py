@@ -47,7 +47,8 @@ def job_name_pattern() -> re.Pattern[str]:
 # changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
 # one reads a setting outside its scope, so a scope cannot silently go stale.
 _DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
-_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", *_DISTILL_DATA, "monomod")
+# ``input_path`` (present only as "device": the batches augmented on the device) is read by every training job
+_TEACHER_SETTINGS = ("teacher", "teacher_kwargs", "weights", "pretrained", *_DISTILL_DATA, "monomod", "input_path")
 # ``partition`` (the recorded cuts) is read by every job that uses the teacher's modules: meta and incubate here,
 # m2mkd, assemble, finetune and evaluate through their full scope, the teacher that assembles incubated modules
 # through its inputs' hashes. The baseline and a teacher trained end to end never see it.

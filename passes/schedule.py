@@ -107,6 +107,8 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord, *, studen
         "threads": options.threads,  # torch threads of every job, whichever executor runs it (not in job hashes)
         "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
     }
+    if getattr(options, "input_path", "cpu") == "device":  # recorded only when on, so other plans keep their hashes
+        settings["input_path"] = "device"
     train = _budget_maker(options, data)
     jobs = _teacher_jobs(options, training, train)
     jobs += _m2mkd_jobs(options, training, train)

@@ -131,3 +131,34 @@ def test_erasing_replaces_a_rectangle_at_the_asked_rate():
     assert abs(float(changed) - 0.25) < 0.07
     fraction = (kept != erased).flatten(1).float().mean(1)
     assert float(fraction[fraction > 0].max()) <= 1 / 3 + 0.05
+
+
+def test_input_path_option_resolves_and_a_device_plan_trains(tmp_path):
+    import pytest
+
+    from monomod.compiler import ConvertOptions, compile_options
+    from monomod.errors import MonomodError
+    from monomod.runtime.device_data import resolve_input_path
+    from monomod.runtime.execute import execute, prepare_run_dir
+
+    assert resolve_input_path("auto", "digits", device="cpu") == "cpu"
+    assert resolve_input_path("auto", "digits", None, device="cuda") == "device"
+    assert resolve_input_path("auto", "digits", "imagefolder:/x", device="cuda") == "cpu"
+    with pytest.raises(MonomodError, match="needs an in-memory data set"):
+        resolve_input_path("device", "imagefolder:/x")
+
+    def plan(path):
+        p = compile_options(ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32,
+                                           teacher_training="end-to-end", input_path=path, m2mkd="separate"))
+        for job in p.jobs:
+            if "train" in job.config:
+                job.config["train"].update(steps=2, batch_size=16, warmup_steps=1)
+        p.rehash()
+        return p
+
+    cpu, device = plan("auto"), plan("device")
+    assert "input_path" not in cpu.settings and device.settings["input_path"] == "device"
+    assert cpu.job("meta").hash != device.job("meta").hash and cpu.job("assemble").hash != device.job("assemble").hash
+    run_dir = prepare_run_dir(device, tmp_path / "run")
+    statuses = execute(device, run_dir, only=["meta"])
+    assert [s.state for s in statuses] == ["done"]

@@ -203,11 +203,17 @@ OPTIONS: tuple[Option, ...] = (
             "CPUs with native bf16, fp32 elsewhere (resolved when the plan is compiled, recorded in every training "
             "job and its hash). fp32 by default: on an H200, bf16 cost the NAC demo student 15 points over 3 seeds "
             "and sped its jobs up by at most 1.1x (benchmarks/RESULTS.md).", flag="--precision"),
+    _choice("input_path", ("auto", "cpu", "device"), "auto",
+            "Where training batches are augmented: image by image on the CPU (loader workers), or, for in-memory "
+            "data sets (digits, synthetic), as uint8 tensors on the training device, a batch at a time "
+            "(monomod/runtime/device_data.py). auto: device on CUDA, cpu elsewhere; resolved when the plan is "
+            "compiled.", flag="--input-path"),
     _choice("m2mkd", ("auto", "separate", "fused"), "auto",
             "The K m2mKD jobs as K separate jobs (each loads the data and runs the meta prefix itself; K machines can "
             "share them) or as one fused job that loads each batch once, runs the meta prefix once and steps all K "
-            "students on it. auto: fused on a CPU (measured faster, benchmarks/RESULTS.md), separate on CUDA (not yet "
-            "measured there); resolved when the plan is compiled.", flag="--m2mkd"),
+            "students on it (measured faster on a CPU, benchmarks/RESULTS.md). auto: separate for now on CPU and CUDA "
+            "(the side-by-side process executor and the GPU are not measured against fused yet); resolved when the "
+            "plan is compiled.", flag="--m2mkd"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),

@@ -34,11 +34,12 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.runtime.execute import check_train_configs
     from monomod.runtime.executors import cpu_count
     from monomod.runtime.config import resolve_precision
+    from monomod.runtime.device_data import resolve_input_path
     from monomod.runtime.fused import resolve_m2mkd
 
     validate(options_dict(options))
     options = replace(options, threads=options.threads or cpu_count(), precision=resolve_precision(options.precision),
-                      m2mkd=resolve_m2mkd(options.m2mkd))
+                      m2mkd=resolve_m2mkd(options.m2mkd), input_path=resolve_input_path(options.input_path, options.data, options.distill_data))
     probe = load_model(options.teacher, device="meta", img_size=options.img_size or PRESET_BUDGETS[options.preset]["img_size"],
                        in_chans=options.in_chans)
     cfg = getattr(probe, "pretrained_cfg", None) or {}

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from monomod.data import TensorImageDataset, derive_seed
 from monomod.errors import MonomodError
+from monomod.runtime.config import resolve_device
 
 _MASK32 = 0xFFFFFFFF
 
@@ -200,3 +201,28 @@ class DeviceLoader:
             x = augment_batch(d.images[indices], indices, self.epoch_seed, self.augment, size=d.size, mean=d.mean,
                               std=d.std, in_chans=d.in_chans)
             yield x, d.labels[indices]
+
+
+def resolve_input_path(path: str, *data: str | None, device: torch.device | str | None = None) -> str:
+    """``cpu`` or ``device``: ``auto`` is device on CUDA when every data set given (``--data``, ``--distill-data``)
+    is in memory, cpu elsewhere; ``device`` with an image folder is refused (decoding on the device is not built
+    yet)."""
+    from monomod.data import parse_data_spec
+
+    folder = any(parse_data_spec(spec).kind == "imagefolder" for spec in data if spec)
+    if path == "device" and folder:
+        raise MonomodError("--input-path device needs an in-memory data set (digits, synthetic); decoding image "
+                           "folders on the device is not built yet", "use --input-path cpu or auto")
+    if path != "auto":
+        return path
+    on_cuda = torch.device(device if device is not None else resolve_device("auto")).type == "cuda"
+    return "device" if on_cuda and not folder else "cpu"
+
+
+def device_loader(dataset: TensorImageDataset, batch_size: int, *, shuffle: bool, seed: int,
+                  device: torch.device) -> Callable[[int], DeviceLoader]:
+    """``make_loader(epoch)`` of the device path (``RunContext.loader``): the data set moved to ``device`` once,
+    its augmentation in batched form."""
+    data, augment = DeviceImages(dataset, device), batch_augment_for(dataset)
+    return lambda epoch: DeviceLoader(data, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
+                                      drop_last=shuffle and len(data) > batch_size, augment=augment)

@@ -88,6 +88,10 @@ class RunContext:
 
         bundle = self.distill_data if distill else self.data
         dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
+        if split == "train" and self.settings.get("input_path") == "device":  # monomod.runtime.device_data
+            from monomod.runtime.device_data import device_loader
+
+            return device_loader(dataset, batch_size, shuffle=shuffle, seed=seed, device=resolve_device("auto"))
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                          drop_last=shuffle and len(dataset) > batch_size,
                                          num_workers=self.loader_workers)
