@@ -30,40 +30,44 @@ M2MKD_SIDE = ("m2mkd", "m2mkd-fused")
 MODES = ("separate", "fused")
 
 
-def demo_plan(seed: int, mode: str, steps: int | None = None):
-    """The demo plan of ``seed`` (teacher seed 0) in ``mode``, at one thread; ``steps`` shortens every job."""
+def demo_plan(seed: int, mode: str, steps: int | None = None, teacher_steps: int | None = None):
+    """The demo plan of ``seed`` (teacher seed 0) in ``mode``, at one thread; ``steps`` shortens the m2mKD jobs
+    (warm-up a tenth, as the demo's), ``teacher_steps`` every other job."""
     plan = compile_options(ConvertOptions(teacher="vit_tiny", student="nac", modules=4, seed=seed, teacher_seed=0,
                                           m2mkd=mode, threads=1))
-    if steps:
-        for job in plan.jobs:
-            for config in [job.config, *job.config.get("members", [])]:
-                if "train" in config:
-                    config["train"]["steps"] = steps
-        plan.rehash()
+    for job in plan.jobs:
+        budget = steps if job.kind in M2MKD_SIDE else teacher_steps
+        for config in [job.config, *job.config.get("members", [])] if budget else []:
+            if "train" in config:
+                config["train"].update(steps=budget, warmup_steps=budget // 10)
+    plan.rehash()
     return plan
 
 
-def run(quick: bool = False, base: str | None = None, seeds: tuple[int, ...] = (0, 1, 2)) -> dict[str, Any]:
-    steps = 20 if quick else None
+def run(quick: bool = False, base: str | None = None, seeds: tuple[int, ...] = (0, 1, 2),
+        steps: int | None = None) -> dict[str, Any]:
+    """``steps``: the m2mKD jobs' budget (default: the demo's 250)."""
+    steps, teacher_steps = (20, 20) if quick else (steps, None)
     seeds = seeds[:1] if quick else seeds
     quiet = Console(stderr=True, quiet=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if base is None:
-            plan = demo_plan(seeds[0], "separate", steps)
+            plan = demo_plan(seeds[0], "separate", steps, teacher_steps)
             base = str(prepare_run_dir(plan, Path(tmp) / "base"))
             execute(plan, base, only=[j.name for j in plan.jobs if j.kind in TEACHER_SIDE], console=quiet)
         for n, seed in enumerate(seeds):
             for mode in (MODES if n % 2 == 0 else MODES[::-1]):  # interleaved: the order alternates per seed
-                rows.append(_phase(seed, mode, steps, base, Path(tmp) / f"{mode}-{seed}", quiet))
+                rows.append(_phase(seed, mode, (steps, teacher_steps), base, Path(tmp) / f"{mode}-{seed}", quiet))
                 print(f"  seed {seed} {mode}: {rows[-1]['seconds']} s", flush=True)
                 shutil.rmtree(Path(tmp) / f"{mode}-{seed}")
-    return {"rows": rows, "summary": _summary(rows), "threads": 1}
+    return {"rows": rows, "summary": _summary(rows), "threads": 1, "m2mkd_steps": steps or 250}
 
 
-def _phase(seed: int, mode: str, steps: int | None, base: str, run_dir: Path, console: Console) -> dict[str, Any]:
+def _phase(seed: int, mode: str, steps: tuple[int | None, int | None], base: str, run_dir: Path,
+           console: Console) -> dict[str, Any]:
     """One m2mKD phase: the teacher side copied from ``base``, the m2mKD side timed."""
-    plan = demo_plan(seed, mode, steps)
+    plan = demo_plan(seed, mode, *steps)
     prepare_run_dir(plan, run_dir)
     reused = reuse_finished(plan, run_dir, [base])
     missing = [j.name for j in plan.jobs if j.kind in TEACHER_SIDE and j.name not in reused]
@@ -96,7 +100,8 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
-    lines = [f"The demo's m2mKD phase (vit_tiny -> NAC, K=4, digits, {result['threads']} torch thread), per seed both "
+    lines = [f"The demo's m2mKD phase (vit_tiny -> NAC, K=4, digits, {result.get('m2mkd_steps', 250)} steps per m2mKD "
+             f"job, {result['threads']} torch thread), per seed both "
              "modes back to back (order alternating), teacher side reused. Hybrid accuracies: val top-1 of "
              "`meta[:i] -> S_i -> meta[i+1:]` per module i.", "",
              "| seed | mode | wall (s) | samples/s | student hybrid acc, modules 0..3 (%) |", "|---:|---|---:|---:|---|"]
@@ -119,13 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", help="a RUN_DIR whose meta, incubate and teacher jobs finished (teacher seed 0)")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--steps", type=int, help="the m2mKD jobs' budget (default: the demo's 250)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    result = run(quick=args.quick, base=args.base, seeds=seeds)
+    result = run(quick=args.quick, base=args.base, seeds=seeds, steps=args.steps)
     command = "python -m benchmarks.fused" + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else "") + (
-        " --quick" if args.quick else "")
+        f" --steps {args.steps}" if args.steps else "") + (" --quick" if args.quick else "")
     write_result("fused", result, started, quick=args.quick, command=command)
     return 0
 
