@@ -38,6 +38,8 @@ COLLECTED = {
     "device_demo": "The demo matrix on a GPU machine: teacher training, students, gates and m2mKD regularisation",
     "precision_demo": "The demo in fp32 and in bf16 on the same seed, at a fifth of the demo's budgets (this CPU)",
     "device_check": "On a GPU machine: the demo in fp32 against bf16, the evidence study's ablations, throughput",
+    "fused_demo": "The demo's m2mKD phase fused against separate at the demo's full budget (250 steps per job)",
+    "throughput_input": "Input paths (per image on the CPU, batched on the device) and a plain timm loop as the anchor",
 }
 
 

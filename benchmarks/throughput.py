@@ -236,8 +236,8 @@ def input_rows(batches: int = 10, repeats: int = 3, batch: int = 64) -> list[dic
 
 
 def input_markdown(result: dict[str, Any]) -> str:
-    lines = [f"{result['meta']['machine']}, {result['meta']['date']}, `{result['meta']['command']}`"
-             + (" (measured under load: other engineers' jobs shared the 2 cores)" if result.get("loaded") else ""),
+    lines = [("Measured under load: other engineers' jobs shared the 2 cores. " if result.get("loaded") else "")
+             + "On a GPU machine, run the same command there: the device path then runs on CUDA (to be measured).",
              "", "| what | device | batch | samples/s (median of interleaved rounds) |", "|---|---|---:|---:|"]
     lines += [f"| {r['what']} | {r['device']} | {r['batch']} | {r['samples_per_s']} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
@@ -245,19 +245,18 @@ def input_markdown(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # python -m benchmarks.throughput --input [--loaded]: the input-path rows alone
     import argparse
-    import os
-    import platform
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--input", action="store_true", help="measure the input paths and the timm anchor")
     parser.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared")
     args = parser.parse_args()
     if args.input:
-        out = Path(__file__).parent / "results"
-        result = {"rows": input_rows(), "loaded": args.loaded, "meta": {
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
-                       f"{torch.__version__}, {torch.get_num_threads()} threads",
-            "date": time.strftime("%Y-%m-%d"), "command": "python -m benchmarks.throughput --input"}}
-        (out / "throughput_input.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "throughput_input.md").write_text(input_markdown(result))
+        from benchmarks.run import machine, save_collected
+
+        started = time.perf_counter()
+        result = {"rows": input_rows(), "loaded": args.loaded}
+        result["meta"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                          "seconds": round(time.perf_counter() - started, 1),
+                          "command": "python -m benchmarks.throughput --input" + (" --loaded" if args.loaded else "")}
+        save_collected("throughput_input", result, input_markdown(result))
         print(input_markdown(result))
