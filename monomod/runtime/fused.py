@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from monomod.errors import MonomodError
 from monomod.io import atomic_save_tensors
-from monomod.passes.fuse import FUSED, fused_product, shared_train_config
+from monomod.passes.fuse import fused_product, shared_train_config
 from monomod.plan import Job
 from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
 from monomod.runtime.distributed import is_writer
