@@ -39,8 +39,8 @@ from monomod.runtime.train import param_groups, seed_everything
 
 # ``--m2mkd auto`` per device type. Separate on both for now: on the CPU a fused step measured 1.17x the four
 # separate steps and the demo's phase a median 1.08x (benchmarks/RESULTS.md), short of a default layout change,
-# and the process executor runs the
-# separate jobs side by side, not measured against it; on CUDA nothing is measured yet. One entry flips a default.
+# and the process executor runs the separate jobs side by side, not measured against it; on CUDA nothing is
+# measured yet. One entry flips a device's default.
 AUTO_M2MKD = {"cpu": "separate", "cuda": "separate"}
 
 
