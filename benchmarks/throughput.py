@@ -183,3 +183,80 @@ def _break_even(compiled: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     if saved <= 0:
         return "never"
     return f"{(compiled['first_window_s'] - eager['first_window_s']) / saved:.0f} steps"
+
+
+# ------------------------------------------------------------------------------------ input path and the anchor
+# Issue 26: samples/s of the two input paths (the CPU path's per-image augmentation against the device path's
+# batched one) and of a plain timm training loop on the same batches, the anchor an m2mKD phase is read against
+# (the phase's own samples/s, separate against fused, come from benchmarks/fused.py).
+
+
+def input_rows(batches: int = 10, repeats: int = 3, batch: int = 64) -> list[dict[str, Any]]:
+    """Median images/s over ``repeats`` interleaved rounds of ``batches`` demo batches (digits, 32 px, the demo's
+    augmentation), per input path, and samples/s of a plain timm loop (``vit_tiny`` at 32 px, AdamW, cross-entropy)
+    fed by the CPU path. On a CUDA machine the device path runs on the GPU, elsewhere on CPU tensors."""
+    import statistics
+
+    import timm
+
+    from monomod.data import load_data, make_loader
+    from monomod.runtime.device_data import device_loader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    train = load_data("digits", img_size=32, in_chans=3).train
+    cpu = lambda: make_loader(train, batch_size=batch, shuffle=True, seed=0, epoch=0, drop_last=True)  # noqa: E731
+    on_device = device_loader(train, batch, shuffle=True, seed=0, device=device)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=10, in_chans=3).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def timm_loop(x: torch.Tensor, y: torch.Tensor) -> None:
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ways = {"input: cpu path (per image, main process)": (cpu, None),
+            f"input: device path (batched, {device.type} tensors)": (lambda: on_device(0), None),
+            "anchor: plain timm loop (vit_tiny, cpu input path)": (cpu, timm_loop)}
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for _ in range(repeats):
+        for name, (loader, step) in ways.items():
+            started, seen = time.perf_counter(), 0
+            for n, (x, y) in enumerate(loader()):
+                if n == batches:
+                    break
+                if step is not None:
+                    step(x, y)
+                seen += len(y)
+            sync()
+            seconds[name].append((time.perf_counter() - started) / seen)
+    return [{"what": name, "device": device.type, "batch": batch, "batches": batches,
+             "samples_per_s": round(1 / statistics.median(s), 1)} for name, s in seconds.items()]
+
+
+def input_markdown(result: dict[str, Any]) -> str:
+    lines = [("Measured under load: other engineers' jobs shared the 2 cores. " if result.get("loaded") else "")
+             + "On a GPU machine, run the same command there: the device path then runs on CUDA (to be measured).",
+             "", "| what | device | batch | samples/s (median of interleaved rounds) |", "|---|---|---:|---:|"]
+    lines += [f"| {r['what']} | {r['device']} | {r['batch']} | {r['samples_per_s']} |" for r in result["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m benchmarks.throughput --input [--loaded]: the input-path rows alone
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--input", action="store_true", help="measure the input paths and the timm anchor")
+    parser.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared")
+    args = parser.parse_args()
+    if args.input:
+        from benchmarks.run import machine, save_collected
+
+        started = time.perf_counter()
+        result = {"rows": input_rows(), "loaded": args.loaded}
+        result["meta"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
+                          "seconds": round(time.perf_counter() - started, 1),
+                          "command": "python -m benchmarks.throughput --input" + (" --loaded" if args.loaded else "")}
+        save_collected("throughput_input", result, input_markdown(result))
+        print(input_markdown(result))

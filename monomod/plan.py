@@ -41,7 +41,8 @@ HASHED_PARTITION_KEYS = ("cuts",)
 # changed student keep the trained teacher and meta model. tests/test_runtime.py runs every kind of job and fails when
 # one reads a setting outside its scope, so a scope cannot silently go stale.
 _DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
-_TEACHER_SETTINGS = ("teacher", "weights", "pretrained", *_DISTILL_DATA, "monomod")
+# ``input_path`` (recorded only when asked for other than auto) says where every training job augments its batches
+_TEACHER_SETTINGS = ("teacher", "weights", "pretrained", *_DISTILL_DATA, "monomod", "input_path")
 _STUDENT_SETTINGS = ("student", "student_preset", "student_overrides", "student_revision", "modules", "seed")
 # ``partition`` (the recorded cuts) is read by every job that uses the teacher's modules: meta and incubate here,
 # m2mkd, assemble, finetune and evaluate through their full scope, the teacher that assembles incubated modules
@@ -78,6 +79,10 @@ JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     # m2mKD trains on the distillation data alone: runs that fine-tune on other labelled data (few shots) share it
     JobKind("m2mkd", f"{_RUNNERS}:run_m2mkd", (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta", "partition",
                                               "teacher_training"), "m2mkd", distill=True),
+    # the K m2mKD jobs as one (``--m2mkd fused``, ``monomod.passes.fuse``): one student per module, one batch stream
+    JobKind("m2mkd-fused", "monomod.runtime.fused:run_m2mkd_fused", (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta",
+                                                                     "partition", "teacher_training"), "m2mkd",
+            distill=True, products="modules"),
     JobKind("assemble", f"{_RUNNERS}:run_assemble", None, None),
     JobKind("finetune", f"{_RUNNERS}:run_finetune", None, "finetune"),
     # the baseline trains with the fine-tune budget, so that the comparison with m2mKD stays fair

@@ -68,7 +68,14 @@ def job_outputs(name: str, kind: str) -> list[str]:
     the plan pass records them in each job, so that integrity checks and ``--reuse`` know them."""
     if JOB_KINDS[kind].products == "report":
         return [REPORT_JSON, REPORT_MD, CURVES_PNG]
+    if JOB_KINDS[kind].products == "modules":  # one model per student module: ``module_product``
+        raise ValueError(f"a {kind} job writes one product per module: spell them with module_product")
     return [f"{JOBS_DIR}/{job_dir_name(name)}/{MODEL_FILE}"]
+
+
+def module_product(name: str, module: int) -> str:
+    """Where a job that trains one model per student module (the fused m2mKD job) writes module ``module``."""
+    return f"{JOBS_DIR}/{job_dir_name(name)}/module-{module}.safetensors"
 
 
 def writes_only_its_folder(job: Job) -> bool:

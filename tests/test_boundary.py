@@ -3,7 +3,7 @@ distilled stages chain when assembled (``--boundary-loss``)."""
 import pytest
 import torch
 
-from monomod.runtime import runners
+from monomod.runtime import losses
 from monomod.runtime.execute import execute, prepare_run_dir
 from monomod.runtime.losses import boundary_loss
 from test_plan import plan_for
@@ -52,7 +52,7 @@ def test_m2mkd_job_adds_the_boundary_loss_against_the_meta_stage(tmp_path, monke
         calls.append((s.shape, m.shape, m.requires_grad, s.requires_grad))
         return boundary_loss(s, m)
 
-    monkeypatch.setattr(runners, "boundary_loss", recording)
+    monkeypatch.setattr(losses, "boundary_loss", recording)
     plan = tiny_plan(student=student, modules=3, steps=2, boundary_loss=1.0)
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     execute(plan, run_dir, only=["teacher", "meta", "m2mkd:0", "m2mkd:2"])

@@ -208,6 +208,16 @@ OPTIONS: tuple[Option, ...] = (
             "runs on CUDA or on a CPU with native bf16, fp32 elsewhere (the plan records auto; each job resolves it "
             "where it runs and records what it used: `monomod plan show`). fp32 by default (README: Precision and compilation).",
             flag="--precision"),
+    _choice("input_path", ("auto", "cpu", "device"), "auto",
+            "Where training batches are augmented: image by image on the CPU (loader workers), or, for in-memory "
+            "data sets (digits, synthetic), as uint8 tensors on the training device, a batch at a time "
+            "(monomod/runtime/device_data.py). auto: device on CUDA, cpu elsewhere, resolved where each job runs.",
+            flag="--input-path"),
+    _choice("m2mkd", ("auto", "separate", "fused"), "auto",
+            "The K m2mKD jobs as K separate jobs (each loads the data and runs the meta prefix itself; K machines can "
+            "share them) or as one fused job that loads each batch once, runs the meta prefix once and steps all K "
+            "students on it (README: Fused m2mKD). auto: separate on every device for now; decided when the plan is "
+            "compiled, since it shapes the plan.", flag="--m2mkd"),
     # how a job runs, not what it computes: never in a job hash (flags shared with `monomod run`, but --compile)
     _flag("compile", "torch.compile each training job's step (its trainable and frozen context); the compile time "
           "counts in the job's time. Not part of job hashes.", flag="--compile"),

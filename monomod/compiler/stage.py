@@ -37,7 +37,12 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.students import student_revision
     from monomod.runtime.execute import check_train_configs
 
+    from monomod.runtime.device_data import resolve_input_path
+    from monomod.runtime.fused import resolve_m2mkd
+
     validate(options_dict(options))
+    resolve_input_path(options.input_path, options.data, options.distill_data, device="cpu")  # refuses at once
+    options = replace(options, m2mkd=resolve_m2mkd(options.m2mkd))  # it shapes the plan, so decided here
     notes = notes if notes is not None else []
     teacher, img_size, in_chans = _load_teacher(options)
     data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on

@@ -18,6 +18,7 @@ from monomod.io import atomic_save_tensors
 from monomod.ir import Partition
 from monomod.plan import Plan
 from monomod.rundir import OTHER_HASH, RunDir
+from monomod.runtime.config import resolve_device
 from monomod.runtime.distributed import is_writer
 from monomod.runtime.train import seed_everything
 from monomod.students.base import StagedModel
@@ -78,9 +79,21 @@ class RunContext:
 
         bundle = self.distill_data if distill else self.data
         dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
+        if split == "train" and self.input_path() == "device":  # monomod.runtime.device_data
+            from monomod.runtime.device_data import device_loader
+
+            return device_loader(dataset, batch_size, shuffle=shuffle, seed=seed, device=resolve_device("auto"))
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                          drop_last=shuffle and len(dataset) > batch_size,
                                          num_workers=self.loader_workers)
+
+    def input_path(self) -> str:
+        """Where this machine augments training batches: the path the plan asked for (``auto`` where it records
+        none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
+        from monomod.runtime.device_data import resolve_input_path
+
+        s = self.settings
+        return resolve_input_path(s.get("input_path", "auto"), s.get("data"), s.get("distill_data"))
 
     @property
     def distill_classes(self) -> int:

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from monomod.errors import MonomodError
+
 
 def m2mkd_loss(
     student_logits: torch.Tensor,
@@ -66,3 +68,24 @@ def boundary_loss(student: Tensor, meta: Tensor) -> Tensor:
         meta = torch.stack([meta[:, 0], meta[:, 1:].mean(dim=1)], dim=1)
     meta = meta.float()
     return F.mse_loss(student.float(), meta) / meta.pow(2).mean().clamp_min(1e-12)
+
+
+def m2mkd_stage_loss(loss_cfg: dict, y: Tensor, student: tuple[Tensor, Tensor], teacher: tuple[Tensor, Tensor],
+                     meta_features: Tensor | None, label_smoothing: float, last: bool) -> Tensor:
+    """The loss of one m2mKD student stage (a separate job or a member of the fused one): the m2mKD loss on the
+    hybrids' logits, plus the feature loss against the teacher module's output and the boundary loss against the
+    meta model's own stage output where the plan asks for them. ``student`` and ``teacher`` are (stage output,
+    logits); ``last``: the last stage writes logits, so it has no boundary."""
+    (student_features, student_logits), (teacher_features, teacher_logits) = student, teacher
+    loss = m2mkd_loss(student_logits, teacher_logits, y, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
+                      kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"], label_smoothing=label_smoothing)
+    feature_weight = 0.0 if last else loss_cfg.get("feature_loss", 0.0)
+    if feature_weight:
+        if student_features.shape != teacher_features.shape:
+            raise MonomodError(f"the feature loss compares {tuple(student_features.shape)} student features with "
+                               f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
+        loss = loss + feature_weight * F.mse_loss(student_features, teacher_features)
+    boundary_weight = 0.0 if last else loss_cfg.get("boundary_loss", 0.0)
+    if boundary_weight:
+        loss = loss + boundary_weight * boundary_loss(student_features, meta_features)
+    return loss

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from monomod.errors import MonomodError
@@ -13,7 +12,7 @@ from monomod.plan import DISTILL_KINDS, Job
 from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
 from monomod.runtime.context import RunContext, assembly_mode
 from monomod.runtime.evaluation import measure_hybrids
-from monomod.runtime.losses import boundary_loss, m2mkd_loss, soft_cross_entropy
+from monomod.runtime.losses import m2mkd_stage_loss, soft_cross_entropy
 from monomod.runtime.train import seed_everything, train
 from monomod.students.stitching import bridge
 
@@ -36,13 +35,15 @@ def _classification(model: nn.Module, label_smoothing: float) -> Callable:
     return loss_fn
 
 
-def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig) -> dict[str, Any]:
+def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: TrainConfig,
+         **train_options: Any) -> dict[str, Any]:
+    """``model`` trained by ``train`` on the job's data (``train_options``: the loop's keyword options)."""
     from monomod.data import Augment
 
     augment = Augment(auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob)
     loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS,
                         augment=augment)
-    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name)
+    result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name, **train_options)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}
 
@@ -119,6 +120,10 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     module i, or incubated module i (``target``)."""
     from monomod.students.hybrid import hybrid
 
+    if job.config.get("fused"):  # a fused plan: the stage was trained by the fused job (monomod.runtime.fused)
+        from monomod.runtime.fused import publish_member
+
+        return publish_member(ctx, job)
     i, loss_cfg = job.config["module"], job.config["loss"]
     cfg = _train_config(ctx, job)
     device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
@@ -130,26 +135,19 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     stitched = ctx.stitched(student, i, job.config["stitch"])
     stitched.distillation_mode(True)  # the family's m2mKD form (NAC: dense attention, fixed shared code)
     teacher_pair, student_pair = hybrid(meta, i, teacher_module), hybrid(meta, i, stitched)
-    feature_weight = loss_cfg.get("feature_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
-    boundary_weight = loss_cfg.get("boundary_loss", 0.0) if i < len(meta.stages) - 1 else 0.0
+    last = i == len(meta.stages) - 1
+    boundary = bool(loss_cfg.get("boundary_loss")) and not last
 
     def loss_fn(x: torch.Tensor, y: torch.Tensor):
         with torch.no_grad():
             context = teacher_pair.run_prefix(x)
             teacher_features = teacher_module(context)
             teacher_logits = teacher_pair.run_suffix(teacher_features)
-            meta_features = meta.stages[i](context) if boundary_weight else None
+            meta_features = meta.stages[i](context) if boundary else None
         student_features = stitched(context)
         student_logits = student_pair.run_suffix(student_features)
-        loss = m2mkd_loss(student_logits, teacher_logits, y, alpha=loss_cfg["alpha"], tau=loss_cfg["tau"],
-                          kd=loss_cfg["kd"], kl_norm=loss_cfg["kl_norm"], label_smoothing=cfg.label_smoothing)
-        if feature_weight:
-            if student_features.shape != teacher_features.shape:
-                raise MonomodError(f"the feature loss compares {tuple(student_features.shape)} student features with "
-                                   f"{tuple(teacher_features.shape)} teacher features", "set feature_loss to 0 for this student")
-            loss = loss + feature_weight * F.mse_loss(student_features, teacher_features)
-        if boundary_weight:
-            loss = loss + boundary_weight * boundary_loss(student_features, meta_features)
+        loss = m2mkd_stage_loss(loss_cfg, y, (student_features, student_logits), (teacher_features, teacher_logits),
+                                meta_features, cfg.label_smoothing, last)
         aux = stitched.aux_loss()
         return (loss + aux if aux is not None else loss), student_logits
 

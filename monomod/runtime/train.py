@@ -191,6 +191,7 @@ def train(
     job_dir: Path,
     label: str = "train",
     extra_state: Callable[[], dict[str, Tensor]] | None = None,
+    clip_groups: list[list[nn.Parameter]] | None = None,
 ) -> TrainResult:
     """Optimise ``trainable``'s ``requires_grad`` parameters on ``loss_fn`` for ``config.steps`` steps.
 
@@ -199,7 +200,8 @@ def train(
     give the training accuracy. ``make_loader(epoch)`` must yield the same batches for the same epoch. ``trainable`` is moved to the
     device and put in train mode; anything else ``loss_fn`` uses (a frozen teacher or meta model) must already be
     on ``resolve_device(config.device)``. ``extra_state()`` tensors are saved in the checkpoint under ``extra.`` (for
-    the caller; they are not restored on resume).
+    the caller; they are not restored on resume). ``clip_groups`` clips each group's gradient norm apart (default:
+    all parameters as one): the students of a fused m2mKD job, each clipped as its own job clips it.
 
     Writes ``job_dir/metrics.jsonl`` (one line per ``log_every`` steps), ``job_dir/checkpoint/`` (end of job, every
     ``checkpoint_every`` steps and every ``checkpoint_minutes`` minutes) and ``job_dir/result.json``. If
@@ -223,7 +225,7 @@ def train(
     optimizer = _make_optimizer(trainable, config, device, label)
     checkpoints = Checkpoints(job_dir / CHECKPOINT_DIR, trainable, optimizer, config, label, extra_state, writer)
     state = checkpoints.resume()
-    step_once = _Stepper(loss_fn, optimizer, config, device, mix, label, checkpoints.path)
+    step_once = _Stepper(loss_fn, optimizer, config, device, mix, label, checkpoints.path, clip_groups)
     batches = _Batches(make_loader, state, label)
     metrics = _Metrics(job_dir / METRICS_FILE, config, device, writer)
     metrics.prepare(state.resumed_from)
@@ -350,13 +352,14 @@ class _Stepper:
     loss under autocast, the non-finite check, backward, clipping and AdamW."""
 
     def __init__(self, loss_fn: LossFn, optimizer: torch.optim.Optimizer, config: TrainConfig, device: torch.device,
-                 mix: Callable | None, label: str, ckpt_dir: Path) -> None:
+                 mix: Callable | None, label: str, ckpt_dir: Path,
+                 clip_groups: list[list[nn.Parameter]] | None = None) -> None:
         self.loss_fn, self.optimizer, self.config, self.device = loss_fn, optimizer, config, device
         self.mix, self.label, self.ckpt_dir = mix, label, ckpt_dir
         self.use_amp = resolve_precision(config.precision, device) == "bf16"
         if config.compile:  # compiled on the first step, inside the job's time; the modules themselves stay unwrapped
             self.loss_fn = torch.compile(loss_fn)
-        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.clip_groups = clip_groups or [[p for g in optimizer.param_groups for p in g["params"]]]
 
     def __call__(self, x: Tensor, y: Tensor, step: int) -> _Stepped:
         x = x.to(self.device, non_blocking=True)
@@ -382,7 +385,8 @@ class _Stepper:
         self.optimizer.zero_grad(set_to_none=True)
         (loss * scale if scale != 1.0 else loss).backward()
         if self.config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip)
+            for params in self.clip_groups:
+                torch.nn.utils.clip_grad_norm_(params, self.config.grad_clip)
         self.optimizer.step()
         return _Stepped(loss_value, n, logits, hard, lr)
 
