@@ -120,6 +120,7 @@ class Run:
     path: Path
     plan: Plan
     trust_code: bool = False  # whether a teacher the plan names as code may be built (see frontend.check_trusted)
+    statuses: list[JobStatus] = field(default_factory=list)  # what the last execution did with each job
 
     @property
     def report(self) -> dict[str, Any] | None:
