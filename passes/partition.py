@@ -37,6 +37,7 @@ def partition(
     cost: str = "flops",
     cuts: Sequence[str] | None = None,
     tolerance: float = 0.25,
+    single_tensor: bool = False,
 ) -> Partition:
     """Split ``traced`` into ``modules`` contiguous parts with the smallest possible largest part.
 
@@ -46,7 +47,8 @@ def partition(
     above it, cuts of several tensors are tried (see the module doc), and ``Partition.optimum`` says when even the
     optimum is above it. ``cuts`` overrides the search: each name (a
     module path such as ``"blocks.3"`` or an fx node name) is where a new module begins; the partition still
-    carries the optimum for its K, for comparison. Same model and K give the same partition.
+    carries the optimum for its K, for comparison. ``single_tensor`` keeps every cut to one tensor (a trained meta
+    model needs it). Same model and K give the same partition.
     """
     if cost not in COSTS:
         raise MonomodError(f"unknown cost {cost!r}", f"use one of {', '.join(COSTS)}")
@@ -67,12 +69,32 @@ def partition(
                 f"K={k} is more modules than {traced.name} has places to cut ({limit} compute nodes)",
                 f"use --modules {limit} or fewer",
             )
+        if single_tensor:
+            return _single_tensor_partition(traced, k, cost, tolerance)
         best = search(traced, k, cost, tolerance)
         assignment, method = _assignment_at(traced, best.positions), "optimal"
     part = _build_partition(traced, assignment, k, cost, method)
     part.optimum, part.legal_points = best.balance, best.points
     part.single_tensor_optimum = best.balance if best.single_tensor else best.single_balance
     return part
+
+
+def _single_tensor_partition(traced: TracedModel, k: int, cost: str, tolerance: float) -> Partition:
+    """The most balanced cut whose every boundary carries one value. A cut point where one tensor crosses can
+    still pass values the search counts as free to recompute (shape numbers read from a tensor made before the
+    cut): such points are set aside and the search runs again, until every boundary is one tensor."""
+    banned: set[int] = set()
+    for _ in range(64):
+        best = search(traced, k, cost, tolerance, single_tensor=True, banned=banned)
+        part = _build_partition(traced, _assignment_at(traced, best.positions), k, cost, "optimal")
+        bad = {p for p, values in zip(best.positions, part.cuts) if len(values) != 1}
+        if not bad:
+            part.optimum, part.legal_points = best.balance, best.points
+            part.single_tensor_optimum = best.balance
+            return part
+        banned |= bad
+    raise MonomodError(f"cannot cut {traced.name} into {k} modules at single-tensor boundaries",
+                       "use fewer --modules, manual --cuts or --meta teacher")
 
 
 def max_modules(traced: TracedModel) -> int:
@@ -112,11 +134,13 @@ class CutSearch:
     single_balance: float | None = None  # when not single_tensor: the optimum over single-tensor cuts (None: none)
 
 
-def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 0.25) -> CutSearch:
+def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 0.25,
+           single_tensor: bool = False, banned: set[int] | frozenset[int] = frozenset()) -> CutSearch:
     """The exact most balanced K-module cut of ``traced`` over its legal cut points (see the module doc).
 
     Single-tensor cut points first; where their optimum is above ``1 + tolerance`` and cuts within the byte budget
-    (at most the bytes of the model's largest activation, however many tensors) do strictly better, those."""
+    (at most the bytes of the model's largest activation, however many tensors) do strictly better, those; never
+    with ``single_tensor``."""
     costs = _node_costs(traced, cost)
     prefix = [0]
     for name in traced.nodes:
@@ -124,10 +148,13 @@ def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 
     crossing = cut_crossings(traced)
     compute = [i for i, info in enumerate(traced.nodes.values()) if _is_compute(info)]
     between = compute[1:]  # a cut before any compute node but the first leaves no module empty
-    single = [p for p in between if crossing[p][1] == 1 and crossing[p][2]]
+    single = [p for p in between if crossing[p][1] == 1 and crossing[p][2] and p not in banned]
     best = _search_over(prefix, crossing, single, k, True) if len(single) >= k - 1 else None
-    if best is not None and best.balance <= 1 + tolerance:
+    if best is not None and (best.balance <= 1 + tolerance or single_tensor):
         return best
+    if single_tensor:
+        raise MonomodError(f"cannot cut {traced.name} into {k} modules at single-tensor boundaries "
+                           f"({len(single) + 1} at most)", "use fewer --modules, manual --cuts or --meta teacher")
     budget = max((i.bytes for i in traced.nodes.values() if i.is_tensor and not i.rematerializable), default=0)
     within = [p for p in between if crossing[p][0] <= budget]
     if len(within) >= k - 1:

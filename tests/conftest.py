@@ -2,7 +2,6 @@
 once per session; and a stub for the job runners."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from pathlib import Path
 
@@ -88,6 +87,6 @@ def stub_runners(monkeypatch):
                 path.write_text(f"{job.name} {job.hash}\n")
         return {"stub": True}
 
-    for kind, entry in list(jobs.RUNNERS.items()):
-        monkeypatch.setitem(jobs.RUNNERS, kind, dataclasses.replace(entry, run=stub))
+    for kind in list(jobs.RUNNERS):
+        monkeypatch.setitem(jobs.RUNNERS, kind, stub)
     return ran

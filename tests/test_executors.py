@@ -213,7 +213,8 @@ def test_killed_worker_is_reported_then_run_resumes_and_retries(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_data_parallel_matches_single_process(tmp_path):
-    plan = tiny_plan(steps=8)
+    # boundary_loss=0: the boundary loss normalises by its batch's mean square, which each rank takes over its shard
+    plan = tiny_plan(steps=8, boundary_loss=0)
     single = prepare_run_dir(plan, tmp_path / "single")
     execute(plan, single, only=["teacher", "meta"])
     parallel = tmp_path / "parallel"

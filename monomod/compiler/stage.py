@@ -56,7 +56,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     memory = _teacher_memory(options, traced, data, distill_data, img_size, in_chans)
     _check_memory(memory, dry_run, notes)  # no image was drawn at img_size yet: a 100000-pixel set never is
     record, teacher_cut = cut_teacher(traced, options.modules, cuts=options.cuts, cost=options.cost,
-                                      tolerance=options.tolerance)
+                                      tolerance=options.tolerance, single_tensor=options.meta == "trained")
     if options.meta == "trained":
         checks.check_meta_builds(teacher_cut, options.meta_width, record.cuts)
     options = replace(with_family_defaults(options), img_size=img_size, in_chans=in_chans,
@@ -164,7 +164,7 @@ def _check_memory(terms: dict[str, int], dry_run: bool, notes: list[str]) -> Non
 
 
 def cut_teacher(traced: TracedModel, modules: int, *, cuts: list[str] | None = None, cost: str = "flops",
-                tolerance: float = TOLERANCE) -> tuple[PartitionRecord, Partition]:
+                tolerance: float = TOLERANCE, single_tensor: bool = False) -> tuple[PartitionRecord, Partition]:
     """Cut the teacher once (the search, or ``cuts`` as given) and name the cuts so that the partition pass's manual
     path replays them: the record the plan keeps, and the partition the jobs will replay (checked here by replaying
     the names). A bad cut fails here in one line."""
@@ -173,7 +173,7 @@ def cut_teacher(traced: TracedModel, modules: int, *, cuts: list[str] | None = N
     if cuts:
         found = partition(traced, modules, cost=cost, cuts=cuts)
         return PartitionRecord(tuple(cuts), cost, tolerance, round(found.balance, 4)), found
-    found = partition(traced, modules, cost=cost, tolerance=tolerance)
+    found = partition(traced, modules, cost=cost, tolerance=tolerance, single_tensor=single_tensor)
     names = [_cut_name(traced, spec.nodes) for spec in found.modules[1:]]
     replayed = partition(traced, modules, cost=cost, cuts=names)
     return PartitionRecord(tuple(names), cost, tolerance, round(replayed.balance, 4)), replayed

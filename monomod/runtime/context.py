@@ -79,7 +79,7 @@ class RunContext:
 
         bundle = self.distill_data if distill else self.data
         dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
-        if split == "train" and self.input_path() == "device":  # monomod.runtime.device_data
+        if split == "train" and self.input_path(dataset) == "device":  # monomod.runtime.device_data
             from monomod.runtime.device_data import device_loader
 
             return device_loader(dataset, batch_size, shuffle=shuffle, seed=seed, device=resolve_device("auto"))
@@ -87,13 +87,16 @@ class RunContext:
                                          drop_last=shuffle and len(dataset) > batch_size,
                                          num_workers=self.loader_workers)
 
-    def input_path(self) -> str:
-        """Where this machine augments training batches: the path the plan asked for (``auto`` where it records
-        none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
-        from monomod.runtime.device_data import resolve_input_path
+    def input_path(self, dataset: Any) -> str:
+        """Where this machine augments ``dataset``'s training batches: the path the plan asked for (``auto`` where
+        it records none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
+        from monomod.data import TensorImageDataset
 
-        s = self.settings
-        return resolve_input_path(s.get("input_path", "auto"), s.get("data"), s.get("distill_data"))
+        asked = self.settings.get("input_path", "auto")
+        if asked != "auto":
+            return asked
+        in_memory = isinstance(dataset, TensorImageDataset)
+        return "device" if in_memory and resolve_device("auto").type == "cuda" else "cpu"
 
     @property
     def distill_classes(self) -> int:

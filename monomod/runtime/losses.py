@@ -62,7 +62,8 @@ def boundary_loss(student: Tensor, meta: Tensor) -> Tensor:
     output's mean square: the stage i+1 student was distilled on the meta output, so a stage i student that writes
     it chains into stage i+1 when the student is assembled. Where the token counts differ (a NAC's read-in writes
     its latents, not one token per patch), the first token (the class token) and the mean of the others are
-    compared."""
+    compared. The mean square is the batch's: under data parallelism each rank takes its own shard's, so a DDP run
+    differs from one process by that ratio (as BatchNorm does without syncing)."""
     if student.shape != meta.shape:
         student = torch.stack([student[:, 0], student[:, 1:].mean(dim=1)], dim=1)
         meta = torch.stack([meta[:, 0], meta[:, 1:].mean(dim=1)], dim=1)
