@@ -30,13 +30,15 @@ from monomod.ir import BoundaryValue, ModuleSpec, NodeInfo, Partition, TracedMod
 COSTS = ("flops", "params")
 
 
+BALANCE_TOLERANCE = 0.25  # the default allowed imbalance (max/mean cost <= 1 + tolerance); the option spec reads it
+
 def partition(
     traced: TracedModel,
     modules: int | None = None,
     *,
     cost: str = "flops",
     cuts: Sequence[str] | None = None,
-    tolerance: float = 0.25,
+    tolerance: float = BALANCE_TOLERANCE,
     single_tensor: bool = False,
 ) -> Partition:
     """Split ``traced`` into ``modules`` contiguous parts with the smallest possible largest part.
@@ -134,7 +136,7 @@ class CutSearch:
     single_balance: float | None = None  # when not single_tensor: the optimum over single-tensor cuts (None: none)
 
 
-def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 0.25,
+def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = BALANCE_TOLERANCE,
            single_tensor: bool = False, banned: set[int] | frozenset[int] = frozenset()) -> CutSearch:
     """The exact most balanced K-module cut of ``traced`` over its legal cut points (see the module doc).
 

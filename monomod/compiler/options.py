@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monomod.errors import MonomodError, shorten
-from monomod.passes.partition import COSTS
+from monomod.passes.partition import BALANCE_TOLERANCE, COSTS
 from monomod.passes.schedule import (
     BUDGET_KEYS, DISTILL_TARGETS, META_KINDS, PRESETS, TEACHER_TRAININGS, resolve_teacher_training,
 )
@@ -28,7 +28,7 @@ from monomod.students.stitching import ASSEMBLY_MODES
 
 MAX_IN_CHANS = 1024  # hyperspectral images have a few hundred bands; a million took minutes to refuse by memory
 MAX_SEED = 2**63 - 1 - 1000  # job seeds add small offsets; torch takes at most 2**64-1, numpy uses seed % 2**32
-TOLERANCE = 0.25  # the partition's allowed imbalance (max/mean cost <= 1 + tolerance), for every command
+TOLERANCE = BALANCE_TOLERANCE  # the partition's allowed imbalance (max/mean cost <= 1 + tolerance), every command
 __all__ = ["COSTS", "EXECUTORS", "OPTIONS", "SPEC", "TOLERANCE", "ConvertOptions", "Option", "check_values",
            "click_options", "convert_options", "options_dict", "validate"]
 
