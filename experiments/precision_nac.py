@@ -103,9 +103,13 @@ def _diff(pairs: list[tuple[float, float]]) -> str:
     return f"{statistics.fmean(gaps):+.1f} ± {spread:.1f}"
 
 
+def _by_seed(rows: list[dict[str, Any]]) -> tuple[dict[tuple[int, str], dict[str, Any]], list[int]]:
+    """Rows keyed by (seed, precision), and the seeds in order."""
+    return {(r["seed"], r["precision"]): r for r in rows}, sorted({r["seed"] for r in rows})
+
+
 def markdown(result: dict[str, Any]) -> str:
-    by = {(r["seed"], r["precision"]): r for r in result["training"]}
-    seeds = sorted({r["seed"] for r in result["training"]})
+    by, seeds = _by_seed(result["training"])
     lines = [f"NAC module 0 (tokenizer + read-in) distilled for {result['steps']} steps in each precision (student "
              "hybrid measured in that precision), and the evidence round's fp32-trained fine-tuned students "
              "evaluated in each. Points, bf16 minus fp32, mean ± std over seeds.", "",
@@ -130,8 +134,7 @@ def _students_markdown(rows: list[dict[str, Any]]) -> list[str]:
     """The whole student trained in each precision (demo budgets), measured in the precision it trained in."""
     if not rows:
         return []
-    by = {(r["seed"], r["precision"]): r for r in rows}
-    seeds = sorted({r["seed"] for r in rows})
+    by, seeds = _by_seed(rows)
     lines = ["The whole NAC student trained in each precision (its four m2mKD jobs and the fine-tune under that "
              "autocast, the demo's budgets, bridged assembly), measured in the precision it trained in.", "",
              "| seed | IID fp32 | IID bf16 | OOD fp32 | OOD bf16 | module 0 hybrid fp32 | bf16 |",

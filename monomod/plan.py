@@ -44,6 +44,7 @@ _DISTILL_DATA = ("distill_data", "img_size", "in_chans", "distill_num_classes")
 # ``input_path`` (recorded only when asked for other than auto) says where every training job augments its batches
 _TEACHER_SETTINGS = ("teacher", "weights", "pretrained", *_DISTILL_DATA, "monomod", "input_path")
 _STUDENT_SETTINGS = ("student", "student_preset", "student_overrides", "student_revision", "modules", "seed")
+_M2MKD_SETTINGS = (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta", "partition", "teacher_training")
 # ``partition`` (the recorded cuts) is read by every job that uses the teacher's modules: meta and incubate here,
 # m2mkd, assemble, finetune and evaluate through their full scope, the teacher that assembles incubated modules
 # through its inputs' hashes. The baseline and a teacher trained end to end never see it.
@@ -77,12 +78,10 @@ JOB_KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("incubate", f"{_RUNNERS}:run_incubate", (*_TEACHER_SETTINGS, "modules", "meta", "partition"), "incubate",
             distill=True, teacher_side=True),
     # m2mKD trains on the distillation data alone: runs that fine-tune on other labelled data (few shots) share it
-    JobKind("m2mkd", f"{_RUNNERS}:run_m2mkd", (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta", "partition",
-                                              "teacher_training"), "m2mkd", distill=True),
+    JobKind("m2mkd", f"{_RUNNERS}:run_m2mkd", _M2MKD_SETTINGS, "m2mkd", distill=True),
     # the K m2mKD jobs as one (``--m2mkd fused``, ``monomod.passes.fuse``): one student per module, one batch stream
-    JobKind("m2mkd-fused", "monomod.runtime.fused:run_m2mkd_fused", (*_TEACHER_SETTINGS, *_STUDENT_SETTINGS, "meta",
-                                                                     "partition", "teacher_training"), "m2mkd",
-            distill=True, products="modules"),
+    JobKind("m2mkd-fused", "monomod.runtime.fused:run_m2mkd_fused", _M2MKD_SETTINGS, "m2mkd", distill=True,
+            products="modules"),
     JobKind("assemble", f"{_RUNNERS}:run_assemble", None, None),
     JobKind("finetune", f"{_RUNNERS}:run_finetune", None, "finetune"),
     # the baseline trains with the fine-tune budget, so that the comparison with m2mKD stays fair

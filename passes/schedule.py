@@ -106,12 +106,12 @@ def schedule(options: Any, data: DataInfo, partition: PartitionRecord, *, studen
         "threads": options.threads,  # torch threads of every job, whichever executor runs it (not in job hashes)
         "monomod": __version__,  # a new release invalidates finished jobs: their code may have changed
     }
-    if getattr(options, "input_path", "auto") != "auto":  # recorded only when asked: others keep their hashes
+    if options.input_path != "auto":  # recorded only when asked: others keep their hashes
         settings["input_path"] = options.input_path
     train = _budget_maker(options, data)
     jobs = _teacher_jobs(options, training, train)
     jobs += _m2mkd_jobs(options, training, train)
-    if getattr(options, "m2mkd", "separate") == "fused":  # decided by compile_options (monomod.runtime.fused)
+    if options.m2mkd == "fused":  # decided by compile_options (monomod.runtime.fused)
         jobs = fuse_m2mkd(jobs)
     distilled = [f"m2mkd:{i}" for i in range(options.modules)]
     jobs += [

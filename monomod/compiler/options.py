@@ -191,8 +191,8 @@ OPTIONS: tuple[Option, ...] = (
            "Weight of a boundary MSE loss (beyond the paper).", flag="--feature-loss", kind=float, must="0 or more"),
     Option("boundary_loss", None, _optional(lambda v: _is_num(v) and v >= 0), "null or a number >= 0",
            "Weight of a loss pulling each stitched student stage's output toward the meta model's own stage output, "
-           "so the distilled stages chain when assembled (beyond the paper; default: the student family's, 10 for "
-           "moe and vit, 0 for nac).", flag="--boundary-loss", kind=float, must="0 or more"),
+           "so the distilled stages chain when assembled (beyond the paper; default: the student family's, "
+           "monomod.students.FAMILIES).", flag="--boundary-loss", kind=float, must="0 or more"),
     Option("seed", 0, lambda v: _is_int(v, 0) and v <= MAX_SEED, f"an integer in [0, {MAX_SEED}]", flag="--seed",
            kind=int, fix="pass a smaller seed, e.g. --seed 0", parse=lambda text: _parse_int(text)),
     Option("teacher_seed", None, _optional(lambda v: _is_int(v, 0) and v <= MAX_SEED),

@@ -37,16 +37,17 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.students import student_revision
     from monomod.runtime.execute import check_train_configs
 
-    from monomod.runtime.device_data import resolve_input_path
+    from monomod.runtime.device_data import input_path_for
     from monomod.runtime.fused import resolve_m2mkd
 
     validate(options_dict(options))
-    resolve_input_path(options.input_path, options.data, options.distill_data, device="cpu")  # refuses at once
+    data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on
+    distill_data = parse_data_spec(options.distill_data) if options.distill_data else None
+    in_memory = all(spec.kind != "imagefolder" for spec in (data, distill_data) if spec)
+    input_path_for(options.input_path, in_memory=in_memory, device="cpu")  # --input-path device on folders: refused
     options = replace(options, m2mkd=resolve_m2mkd(options.m2mkd))  # it shapes the plan, so decided here
     notes = notes if notes is not None else []
     teacher, img_size, in_chans = _load_teacher(options)
-    data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on
-    distill_data = parse_data_spec(options.distill_data) if options.distill_data else None
     if options.weights:
         checks.check_weights(teacher, options.weights)
     facts, distill = _all_data_facts(options, data, distill_data, min(img_size, _FACTS_SIZE), in_chans, dry_run,

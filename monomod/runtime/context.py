@@ -91,12 +91,9 @@ class RunContext:
         """Where this machine augments ``dataset``'s training batches: the path the plan asked for (``auto`` where
         it records none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
         from monomod.data import TensorImageDataset
+        from monomod.runtime.device_data import input_path_for
 
-        asked = self.settings.get("input_path", "auto")
-        if asked != "auto":
-            return asked
-        in_memory = isinstance(dataset, TensorImageDataset)
-        return "device" if in_memory and resolve_device("auto").type == "cuda" else "cpu"
+        return input_path_for(self.settings.get("input_path", "auto"), in_memory=isinstance(dataset, TensorImageDataset))
 
     @property
     def distill_classes(self) -> int:

@@ -210,13 +210,19 @@ def resolve_input_path(path: str, *data: str | None, device: torch.device | str 
     from monomod.data import parse_data_spec
 
     folder = any(parse_data_spec(spec).kind == "imagefolder" for spec in data if spec)
-    if path == "device" and folder:
+    return input_path_for(path, in_memory=not folder, device=device)
+
+
+def input_path_for(path: str, *, in_memory: bool, device: torch.device | str | None = None) -> str:
+    """The one rule behind ``resolve_input_path``, for data already loaded (``in_memory``: no image folder):
+    ``auto`` is device on CUDA for in-memory data, cpu elsewhere; ``device`` without in-memory data is refused."""
+    if path == "device" and not in_memory:
         raise MonomodError("--input-path device needs an in-memory data set (digits, synthetic); decoding image "
                            "folders on the device is not built yet", "use --input-path cpu or auto")
     if path != "auto":
         return path
     on_cuda = torch.device(device if device is not None else resolve_device("auto")).type == "cuda"
-    return "device" if on_cuda and not folder else "cpu"
+    return "device" if on_cuda and in_memory else "cpu"
 
 
 def device_loader(dataset: TensorImageDataset, batch_size: int, *, shuffle: bool, seed: int,

@@ -34,7 +34,7 @@ from monomod.plan import Job
 from monomod.runtime.config import TrainConfig, resolve_device, resolve_precision
 from monomod.runtime.distributed import is_writer
 from monomod.runtime.losses import m2mkd_stage_loss
-from monomod.runtime.train import param_groups, seed_everything
+from monomod.runtime.train import param_groups
 
 # ``--m2mkd auto`` per device type. Separate on both for now: on the CPU a fused step measured 1.17x the four
 # separate steps and the demo's phase a median 1.08x (benchmarks/RESULTS.md), short of a default layout change,
@@ -240,15 +240,11 @@ def run_m2mkd_fused(ctx: Any, job: Job) -> dict[str, Any]:
 def _build_students(ctx: Any, members_cfg: list[dict[str, Any]], device: torch.device) -> FusedStudents:
     """Each member's teacher module and stitched student stage, built as its separate job builds them (the same
     calls in the same order, so the same initial weights), and the random state its separate job starts from."""
+    from monomod.runtime.runners import m2mkd_pair
+
     members, states = [], []
     for config in members_cfg:
-        i = config["module"]
-        teacher_module = ctx.teacher_module(i, config.get("target", "teacher")).to(device)
-        student = ctx.new_student(ctx.settings["seed"], upcycle=config.get("upcycle", False),
-                                  num_classes=ctx.distill_classes)
-        seed_everything(config["train"]["seed"])
-        stitched = ctx.stitched(student, i, config["stitch"])
-        stitched.distillation_mode(True)
+        teacher_module, stitched = m2mkd_pair(ctx, config, device)
         members.append(Member(config, stitched, teacher_module))
         states.append(seeded_rng_state(config["train"]["seed"], device))
     return FusedStudents(members, states)

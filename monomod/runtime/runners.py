@@ -113,6 +113,20 @@ def run_incubate(ctx: RunContext, job: Job) -> dict[str, Any]:
     return {**info, **measure_hybrids(ctx, i, {"teacher_hybrid": module.eval()}, precision=precision)}
 
 
+def m2mkd_pair(ctx: RunContext, config: dict[str, Any], device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """Module i's frozen teacher module (``target``) and its fresh stitched student stage in the family's m2mKD
+    form (NAC: dense attention, fixed shared code), built from an m2mKD job's ``config``: the same calls in the
+    same order wherever the stage is distilled (a separate job or a member of the fused one), so the same weights."""
+    i = config["module"]
+    teacher_module = ctx.teacher_module(i, config.get("target", "teacher")).to(device)
+    student = ctx.new_student(ctx.settings["seed"], upcycle=config.get("upcycle", False),
+                              num_classes=ctx.distill_classes)
+    seed_everything(config["train"]["seed"])
+    stitched = ctx.stitched(student, i, config["stitch"])
+    stitched.distillation_mode(True)
+    return teacher_module, stitched
+
+
 def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     """Distil student stage i: the teacher pair ``meta[:i] -> T_i -> meta[i+1:]`` against the student pair
     ``meta[:i] -> pre -> S_i -> post -> meta[i+1:]``. Only S_i and its stitches receive updates; the meta prefix
@@ -128,12 +142,7 @@ def run_m2mkd(ctx: RunContext, job: Job) -> dict[str, Any]:
     cfg = _train_config(ctx, job)
     device = resolve_device(cfg.device)  # the loop moves the trainable; the frozen context must follow it
     meta = ctx.meta().to(device)
-    teacher_module = ctx.teacher_module(i, job.config.get("target", "teacher")).to(device)
-    student = ctx.new_student(ctx.settings["seed"], upcycle=job.config.get("upcycle", False),
-                              num_classes=ctx.distill_classes)
-    seed_everything(cfg.seed)
-    stitched = ctx.stitched(student, i, job.config["stitch"])
-    stitched.distillation_mode(True)  # the family's m2mKD form (NAC: dense attention, fixed shared code)
+    teacher_module, stitched = m2mkd_pair(ctx, job.config, device)
     teacher_pair, student_pair = hybrid(meta, i, teacher_module), hybrid(meta, i, stitched)
     last = i == len(meta.stages) - 1
     boundary = bool(loss_cfg.get("boundary_loss")) and not last
