@@ -2,6 +2,7 @@
 once per session; and a stub for the job runners."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,17 @@ import timm
 import torch
 
 import monomod
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist (``-n N``), each worker computes on its own core: it and the processes it starts (the
+    process executor, torchrun, the CLI) see one core, so a run's ``auto`` threads resolve to 1 and two workers
+    never oversubscribe the machine (two processes with default threads on 2 cores slow each other ~10x)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
+    if worker and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+        torch.set_num_threads(1)
+
 
 # (timm name, constructor kwargs, image size): one of each family the compiler must handle.
 FAMILIES = {

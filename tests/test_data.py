@@ -408,6 +408,7 @@ def test_imagefolder_convert_end_to_end(tmp_path):
     from sklearn.datasets import load_digits
 
     from monomod.api import convert
+    from monomod.plan import BUDGET_KINDS
 
     digits = load_digits()
     for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
@@ -421,7 +422,7 @@ def test_imagefolder_convert_end_to_end(tmp_path):
     tiny = {"steps": 2, "batch_size": 16, "warmup_steps": 0}
     run = convert("vit_tiny", to="vit", modules=2, out=tmp_path / "run", data=f"imagefolder:{tmp_path / 'digits'}",
                   ood=f"imagefolder:{tmp_path / 'ood'}", img_size=32, in_chans=3, loader_workers=1,
-                  budgets={kind: dict(tiny) for kind in ("teacher", "meta", "m2mkd", "finetune")})
+                  budgets={kind: dict(tiny) for kind in BUDGET_KINDS})
     results = run.report["results"] if "results" in run.report else run.report
     text = json.dumps(results)
     assert "iid_acc" in text and "ood_acc" in text
