@@ -3,11 +3,12 @@
 The demo plan (``vit_tiny`` -> NAC, K=4, digits, demo budgets) is compiled once per seed and mode with one teacher
 seed (0), so every run reuses one teacher side (meta, incubate, teacher; trained once, or read from ``--base``, a
 RUN_DIR that finished them with the same hashes). Per seed the two modes run back to back, their order alternating
-from seed to seed, at one torch thread: the wall time of the m2mKD phase alone (the separate plan's K m2mKD jobs;
+from seed to seed, at the demo's threads (``--threads``: every core by default; ``--threads 1`` for a machine
+shared with other work): the wall time of the m2mKD phase alone (the separate plan's K m2mKD jobs;
 the fused plan's fused job and its K publishing jobs), the phase's samples/s (K x steps x batch / wall), and
 each module's hybrid accuracies as the m2mKD jobs record them.
 
-``python -m benchmarks.fused --base RUN_DIR --seeds 0,1,2`` (or ``python -m benchmarks.run --only fused``).
+``python -m benchmarks.fused --base RUN_DIR --seeds 0,1,2 [--threads N]`` (or ``python -m benchmarks.run --only fused``).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from rich.console import Console
 
 from monomod.compiler import ConvertOptions, compile_options
 from monomod.rundir import RunDir
+from monomod.runtime.config import cpu_count
 from monomod.runtime.execute import execute, prepare_run_dir, reuse_finished
 
 TEACHER_SIDE = ("meta", "incubate", "teacher")
@@ -30,11 +32,12 @@ M2MKD_SIDE = ("m2mkd", "m2mkd-fused")
 MODES = ("separate", "fused")
 
 
-def demo_plan(seed: int, mode: str, steps: int | None = None, teacher_steps: int | None = None):
-    """The demo plan of ``seed`` (teacher seed 0) in ``mode``, at one thread; ``steps`` shortens the m2mKD jobs
-    (warm-up a tenth, as the demo's), ``teacher_steps`` every other job."""
+def demo_plan(seed: int, mode: str, steps: int | None = None, teacher_steps: int | None = None,
+              threads: int | None = None):
+    """The demo plan of ``seed`` (teacher seed 0) in ``mode`` at ``threads`` (None: the demo's, every core);
+    ``steps`` shortens the m2mKD jobs (warm-up a tenth, as the demo's), ``teacher_steps`` every other job."""
     plan = compile_options(ConvertOptions(teacher="vit_tiny", student="nac", modules=4, seed=seed, teacher_seed=0,
-                                          m2mkd=mode, threads=1))
+                                          m2mkd=mode, threads=threads))
     for job in plan.jobs:
         budget = steps if job.kind in M2MKD_SIDE else teacher_steps
         for config in [job.config, *job.config.get("members", [])] if budget else []:
@@ -45,7 +48,7 @@ def demo_plan(seed: int, mode: str, steps: int | None = None, teacher_steps: int
 
 
 def run(quick: bool = False, base: str | None = None, seeds: tuple[int, ...] = (0, 1, 2),
-        steps: int | None = None) -> dict[str, Any]:
+        steps: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """``steps``: the m2mKD jobs' budget (default: the demo's 250)."""
     steps, teacher_steps = (20, 20) if quick else (steps, None)
     seeds = seeds[:1] if quick else seeds
@@ -53,21 +56,21 @@ def run(quick: bool = False, base: str | None = None, seeds: tuple[int, ...] = (
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         if base is None:
-            plan = demo_plan(seeds[0], "separate", steps, teacher_steps)
+            plan = demo_plan(seeds[0], "separate", steps, teacher_steps, threads)
             base = str(prepare_run_dir(plan, Path(tmp) / "base"))
             execute(plan, base, only=[j.name for j in plan.jobs if j.kind in TEACHER_SIDE], console=quiet)
         for n, seed in enumerate(seeds):
             for mode in (MODES if n % 2 == 0 else MODES[::-1]):  # interleaved: the order alternates per seed
-                rows.append(_phase(seed, mode, (steps, teacher_steps), base, Path(tmp) / f"{mode}-{seed}", quiet))
+                rows.append(_phase(seed, mode, (steps, teacher_steps, threads), base, Path(tmp) / f"{mode}-{seed}", quiet))
                 print(f"  seed {seed} {mode}: {rows[-1]['seconds']} s", flush=True)
                 shutil.rmtree(Path(tmp) / f"{mode}-{seed}")
-    return {"rows": rows, "summary": _summary(rows), "threads": 1, "m2mkd_steps": steps or 250}
+    return {"rows": rows, "summary": _summary(rows), "threads": threads or cpu_count(), "m2mkd_steps": steps or 250}
 
 
-def _phase(seed: int, mode: str, steps: tuple[int | None, int | None], base: str, run_dir: Path,
+def _phase(seed: int, mode: str, budget: tuple[int | None, int | None, int | None], base: str, run_dir: Path,
            console: Console) -> dict[str, Any]:
     """One m2mKD phase: the teacher side copied from ``base``, the m2mKD side timed."""
-    plan = demo_plan(seed, mode, *steps)
+    plan = demo_plan(seed, mode, *budget)
     prepare_run_dir(plan, run_dir)
     reused = reuse_finished(plan, run_dir, [base])
     missing = [j.name for j in plan.jobs if j.kind in TEACHER_SIDE and j.name not in reused]
@@ -101,7 +104,7 @@ def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     s = result["summary"]
     lines = [f"The demo's m2mKD phase (vit_tiny -> NAC, K=4, digits, {result.get('m2mkd_steps', 250)} steps per m2mKD "
-             f"job, {result['threads']} torch thread), per seed both "
+             f"job, {result['threads']} torch thread(s)), per seed both "
              "modes back to back (order alternating), teacher side reused. Hybrid accuracies: val top-1 of "
              "`meta[:i] -> S_i -> meta[i+1:]` per module i.", "",
              "| seed | mode | wall (s) | samples/s | student hybrid acc, modules 0..3 (%) |", "|---:|---|---:|---:|---|"]
@@ -125,13 +128,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base", help="a RUN_DIR whose meta, incubate and teacher jobs finished (teacher seed 0)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, help="the m2mKD jobs' budget (default: the demo's 250)")
+    parser.add_argument("--threads", type=int, help="torch threads per job (default: the demo's, every core)")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     seeds = tuple(int(s) for s in args.seeds.split(","))
-    result = run(quick=args.quick, base=args.base, seeds=seeds, steps=args.steps)
+    result = run(quick=args.quick, base=args.base, seeds=seeds, steps=args.steps, threads=args.threads)
     command = "python -m benchmarks.fused" + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else "") + (
-        f" --steps {args.steps}" if args.steps else "") + (" --quick" if args.quick else "")
+        f" --steps {args.steps}" if args.steps else "") + (f" --threads {args.threads}" if args.threads else "") + (
+        " --quick" if args.quick else "")
     write_result("fused", result, started, quick=args.quick, command=command)
     return 0
 

@@ -235,9 +235,56 @@ def input_rows(batches: int = 10, repeats: int = 3, batch: int = 64) -> list[dic
              "samples_per_s": round(1 / statistics.median(s), 1)} for name, s in seconds.items()]
 
 
+def folder_rows(per_class: int = 100, batches: int = 6, repeats: int = 3, batch: int = 64,
+                workers: int | None = None) -> list[dict[str, Any]]:
+    """Median images/s over ``repeats`` interleaved rounds of ``batches`` batches of an ImageFolder of 256x320 JPEGs
+    at 224 px, under the light augmentation (timm's random resized crop and flip) and the paper's (also RandAugment
+    ``rand-m9-mstd0.5-inc1`` and random erasing 0.25): the CPU path (decoded and augmented image by image in the
+    loader's workers) against the device path (workers read bytes; decoded, cropped, RandAugmented and erased on the
+    device: nvJPEG on CUDA, the CPU elsewhere)."""
+    import statistics
+
+    from benchmarks.data import write_folder
+    from monomod.data import Augment, default_workers, load_data, make_loader
+    from monomod.runtime.device_folder import folder_loader
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    augments = {"light": Augment(), "paper": Augment(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_folder(Path(tmp), per_class)
+        (root / "val").symlink_to(root / "train")  # monomod's image folders need a val/ split
+        bundle = load_data(f"imagefolder:{root}", img_size=224, in_chans=3, ood=None)
+        ways = {}
+        for name, augment in augments.items():
+            train = bundle.train_with(augment)
+            n = default_workers(train) if workers is None else workers
+            cpu = make_loader(train, batch_size=batch, shuffle=True, seed=0, epoch=0, drop_last=True, num_workers=n)
+            on_device = folder_loader(train, bundle, augment, batch, shuffle=True, seed=0, device=device, workers=n)
+            ways[f"ImageFolder 224 px, {name}: cpu path ({n} workers decode and augment)"] = lambda cpu=cpu: cpu
+            ways[f"ImageFolder 224 px, {name}: device path ({n} workers read, {device.type} decodes and augments)"] = (
+                lambda make=on_device: make(0))
+        seconds: dict[str, list[float]] = {name: [] for name in ways}
+        for _ in range(repeats):
+            for name, loader in ways.items():
+                started, seen = time.perf_counter(), 0
+                for k, (x, y) in enumerate(loader()):
+                    if k == batches:
+                        break
+                    seen += len(y)
+                sync()
+                seconds[name].append((time.perf_counter() - started) / seen)
+    return [{"what": name, "device": device.type, "batch": batch, "batches": batches,
+             "samples_per_s": round(1 / statistics.median(s), 1)} for name, s in seconds.items()]
+
+
 def input_markdown(result: dict[str, Any]) -> str:
     lines = [("Measured under load: other engineers' jobs shared the 2 cores. " if result.get("loaded") else "")
-             + "On a GPU machine, run the same command there: the device path then runs on CUDA (to be measured).",
+             + "On a GPU machine, run the same command there: the device path then runs on CUDA (to be measured). "
+             "On a CPU the device path for image folders is the slower one: it decodes in the main process rather "
+             "than in the loader's workers, and hashes erasing's noise per pixel; it is built for CUDA (nvJPEG "
+             "decodes the whole batch), and `--input-path auto` keeps image folders on the CPU path until it is "
+             "measured there.",
              "", "| what | device | batch | samples/s (median of interleaved rounds) |", "|---|---|---:|---:|"]
     lines += [f"| {r['what']} | {r['device']} | {r['batch']} | {r['samples_per_s']} |" for r in result["rows"]]
     return "\n".join(lines) + "\n"
@@ -247,14 +294,15 @@ if __name__ == "__main__":  # python -m benchmarks.throughput --input [--loaded]
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--input", action="store_true", help="measure the input paths and the timm anchor")
+    parser.add_argument("--input", action="store_true",
+                        help="measure the input paths (digits, and an ImageFolder at 224 px) and the timm anchor")
     parser.add_argument("--loaded", action="store_true", help="say in the table that the machine was shared")
     args = parser.parse_args()
     if args.input:
         from benchmarks.run import machine, save_collected
 
         started = time.perf_counter()
-        result = {"rows": input_rows(), "loaded": args.loaded}
+        result = {"rows": input_rows() + folder_rows(), "loaded": args.loaded}
         result["meta"] = {"machine": machine(), "date": time.strftime("%Y-%m-%d"),
                           "seconds": round(time.perf_counter() - started, 1),
                           "command": "python -m benchmarks.throughput --input" + (" --loaded" if args.loaded else "")}

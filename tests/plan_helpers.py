@@ -31,14 +31,17 @@ def compiled(options: ConvertOptions) -> Plan:
 
 
 def tiny_plan(student: str = "vit", modules: int = 2, meta: str = "trained", steps: int = 3, **kwargs) -> Plan:
-    """A plan of a few steps per job; its teacher trains end to end unless ``teacher_training`` says otherwise."""
+    """A plan of a few steps per job; its teacher trains end to end unless ``teacher_training`` says otherwise, and
+    its m2mKD jobs are separate unless ``m2mkd`` says otherwise (the tests of one m2mKD job run, edit or kill it)."""
     kwargs.setdefault("teacher_training", "end-to-end")
+    kwargs.setdefault("m2mkd", "separate")
     options = ConvertOptions(teacher="vit_tiny", student=student, modules=modules, data="synthetic", img_size=32,
                              meta=meta, **kwargs)
     plan = compiled(options)
-    for job in plan.jobs:  # a plan is data: shrink every budget to a few steps
-        if "train" in job.config:
-            job.config["train"].update(steps=steps, batch_size=16, warmup_steps=1)
+    for job in plan.jobs:  # a plan is data: shrink every budget to a few steps (a fused job's members' too)
+        for config in (job.config, *job.config.get("members", ())):
+            if "train" in config:
+                config["train"].update(steps=steps, batch_size=16, warmup_steps=1)
     plan.rehash()
     return plan
 

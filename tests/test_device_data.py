@@ -134,18 +134,14 @@ def test_erasing_replaces_a_rectangle_at_the_asked_rate():
 
 
 def test_input_path_option_resolves_and_a_device_plan_trains(tmp_path):
-    import pytest
-
     from monomod.compiler import ConvertOptions, compile_options
-    from monomod.errors import MonomodError
     from monomod.runtime.device_data import resolve_input_path
     from monomod.runtime.execute import execute, prepare_run_dir
 
     assert resolve_input_path("auto", "digits", device="cpu") == "cpu"
     assert resolve_input_path("auto", "digits", None, device="cuda") == "device"
-    assert resolve_input_path("auto", "digits", "imagefolder:/x", device="cuda") == "cpu"
-    with pytest.raises(MonomodError, match="needs an in-memory data set"):
-        resolve_input_path("device", "imagefolder:/x")
+    assert resolve_input_path("auto", "digits", "imagefolder:/x", device="cuda") == "cpu"  # folders: not measured yet
+    assert resolve_input_path("device", "imagefolder:/x") == "device"  # decoded there (tests/test_device_folder.py)
 
     def plan(path):
         p = compile_options(ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32,

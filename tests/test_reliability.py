@@ -39,7 +39,7 @@ TRUSTED_FACTORY = "timm.models.vision_transformer:vit_tiny_patch16_224"
 @pytest.fixture(scope="module")
 def plan_dict() -> dict:
     options = ConvertOptions(teacher="vit_tiny", student="vit", modules=2, data="synthetic", img_size=32,
-                             teacher_training="end-to-end")
+                             teacher_training="end-to-end", m2mkd="separate")  # its tests run m2mkd:0 alone
     plan = compile_options(options)
     for job in plan.jobs:
         if "train" in job.config:

@@ -222,7 +222,7 @@ def test_convert_cli_dry_run_and_bad_input(tmp_path):
         assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     # --set without a recipe sets any option: here the width that makes upcycling possible
     upcycled = runner.invoke(cli, ["convert", "vit_tiny", "--to", "moe", "-k", "2", "--upcycle", "--dry-run",
-                                   "--format", "json", "--set", "student_overrides.embed_dim=192",
+                                   "--m2mkd", "separate", "--format", "json", "--set", "student_overrides.embed_dim=192",
                                    "--set", "student_overrides.num_heads=3", "--set", "alpha=0.7"])
     assert upcycled.exit_code == 0, upcycled.output
     planned = json.loads(upcycled.output)

@@ -37,14 +37,13 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     from monomod.students import student_revision
     from monomod.runtime.execute import check_train_configs
 
-    from monomod.runtime.device_data import input_path_for
+    from monomod.runtime.device_folder import check_device_augment
     from monomod.runtime.fused import resolve_m2mkd
 
     validate(options_dict(options))
     data = parse_data_spec(options.data)  # parsed once: the DataSpec travels from here on
     distill_data = parse_data_spec(options.distill_data) if options.distill_data else None
     in_memory = all(spec.kind != "imagefolder" for spec in (data, distill_data) if spec)
-    input_path_for(options.input_path, in_memory=in_memory, device="cpu")  # --input-path device on folders: refused
     options = replace(options, m2mkd=resolve_m2mkd(options.m2mkd))  # it shapes the plan, so decided here
     notes = notes if notes is not None else []
     teacher, img_size, in_chans = _load_teacher(options)
@@ -74,6 +73,8 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
                     student_revision=student_revision(options.student))
     set_checkpointing(plan, options.checkpoint_every, options.checkpoint_minutes)
     check_train_configs(plan)
+    if options.input_path == "device" and not in_memory:  # image folders decoded on the device: no RandAugment yet
+        check_device_augment(c["train"] for j in plan.jobs for c in (j.config, *j.config.get("members", ())) if "train" in c)
     return plan
 
 

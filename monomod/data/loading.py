@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import random
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -122,6 +122,7 @@ def make_loader(
     epoch: int = 0,
     drop_last: bool = False,
     num_workers: int | None = None,
+    collate_fn: Callable[[list], Any] | None = None,
 ) -> DataLoader:
     """The one way monomod loads batches: order and augmentations a pure function of ``(seed, epoch, index)``, so a
     job resumed mid-epoch sees exactly the batches it would have seen, whatever ``num_workers`` (default:
@@ -134,7 +135,7 @@ def make_loader(
     sampler = _EpochSampler(len(dataset), shuffle=shuffle, seed=seed, epoch=epoch)  # type: ignore[arg-type]
     return SeededLoader(
         _SeededSamples(dataset), batch_size=batch_size, sampler=sampler, drop_last=drop_last, num_workers=workers,
-        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), collate_fn=collate_fn,
         # DataLoader draws its workers' base seed from this generator, not from the global RNG
         generator=torch.Generator().manual_seed(derive_seed(seed, epoch, 2)),
     )

@@ -15,7 +15,8 @@ input).
 
 Own ops rather than torchvision v2 or kornia: v2's random transforms draw one set of parameters per call (per
 batch, not per sample) and kornia is not a dependency; one batched ``grid_sample`` is all the geometric part needs.
-What it does not do yet: RandAugment's photometric ops, and decoding image folders on the device.
+Image folders are decoded and cropped on the device by ``monomod.runtime.device_folder``. What neither does yet:
+RandAugment's photometric ops and colour jitter.
 """
 from __future__ import annotations
 
@@ -123,10 +124,19 @@ def augment_batch(images: Tensor, indices: Tensor, seed: int, aug: BatchAugment 
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     elif x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return finish_batch(x, indices, seed, aug, mean=mean, std=std, in_chans=in_chans)
+
+
+def finish_batch(x: Tensor, indices: Tensor, seed: int, aug: BatchAugment | None, *, mean: Tensor, std: Tensor,
+                 in_chans: int) -> Tensor:
+    """The augmented batch in [0, 1] -> normalised, then randomly erased by the numbers of ``(seed, index)``: the
+    last steps of every device path (in-memory sets here, image folders in ``device_folder``)."""
     x = (x.expand(-1, in_chans, -1, -1) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     if aug is not None and aug.reprob > 0:
-        x = _erase(x, sample_uniforms(seed + 1, indices, 5), sample_normals(seed + 2, indices, x.shape[1:]),
-                   aug.reprob)
+        u = sample_uniforms(seed + 1, indices, 5)
+        rows = torch.nonzero(u[:, 0] < aug.reprob).flatten()  # noise only for the erased samples: it is the cost
+        if len(rows):
+            x[rows] = _erase(x[rows], u[rows], sample_normals(seed + 2, indices[rows], x.shape[1:]), aug.reprob)
     return x
 
 
@@ -163,8 +173,8 @@ class DeviceImages:
 
     def __init__(self, dataset: TensorImageDataset, device: torch.device | str) -> None:
         if not isinstance(dataset, TensorImageDataset):
-            raise MonomodError(f"the device input path needs an in-memory data set, got {type(dataset).__name__}",
-                               "use --input-path cpu for image folders (decoding on the device is not built yet)")
+            raise MonomodError(f"DeviceImages needs an in-memory data set, got {type(dataset).__name__}",
+                               "give image folders to monomod.runtime.device_folder.folder_loader")
         self.images = dataset.images.to(device)
         self.labels = dataset.labels.to(device)
         self.mean, self.std = dataset.mean.flatten().to(device), dataset.std.flatten().to(device)
@@ -204,25 +214,26 @@ class DeviceLoader:
 
 
 def resolve_input_path(path: str, *data: str | None, device: torch.device | str | None = None) -> str:
-    """``cpu`` or ``device``: ``auto`` is device on CUDA when every data set given (``--data``, ``--distill-data``)
-    is in memory, cpu elsewhere; ``device`` with an image folder is refused (decoding on the device is not built
-    yet)."""
+    """``cpu`` or ``device`` for the data sets given (``--data``, ``--distill-data``): ``input_path_for``."""
     from monomod.data import parse_data_spec
 
     folder = any(parse_data_spec(spec).kind == "imagefolder" for spec in data if spec)
     return input_path_for(path, in_memory=not folder, device=device)
 
 
+# ``--input-path auto`` takes the device path on CUDA for these kinds of data. Image folders keep the CPU path under
+# auto until decoding on the GPU is measured faster there (benchmarks/RESULTS.md): one entry flips them.
+AUTO_DEVICE_INPUT = {"in_memory": True, "imagefolder": False}
+
+
 def input_path_for(path: str, *, in_memory: bool, device: torch.device | str | None = None) -> str:
     """The one rule behind ``resolve_input_path``, for data already loaded (``in_memory``: no image folder):
-    ``auto`` is device on CUDA for in-memory data, cpu elsewhere; ``device`` without in-memory data is refused."""
-    if path == "device" and not in_memory:
-        raise MonomodError("--input-path device needs an in-memory data set (digits, synthetic); decoding image "
-                           "folders on the device is not built yet", "use --input-path cpu or auto")
+    ``auto`` is the device path on CUDA where ``AUTO_DEVICE_INPUT`` says so, the CPU path elsewhere; ``cpu`` and
+    ``device`` are taken as asked (the device path decodes image folders there: ``device_folder``)."""
     if path != "auto":
         return path
     on_cuda = torch.device(device if device is not None else resolve_device("auto")).type == "cuda"
-    return "device" if on_cuda and in_memory else "cpu"
+    return "device" if on_cuda and AUTO_DEVICE_INPUT["in_memory" if in_memory else "imagefolder"] else "cpu"
 
 
 def device_loader(dataset: TensorImageDataset, batch_size: int, *, shuffle: bool, seed: int,

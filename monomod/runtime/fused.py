@@ -36,11 +36,11 @@ from monomod.runtime.distributed import is_writer
 from monomod.runtime.losses import m2mkd_stage_loss
 from monomod.runtime.train import param_groups
 
-# ``--m2mkd auto`` per device type. Separate on both for now: on the CPU a fused step measured 1.17x the four
-# separate steps and the demo's phase a median 1.08x (benchmarks/RESULTS.md), short of a default layout change,
-# and the process executor runs the separate jobs side by side, not measured against it; on CUDA nothing is
-# measured yet. One entry flips a device's default.
-AUTO_M2MKD = {"cpu": "separate", "cuda": "separate"}
+# ``--m2mkd auto`` per device type, from measurements (benchmarks/RESULTS.md). CPU: the demo's m2mKD phase ran
+# 1.30-1.38x faster fused than as four separate jobs one after another (3 seeds, the demo's threads, quiet 2-core
+# machine), and as fast as the separate jobs side by side on two process workers; the separate jobs stay the way
+# several machines share the work (--m2mkd separate). CUDA: nothing measured yet, so separate. One entry flips one.
+AUTO_M2MKD = {"cpu": "fused", "cuda": "separate"}
 
 
 def resolve_m2mkd(mode: str, device: torch.device | str | None = None) -> str:
