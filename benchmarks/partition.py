@@ -184,14 +184,16 @@ def family_markdown(result: dict[str, Any]) -> list[str]:
               "carries one tensor unless single-tensor cuts cannot balance within 1.25 (then several, within the byte "
               "budget, when strictly better), and the balance is the exact optimum over those cut points.", "",
               "The last column is the optimum where any cut within the byte budget may be taken, however many tensors "
-              "it carries (what single-tensor cuts cost).", "",
+              "it carries (what single-tensor cuts cost). The heaviest node bound is K times the FLOPs of the "
+              "model's heaviest traced node over its total: no split into runs of the graph order can balance "
+              "better than that.", "",
               "| family | model | fx nodes | legal cut points | balance before | balance | optimum | tensors cut "
-              "| optimum, any cut |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| optimum, any cut | heaviest node bound |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     before = result.get("before", {})
     for r in sorted(result["families"], key=lambda r: -r.get("balance", 0)):
         lines.append(f"| {r['family']} | {r['model']} | {r.get('nodes', '-')} | {r.get('cut_points', '-')} "
                      f"| {before.get(r['family'], '-')} | {r.get('balance', r.get('error', '-'))} | {r.get('optimum', '-')} "
-                     f"| {r.get('tensors_cut', '-')} | {r.get('any_cut_optimum', '-')} |")
+                     f"| {r.get('tensors_cut', '-')} | {r.get('any_cut_optimum', '-')} | {r.get('node_bound', '-')} |")
     return lines
 
 
@@ -250,6 +252,8 @@ def family_row(family: str, name: str, params: int, k: int = FAMILY_K, baseline:
                    optimum=_round(getattr(part, "optimum", None)), cut_points=getattr(part, "legal_points", None))
         wide = search(traced, k, tolerance=-1.0)  # cuts of several tensors considered whatever the balance
         row["any_cut_optimum"] = round(wide.balance, 4)
+        # no split into k runs of the graph order beats its heaviest single node: max(node) / (total / k)
+        row["node_bound"] = round(max(1.0, k * max(n.flops for n in traced.nodes.values()) / max(traced.flops, 1)), 4)
         if baseline is not None:
             row["baseline_balance"] = round(baseline(traced, k).balance, 4)
     except Exception as e:  # noqa: BLE001 - recorded, not fatal: one family must not stop the survey
@@ -285,6 +289,7 @@ def family_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {"families": len(rows), "partitioned": len(done), "median": round(statistics.median(r["balance"] for r in done), 4),
             "median_any_cut": round(statistics.median(anywhere), 4) if anywhere else None,
             "above_1_5_any_cut": sum(a > 1.5 for a in anywhere) if anywhere else None,
+            "above_1_5_node_bound": sum(r.get("node_bound", 0) > 1.5 for r in done),
             "worst": worst["balance"], "worst_model": worst["model"], "above_1_5": sum(r["balance"] > 1.5 for r in done),
             "max_partition_s": max((r["partition_s"] for r in done if "partition_s" in r), default="-")}
 

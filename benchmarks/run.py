@@ -28,6 +28,7 @@ BENCHMARKS = {
     "throughput": "Training samples/s of an m2mKD and a fine-tune job: fp32 eager against bf16 and torch.compile",
     "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",
     "fused": "The demo's m2mKD phase as one fused job against K separate jobs (3 seeds, hybrid accuracies)",
+    "phase": "The m2mKD phase, separate against fused, against the matmul peaks and a plain timm loop",
 }
 
 

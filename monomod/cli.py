@@ -536,7 +536,7 @@ def _report(execute, fmt: str) -> None:
         _print_summary(summary)
     ran = sum(1 for s in run.statuses if s.state == JobState.DONE)
     out.print(f"[dim]{ran} job(s) ran, {len(run.statuses) - ran} already finished; {elapsed:.1f} s; "
-              f"report: {rich_text(run.path / 'report.md')} and report.html[/dim]")
+              f"report: {rich_text(run.path / 'report.md')} and report.html[/dim]", soft_wrap=True)  # a path copies whole
 
 
 @cli.command("export")
