@@ -226,3 +226,14 @@ def test_cuts_of_several_tensors_only_where_single_tensor_cuts_cannot_balance():
     assert "cuts of several tensors: single-tensor cuts balance 2.011 at best" in optimum_note(part, 0.5)
     assert "is 1.379 with cuts of several tensors" in optimum_note(part, 0.25)
     assert optimum_note(strict, float("inf")) is None
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet", "convnext", "swin"])
+def test_no_partition_beats_the_order_bound(traced_models, family):
+    """The K=8 survey's order bound (every position a cut point) is a true lower bound of the chosen cuts."""
+    from benchmarks.partition import order_bound
+
+    traced = traced_models[family]
+    for k in (2, 3, 4):
+        bound = order_bound(traced, k)
+        assert 1.0 <= bound <= monomod.partition(traced, k).balance + 1e-9
