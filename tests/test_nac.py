@@ -9,7 +9,7 @@ import torch
 
 from monomod.students.nac import build_nac as build_any_nac
 from monomod.students.nac_simple import (
-    GRAPH_PRIORS, NACPropagator, NACReadIn, NACReadOut, nac_config, prior_graph,
+    GRAPH_PRIORS, SimpleNACPropagator, SimpleNACReadIn, SimpleNACReadOut, simple_nac_config, prior_graph,
 )
 
 IMG, NC, B = 32, 10, 2
@@ -69,8 +69,8 @@ def test_stage_layout_and_interfaces(model):
 def test_module_counts(k):
     m = build_nac(modules=k, num_classes=NC, img_size=IMG)
     assert len(m.stages) == k
-    assert isinstance(m.stages[0], NACReadIn) and isinstance(m.stages[-1], NACReadOut)
-    assert sum(isinstance(s, NACPropagator) for s in m.stages) == k - 2
+    assert isinstance(m.stages[0], SimpleNACReadIn) and isinstance(m.stages[-1], SimpleNACReadOut)
+    assert sum(isinstance(s, SimpleNACPropagator) for s in m.stages) == k - 2
     # every propagator starts from the same prior-fitted signatures
     sigs = [s.signatures for s in m.stages[1:-1]]
     assert all(torch.equal(sigs[0], s) for s in sigs)
@@ -89,8 +89,8 @@ def test_too_few_modules_and_bad_names():
 
 
 def test_kernel_is_truncated_to_exact_zeros():
-    cfg = nac_config("simple")
-    stage = NACPropagator(cfg)
+    cfg = simple_nac_config("simple")
+    stage = SimpleNACPropagator(cfg)
     with torch.no_grad():  # random signatures give a spread of similarities on both sides of the threshold
         stage.signatures.copy_(torch.randn(cfg.n_cells, cfg.sig_dim, generator=torch.Generator().manual_seed(3)))
     sig = torch.nn.functional.normalize(stage.signatures.detach(), dim=-1)
@@ -111,8 +111,8 @@ def test_kernel_is_truncated_to_exact_zeros():
 
 def test_truncated_links_carry_no_information():
     """With mutually orthogonal signatures only self-links survive, so a cell ignores every other cell."""
-    cfg = nac_config("simple")
-    stage = NACPropagator(cfg).eval()
+    cfg = simple_nac_config("simple")
+    stage = SimpleNACPropagator(cfg).eval()
     with torch.no_grad():
         stage.signatures.copy_(torch.eye(cfg.n_cells, cfg.sig_dim))
     x = torch.randn(B, cfg.n_cells, cfg.dim)

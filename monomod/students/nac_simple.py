@@ -1,11 +1,11 @@
 """The ``simple`` NAC preset: monomod's first, simplified NAC network, kept so that earlier results stay comparable.
 
 The faithful NAC (the reference's network) is ``nac.py``; ``build_student("nac", preset="simple")`` builds this
-one. What it simplifies, against the reference: ModLin is ``1 + LN_affine(W_c c + b)`` at scale 1, every cell
+one. Its classes carry a ``Simple`` prefix so that neither network's names shadow the other's. What it simplifies, against the reference: ModLin is ``1 + LN_affine(W_c c + b)`` at scale 1, every cell
 receives in the propagator, the read-in and read-out are plain cross-attention with mean pooling, no LayerScale,
 GELU feed-forwards, no regulariser, and the m2mKD simplification is inferred from the token count.
 
-Layout of the K stages (``build_nac(modules=K, ...)``):
+Layout of the K stages (``build_simple_nac(modules=K, ...)``):
 
 * stage 0, ``image->tokens``: patch tokenizer + read-in. The ``L_in`` input latents cross-attend to the image
   tokens; the stage returns the states of all ``n_cells = L_in + L_med`` cells (read-in latents followed by the
@@ -48,7 +48,7 @@ from monomod.students.nac_graph import GRAPH_PRIORS, check_graph_fields, fit_sig
 
 
 @dataclass
-class NACConfig:
+class SimpleNACConfig:
     """Every hyper-parameter of the simple NAC. Defaults are the CPU-sized ``simple`` preset."""
 
     # --- widths -------------------------------------------------------------------------------------------------
@@ -104,19 +104,19 @@ class NACConfig:
             raise ValueError("kernel_bandwidth and gumbel_temperature must be > 0")
 
 
-SIMPLE_PRESETS: dict[str, NACConfig] = {
+SIMPLE_PRESETS: dict[str, SimpleNACConfig] = {
     # The first monomod NAC at CPU size (32 px images -> 8x8 tokens); was the ``small`` preset before the
     # faithful NAC.
-    "simple": NACConfig(),
+    "simple": SimpleNACConfig(),
 }
 
 
-def kernel_cos_threshold(cfg: NACConfig) -> float:
+def kernel_cos_threshold(cfg: SimpleNACConfig) -> float:
     """Cosine similarity above which the kernel survives truncation: cos >= 1 + bandwidth * ln(truncation)."""
     return 1.0 + cfg.kernel_bandwidth * math.log(cfg.kernel_truncation)
 
 
-def prior_signatures(cfg: NACConfig) -> torch.Tensor:
+def prior_signatures(cfg: SimpleNACConfig) -> torch.Tensor:
     """``[n_cells, sig_dim]`` unit signatures fitted to the config's graph prior (a fresh tensor each call).
 
     Cached on the config's values: the pipeline builds the same student many times (one hybrid per module, then
@@ -127,7 +127,7 @@ def prior_signatures(cfg: NACConfig) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=4)
 def _prior_signatures_cached(values: tuple) -> torch.Tensor:
-    cfg = NACConfig(*values)  # the config is unhashable; its field values are the cache key
+    cfg = SimpleNACConfig(*values)  # the config is unhashable; its field values are the cache key
     return fit_signatures(prior_adjacency(cfg), cfg, kernel_cos_threshold(cfg))
 
 
@@ -167,10 +167,10 @@ class ModLin(nn.Module):
         return self.fc(x * scale)
 
 
-class ModAttention(nn.Module):
+class SimpleModAttention(nn.Module):
     """Multi-head self-attention with ModLin q/k/v/out projections and an optional additive log-link bias."""
 
-    def __init__(self, cfg: NACConfig) -> None:
+    def __init__(self, cfg: SimpleNACConfig) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.inner_dim // cfg.num_heads
@@ -205,7 +205,7 @@ class ModAttention(nn.Module):
 class ModFFN(nn.Module):
     """Two-layer GELU FFN whose layers are both ModLin."""
 
-    def __init__(self, cfg: NACConfig) -> None:
+    def __init__(self, cfg: SimpleNACConfig) -> None:
         super().__init__()
         hidden = int(cfg.dim * cfg.mlp_ratio)
         kw = dict(eps=cfg.norm_eps, mod_scale_init=cfg.mod_scale_init)
@@ -233,7 +233,7 @@ class FFN(nn.Module):
 class LatentCrossAttention(nn.Module):
     """Learned latents attend to a token set of any length; pre-norm residual cross-attention + FFN."""
 
-    def __init__(self, cfg: NACConfig, num_latents: int) -> None:
+    def __init__(self, cfg: SimpleNACConfig, num_latents: int) -> None:
         super().__init__()
         self.num_heads = cfg.num_heads
         self.head_dim = cfg.inner_dim // cfg.num_heads
@@ -269,10 +269,10 @@ class LatentCrossAttention(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------------------------
-class NACReadIn(Stage):
+class SimpleNACReadIn(Stage):
     """Stage 0: patch tokenizer + read-in. Image ``[B, C, H, W]`` -> cell states ``[B, L_in + L_med, D]``."""
 
-    def __init__(self, cfg: NACConfig, *, img_size: int, in_chans: int) -> None:
+    def __init__(self, cfg: SimpleNACConfig, *, img_size: int, in_chans: int) -> None:
         super().__init__()
         if img_size % cfg.patch_size:
             raise ValueError(f"img_size={img_size} is not a multiple of patch_size={cfg.patch_size}")
@@ -294,14 +294,14 @@ class NACReadIn(Stage):
         return torch.cat([inputs, mediators], dim=1)
 
 
-class NACPropagator(Stage):
+class SimpleNACPropagator(Stage):
     """One propagator iteration: ``x += KernelModAttn(LN(x)); x += ModFFN(LN(x))`` over the cells.
 
     Cell-wise (per-cell codes + signature kernel) when ``T == n_cells`` and not ``simplified``; otherwise dense
     attention with one shared code, the mean of the cell codes (see the module docstring).
     """
 
-    def __init__(self, cfg: NACConfig, signatures: torch.Tensor | None = None) -> None:
+    def __init__(self, cfg: SimpleNACConfig, signatures: torch.Tensor | None = None) -> None:
         super().__init__()
         self.interface = StageInterface("tokens->tokens", cfg.dim, cfg.dim)
         self.n_cells = cfg.n_cells
@@ -317,7 +317,7 @@ class NACPropagator(Stage):
         self.codes = nn.Parameter(torch.randn(cfg.n_cells, cfg.code_dim))
         self.register_buffer("self_links", torch.eye(cfg.n_cells, dtype=torch.bool), persistent=False)
         self.norm1 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = ModAttention(cfg)
+        self.attn = SimpleModAttention(cfg)
         self.norm2 = nn.LayerNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = ModFFN(cfg)
         self.apply(_init_linear)
@@ -370,10 +370,10 @@ class NACPropagator(Stage):
         return x + self.ffn(self.norm2(x), code)
 
 
-class NACReadOut(Stage):
+class SimpleNACReadOut(Stage):
     """Last stage: output latents cross-attend to the incoming tokens (any T), mean-pool, LayerNorm, linear head."""
 
-    def __init__(self, cfg: NACConfig, *, num_classes: int) -> None:
+    def __init__(self, cfg: SimpleNACConfig, *, num_classes: int) -> None:
         super().__init__()
         self.interface = StageInterface("tokens->logits", cfg.dim, None)
         self.read_out = LatentCrossAttention(cfg, cfg.num_output_latents)
@@ -389,7 +389,7 @@ class NACReadOut(Stage):
 # ---------------------------------------------------------------------------------------------------------------
 # Factory
 # ---------------------------------------------------------------------------------------------------------------
-def nac_config(preset: str = "simple", **overrides) -> NACConfig:
+def simple_nac_config(preset: str = "simple", **overrides) -> SimpleNACConfig:
     """The preset's config with ``overrides`` applied and validated."""
     return preset_config(SIMPLE_PRESETS, preset, overrides, family="simple-NAC")
 
@@ -398,24 +398,25 @@ def build_simple_nac(*, modules: int, num_classes: int, img_size: int, in_chans:
               **overrides) -> StagedModel:
     """A NAC student split into ``modules`` = K stages: read-in, K-2 propagator iterations, read-out.
 
-    ``overrides`` are NACConfig fields replacing the preset's values. The config used is kept as
+    ``overrides`` are SimpleNACConfig fields replacing the preset's values. The config used is kept as
     ``model.nac_config``.
     """
     if modules < 3:
         raise ValueError(
             f"NAC needs at least 3 modules (tokenizer+read-in, >=1 propagator, read-out); got K={modules}"
         )
-    cfg = nac_config(preset, **overrides)
+    cfg = simple_nac_config(preset, **overrides)
     signatures = prior_signatures(cfg)  # fitted once, copied into every propagator
-    stages: list[Stage] = [NACReadIn(cfg, img_size=img_size, in_chans=in_chans)]
-    stages += [NACPropagator(cfg, signatures) for _ in range(modules - 2)]
-    stages.append(NACReadOut(cfg, num_classes=num_classes))
+    stages: list[Stage] = [SimpleNACReadIn(cfg, img_size=img_size, in_chans=in_chans)]
+    stages += [SimpleNACPropagator(cfg, signatures) for _ in range(modules - 2)]
+    stages.append(SimpleNACReadOut(cfg, num_classes=num_classes))
     model = StagedModel(stages, num_classes=num_classes, img_size=img_size, in_chans=in_chans)
     model.nac_config = cfg
     return model
 
 
 __all__ = [
-    "GRAPH_PRIORS", "NACConfig", "SIMPLE_PRESETS", "ModLin", "NACPropagator", "NACReadIn", "NACReadOut",
-    "build_simple_nac", "fit_signatures", "kernel_cos_threshold", "nac_config", "prior_graph", "prior_signatures",
+    "GRAPH_PRIORS", "SIMPLE_PRESETS", "ModLin", "SimpleNACConfig", "SimpleNACPropagator", "SimpleNACReadIn",
+    "SimpleNACReadOut", "build_simple_nac", "fit_signatures", "kernel_cos_threshold", "prior_graph",
+    "prior_signatures", "simple_nac_config",
 ]
