@@ -29,6 +29,7 @@ BENCHMARKS = {
     "explorer": "The partition explorer page: size and first render in headless Chromium, a big graph fully expanded",
     "fused": "The demo's m2mKD phase as one fused job against K separate jobs (3 seeds, hybrid accuracies)",
     "phase": "The m2mKD phase, separate against fused, against the matmul peaks and a plain timm loop",
+    "augment": "Batched augmentation on the device: monomod's own ops against kornia and torchvision v2",
 }
 
 

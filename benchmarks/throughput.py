@@ -282,7 +282,7 @@ def input_markdown(result: dict[str, Any]) -> str:
     lines = [("Measured under load: other engineers' jobs shared the 2 cores. " if result.get("loaded") else "")
              + "On a GPU machine, run the same command there: the device path then runs on CUDA (to be measured). "
              "On a CPU the device path for image folders is the slower one: it decodes in the main process rather "
-             "than in the loader's workers, and hashes erasing's noise per pixel; it is built for CUDA (nvJPEG "
+             "than in the loader's workers, and hashes erasing's noise (per erased pixel); it is built for CUDA (nvJPEG "
              "decodes the whole batch), and `--input-path auto` keeps image folders on the CPU path until it is "
              "measured there.",
              "", "| what | device | batch | samples/s (median of interleaved rounds) |", "|---|---|---:|---:|"]

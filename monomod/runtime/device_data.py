@@ -13,10 +13,14 @@ input).
   of ``(seed, epoch)``), each sample's augmentation drawn from a counter-based hash of ``(seed, epoch, index)``,
   so a sample is augmented the same whatever batch it falls in and a resumed job sees exactly its batches.
 
-Own ops rather than torchvision v2 or kornia: v2's random transforms draw one set of parameters per call (per
-batch, not per sample) and kornia is not a dependency; one batched ``grid_sample`` is all the geometric part needs.
-Image folders are decoded and cropped on the device by ``monomod.runtime.device_folder``. What neither does yet:
-RandAugment's photometric ops and colour jitter.
+Own ops rather than torchvision v2 or kornia (``python -m benchmarks.run --only augment``): v2's random transforms
+draw one set of parameters per call, so per-sample augmentation takes one call per image (on a GPU, a launch
+sequence per image); kornia draws per sample but from torch's generator, so a sample's augmentation depends on its
+batch and a resumed job would not see its batches again. Neither hashes ``(seed, index)``. On the 2-core CPU, at 32
+px this path ran 2.5x kornia and 6.7x v2 per image; at 224 px 1.8x kornia, and v2 per image ran 1.4x this path
+(it crops a view and resizes only the crop; a GPU figure is still to be measured). Image folders are
+decoded, cropped and RandAugmented on the device by ``monomod.runtime.device_folder``; colour jitter alone has no
+device form yet.
 """
 from __future__ import annotations
 
@@ -93,22 +97,21 @@ def _crop_theta(u: Tensor, aug: BatchAugment) -> Tensor:
     return torch.stack([torch.stack([w * flip, zero, cx], 1), torch.stack([zero, h, cy], 1)], 1)
 
 
-def _erase(x: Tensor, u: Tensor, noise: Tensor, probability: float) -> Tensor:
-    """timm's random erasing in "pixel" mode, batched: with ``probability`` a rectangle of 2-33 % of the area,
-    aspect ratio log-uniform in (0.3, 3.3), is replaced by the normal noise ``noise``."""
-    b, _, height, width = x.shape
+def _erase_mask(shape: torch.Size, u: Tensor) -> Tensor:
+    """timm's random erasing rectangle per sample, batched: 2-33 % of the area, aspect ratio log-uniform in
+    (0.3, 3.3), placed uniformly; a bool mask ``[B, 1, H, W]``."""
+    height, width = shape[-2:]
     area = (0.02 + u[:, 1] * (1 / 3 - 0.02)) * height * width
     ratio = torch.exp(math.log(0.3) + u[:, 2] * (math.log(1 / 0.3) - math.log(0.3)))
     h = torch.sqrt(area * ratio).round().clamp(1, height)
     w = torch.sqrt(area / ratio).round().clamp(1, width)
     top = torch.floor(u[:, 3] * (height - h + 1))
     left = torch.floor(u[:, 4] * (width - w + 1))
-    rows = torch.arange(height, device=x.device).view(1, -1, 1)
-    cols = torch.arange(width, device=x.device).view(1, 1, -1)
+    rows = torch.arange(height, device=u.device).view(1, -1, 1)
+    cols = torch.arange(width, device=u.device).view(1, 1, -1)
     inside = ((rows >= top.view(-1, 1, 1)) & (rows < (top + h).view(-1, 1, 1))
               & (cols >= left.view(-1, 1, 1)) & (cols < (left + w).view(-1, 1, 1)))
-    mask = (inside & (u[:, 0] < probability).view(-1, 1, 1)).unsqueeze(1)
-    return torch.where(mask, noise, x)
+    return inside.unsqueeze(1)
 
 
 def augment_batch(images: Tensor, indices: Tensor, seed: int, aug: BatchAugment | None, *, size: int,
@@ -129,22 +132,33 @@ def augment_batch(images: Tensor, indices: Tensor, seed: int, aug: BatchAugment 
 
 def finish_batch(x: Tensor, indices: Tensor, seed: int, aug: BatchAugment | None, *, mean: Tensor, std: Tensor,
                  in_chans: int) -> Tensor:
-    """The augmented batch in [0, 1] -> normalised, then randomly erased by the numbers of ``(seed, index)``: the
-    last steps of every device path (in-memory sets here, image folders in ``device_folder``)."""
-    x = (x.expand(-1, in_chans, -1, -1) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    """The augmented batch in [0, 1] (a fresh tensor: normalised in place) -> normalised, then randomly erased by
+    the numbers of ``(seed, index)``: the last steps of every device path (in-memory sets here, image folders in
+    ``device_folder``)."""
+    if x.shape[1] != in_chans:
+        x = x.expand(-1, in_chans, -1, -1).contiguous()
+    x = x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))  # in place: x is the caller's fresh batch
     if aug is not None and aug.reprob > 0:
         u = sample_uniforms(seed + 1, indices, 5)
-        rows = torch.nonzero(u[:, 0] < aug.reprob).flatten()  # noise only for the erased samples: it is the cost
-        if len(rows):
-            x[rows] = _erase(x[rows], u[rows], sample_normals(seed + 2, indices[rows], x.shape[1:]), aug.reprob)
+        rows = torch.nonzero(u[:, 0] < aug.reprob).flatten()
+        if len(rows):  # timm's "pixel" mode: normal noise, hashed only where it lands (the hash is the cost)
+            mask = _erase_mask(x.shape, u[rows]).expand(-1, x.shape[1], -1, -1)
+            row, channel, top, left = mask.nonzero(as_tuple=True)
+            element = (channel * x.shape[2] + top) * x.shape[3] + left
+            x[rows[row], channel, top, left] = _normals(seed + 2, indices[rows][row], element)
     return x
 
 
 def sample_normals(seed: int, indices: Tensor, shape: torch.Size) -> Tensor:
     """``[len(indices), *shape]`` standard normals (Box-Muller), a pure function of ``(seed, index, element)``."""
-    key = derive_seed(seed) & _MASK32
-    per_sample = _pcg((indices.long() & _MASK32) ^ key).view(-1, *([1] * len(shape)))
     element = torch.arange(math.prod(shape), dtype=torch.int64, device=indices.device).view(shape)
+    return _normals(seed, indices.view(-1, *([1] * len(shape))), element)
+
+
+def _normals(seed: int, indices: Tensor, element: Tensor) -> Tensor:
+    """Standard normals of the (broadcast) sample ``indices`` and flat ``element`` positions."""
+    key = derive_seed(seed) & _MASK32
+    per_sample = _pcg((indices.long() & _MASK32) ^ key)
     first = _pcg(_pcg(per_sample ^ element) ^ key)
     second = _pcg(first ^ key)
     u1 = (first.double() + 1).div(2.0**32 + 1)  # in (0, 1): the log stays finite
