@@ -25,6 +25,7 @@ from monomod.io import atomic_write_json, last_jsonl, read_json, read_jsonl
 from monomod.plan import JOB_KINDS, PLAN_FILE, Job
 
 JOBS_DIR = "jobs"
+CACHE_DIR = "cache"  # derived data every job may read (``--input-path cached``: the pre-resized images)
 LOCK_FILE = "monomod.lock"
 MODEL_FILE = "model.safetensors"
 DONE_FILE = "done.json"
@@ -103,6 +104,10 @@ class RunDir:
     @property
     def jobs(self) -> Path:
         return self.root / JOBS_DIR
+
+    def image_cache(self, key: str) -> Path:
+        """A pre-resized copy of an image folder's training images (``device_folder.load_cache``)."""
+        return self.root / CACHE_DIR / f"images-{key}.safetensors"
 
     def job_dir(self, job: Job | str) -> Path:
         return self.jobs / job_dir_name(job)

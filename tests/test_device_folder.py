@@ -140,6 +140,80 @@ def test_a_folder_plan_on_the_device_path_compiles_trains_and_refuses_jitter_alo
     run_dir = prepare_run_dir(plan, tmp_path / "run")
     statuses = execute(plan, run_dir, only=["meta"])
     assert [s.state for s in statuses] == ["done"]
+    cached = compile_options(ConvertOptions(**{**base, "input_path": "cached"}))
+    assert cached.settings["input_path"] == "cached"
+    with pytest.raises(MonomodError, match="no form of colour jitter"):
+        compile_options(ConvertOptions(**{**base, "input_path": "cached"}, budgets={"meta": {"color_jitter": 0.4}}))
+    for job in cached.jobs:
+        if "train" in job.config:
+            job.config["train"].update(steps=2, batch_size=16, warmup_steps=1)
+    cached.rehash()
+    run_dir = prepare_run_dir(cached, tmp_path / "cached")
+    assert [s.state for s in execute(cached, run_dir, only=["meta"])] == ["done"]
+    assert len(list((tmp_path / "cached" / "cache").glob("images-*.safetensors"))) == 1
+
+
+def test_the_cache_holds_each_image_as_timms_eval_resize_and_centre_crop(digits_folder, tmp_path):
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
+
+    from monomod.runtime.device_folder import build_cache, cache_side
+
+    bundle = load_data(f"imagefolder:{digits_folder}", img_size=16, in_chans=3)
+    side = cache_side(bundle)
+    assert side == math.floor(16 / bundle.crop_pct)
+    images, labels = build_cache(bundle.train, bundle, side, workers=2)
+    resize = Compose([Resize(side, interpolation=str_to_interp_mode(bundle.interpolation)), CenterCrop(side),
+                      PILToTensor()])
+    assert images.shape == (100, 3, side, side) and images.dtype == torch.uint8
+    for k in (0, 37, 99):
+        path, label = bundle.train.samples[k]
+        assert torch.equal(images[k], resize(Image.open(path).convert("RGB"))) and labels[k] == label
+
+
+def _cached_epoch(bundle, run_dir, epoch=0):
+    from monomod.rundir import RunDir
+
+    augment = Augment(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25)
+    make = folder_loader(bundle.train, bundle, augment, 16, shuffle=True, seed=5, device=CPU, workers=2,
+                         cache_at=RunDir(run_dir).image_cache)
+    return list(make(epoch))
+
+
+def test_cached_batches_are_made_once_saved_and_follow_the_files(digits_folder, tmp_path):
+    import shutil
+
+    from monomod.runtime import device_folder
+
+    folder = tmp_path / "digits"
+    shutil.copytree(digits_folder, folder)
+    bundle = load_data(f"imagefolder:{folder}", img_size=16, in_chans=3)
+    device_folder._LOADED.clear()
+    first = _cached_epoch(bundle, tmp_path / "run")
+    files = list((tmp_path / "run" / "cache").iterdir())
+    assert len(first) == 100 // 16 and len(files) == 1 and files[0].suffix == ".safetensors"
+    assert all(x.shape == (16, 3, 16, 16) for x, _ in first)
+    labels = torch.tensor([label for _, label in bundle.train.samples])
+    assert all(set(y.tolist()) <= set(labels.tolist()) for _, y in first)
+    device_folder._LOADED.clear()  # a new process: read back from the file, the same batches
+    again = _cached_epoch(bundle, tmp_path / "run")
+    assert all(torch.equal(a, b) and torch.equal(ya, yb) for (a, ya), (b, yb) in zip(first, again))
+    assert not torch.equal(first[0][0], _cached_epoch(bundle, tmp_path / "run", epoch=1)[0][0])
+    path = bundle.train.samples[3][0]  # an edited image makes a new cache
+    Image.open(path).convert("RGB").rotate(90).save(path, format="JPEG")
+    _cached_epoch(load_data(f"imagefolder:{folder}", img_size=16, in_chans=3), tmp_path / "run")
+    assert len(list((tmp_path / "run" / "cache").iterdir())) == 2
+
+
+def test_a_cache_that_cannot_fit_is_refused_before_decoding(digits_folder, tmp_path, monkeypatch):
+    from monomod.runtime import device_folder
+
+    bundle = load_data(f"imagefolder:{digits_folder}", img_size=16, in_chans=3)
+    monkeypatch.setattr(device_folder, "build_cache", lambda *a: pytest.fail("decoded before refusing"))
+    monkeypatch.setattr(device_folder.os, "sysconf", lambda name: 1024 if "PAGES" in name else 1)
+    device_folder._LOADED.clear()
+    with pytest.raises(MonomodError, match="cache needs .* GiB, more than half"):
+        _cached_epoch(bundle, tmp_path / "run")
 
 
 # ------------------------------------------------------------------------------------ RandAugment, op by op
@@ -149,7 +223,7 @@ def _photo(seed: int = 0, size: int = 24) -> np.ndarray:
     """A smooth random colour image (a photograph's statistics more than white noise's)."""
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
-    return np.asarray(Image.fromarray(small).resize((size, size), Image.BICUBIC))
+    return np.array(Image.fromarray(small).resize((size, size), Image.BICUBIC))  # writable
 
 
 @pytest.mark.parametrize("name, level, pil", [

@@ -208,11 +208,12 @@ OPTIONS: tuple[Option, ...] = (
             "runs on CUDA or on a CPU with native bf16, fp32 elsewhere (the plan records auto; each job resolves it "
             "where it runs and records what it used: `monomod plan show`). fp32 by default (README: Precision and compilation).",
             flag="--precision"),
-    _choice("input_path", ("auto", "cpu", "device"), "auto",
-            "Where training batches are augmented: image by image on the CPU (loader workers), or, for in-memory "
-            "data sets (digits, synthetic), as uint8 tensors on the training device, a batch at a time "
-            "(monomod/runtime/device_data.py). auto: device on CUDA, cpu elsewhere, resolved where each job runs.",
-            flag="--input-path"),
+    _choice("input_path", ("auto", "cpu", "device", "cached"), "auto",
+            "Where training batches are augmented: image by image on the CPU (loader workers), or on the training "
+            "device a batch at a time: in-memory sets (digits, synthetic) kept there as uint8 tensors, image folders "
+            "decoded there (nvJPEG on CUDA). cached: an image folder decoded once into a pre-resized copy kept on the "
+            "device (and in RUN_DIR/cache). auto: device on CUDA for in-memory sets, cpu otherwise, resolved where "
+            "each job runs.", flag="--input-path"),
     _choice("m2mkd", ("auto", "separate", "fused"), "auto",
             "The K m2mKD jobs as K separate jobs (each loads the data and runs the meta prefix itself; K machines can "
             "share them) or as one fused job that loads each batch once, runs the meta prefix once and steps all K "

@@ -79,16 +79,18 @@ class RunContext:
 
         bundle = self.distill_data if distill else self.data
         dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
-        if split == "train" and self.input_path(dataset) == "device":
-            return self._device_loader(bundle, dataset, augment, batch_size, shuffle=shuffle, seed=seed)
+        path = self.input_path(dataset) if split == "train" else "cpu"
+        if path != "cpu":
+            return self._device_loader(bundle, dataset, augment, batch_size, shuffle=shuffle, seed=seed,
+                                       cached=path == "cached")
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                          drop_last=shuffle and len(dataset) > batch_size,
                                          num_workers=self.loader_workers)
 
     def _device_loader(self, bundle: Any, dataset: Any, augment: Any, batch_size: int, *, shuffle: bool,
-                       seed: int) -> Callable[[int], Any]:
+                       seed: int, cached: bool) -> Callable[[int], Any]:
         """The device input path: in-memory sets moved there once (``device_data``), image folders decoded there
-        (``device_folder``)."""
+        a batch at a time or (``cached``) once into a pre-resized copy (``device_folder``)."""
         from monomod.data import TensorImageDataset, default_workers
 
         device = resolve_device("auto")
@@ -100,7 +102,7 @@ class RunContext:
 
         workers = self.loader_workers if self.loader_workers is not None else default_workers(dataset)
         return folder_loader(dataset, bundle, augment, batch_size, shuffle=shuffle, seed=seed, device=device,
-                             workers=workers)
+                             workers=workers, cache_at=self.dirs.image_cache if cached else None)
 
     def input_path(self, dataset: Any) -> str:
         """Where this machine augments ``dataset``'s training batches: the path the plan asked for (``auto`` where

@@ -228,7 +228,7 @@ class DeviceLoader:
 
 
 def resolve_input_path(path: str, *data: str | None, device: torch.device | str | None = None) -> str:
-    """``cpu`` or ``device`` for the data sets given (``--data``, ``--distill-data``): ``input_path_for``."""
+    """``cpu``, ``device`` or ``cached`` for the data sets given (``--data``, ``--distill-data``): ``input_path_for``."""
     from monomod.data import parse_data_spec
 
     folder = any(parse_data_spec(spec).kind == "imagefolder" for spec in data if spec)
@@ -243,7 +243,10 @@ AUTO_DEVICE_INPUT = {"in_memory": True, "imagefolder": False}
 def input_path_for(path: str, *, in_memory: bool, device: torch.device | str | None = None) -> str:
     """The one rule behind ``resolve_input_path``, for data already loaded (``in_memory``: no image folder):
     ``auto`` is the device path on CUDA where ``AUTO_DEVICE_INPUT`` says so, the CPU path elsewhere; ``cpu`` and
-    ``device`` are taken as asked (the device path decodes image folders there: ``device_folder``)."""
+    ``device`` are taken as asked (the device path decodes image folders there: ``device_folder``); ``cached`` is
+    the device path, from a pre-resized copy for an image folder (an in-memory set is one already)."""
+    if path == "cached" and in_memory:
+        return "device"
     if path != "auto":
         return path
     on_cuda = torch.device(device if device is not None else resolve_device("auto")).type == "cuda"

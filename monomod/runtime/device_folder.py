@@ -10,13 +10,22 @@ teacher's interpolation, antialiased, one image at a time: the images differ in 
 ``grid_sample`` would not antialias a downscale. Every random number comes from ``sample_uniforms(seed, index)``, so a
 sample is augmented the same in any batch, worker count or device, and a resumed job sees exactly its batches.
 
+``--input-path cached`` decodes every training image once instead (``load_cache``): resized so its shorter side is
+the size timm's eval transform resizes to (``img_size / crop_pct``), centre-cropped to a square, kept as one uint8
+tensor on the device and saved in ``RUN_DIR/cache`` for the next job. Batches then skip reading and decoding;
+the random resized crop works on the square (what lies outside it is never seen, as with any pre-resized set).
+
 RandAugment runs after the crop, on the uint8 batch, as timm runs it on the cropped image
 (``monomod.runtime.device_randaugment``). Colour jitter alone (without RandAugment, which makes timm drop it) has no
 device form yet: ``check_device_augment`` refuses ``--input-path device`` for it at compile time and names the fix.
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -28,6 +37,7 @@ from torch.utils.data import Dataset
 
 from monomod.data import DataBundle, derive_seed, make_loader
 from monomod.errors import MonomodError
+from monomod.io import atomic_save_tensors
 from monomod.runtime.device_data import BatchAugment, finish_batch, sample_uniforms
 from monomod.runtime.device_randaugment import RandAugmentSpec, parse_rand_augment, rand_augment_batch
 
@@ -139,8 +149,8 @@ class FolderBatches:
     loader's workers), each batch decoded and augmented on ``device``, one batch ahead on CUDA."""
 
     def __init__(self, files: Iterable, bundle: DataBundle, augment: tuple[BatchAugment, RandAugmentSpec | None], *,
-                 seed: int, epoch: int, device: torch.device) -> None:
-        self.files, self.bundle, self.device = files, bundle, device
+                 seed: int, epoch: int, device: torch.device, cache: tuple[Tensor, Tensor] | None = None) -> None:
+        self.files, self.bundle, self.device, self.cache = files, bundle, device, cache
         self.augment, self.rand_augment = augment
         self.fill = torch.tensor([min(255, round(255 * m)) for m in bundle.mean], device=device)  # timm's img_mean
         self.epoch_seed = derive_seed(seed, epoch, 1)
@@ -155,7 +165,11 @@ class FolderBatches:
 
     def prepare(self, batch: tuple[list[Tensor], Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         blobs, labels, indices = batch
-        images = decode_batch(blobs, self.device, self.bundle.in_chans)
+        if self.cache is None:
+            images = decode_batch(blobs, self.device, self.bundle.in_chans)
+        else:  # pre-resized, already on the device
+            on_device = indices.to(self.device)
+            images, labels = list(self.cache[0][on_device]), self.cache[1][on_device]
         u = sample_uniforms(self.epoch_seed, indices, 4 * _TRIES + 1)
         boxes = crop_boxes(u[:, :4 * _TRIES], [tuple(i.shape[-2:]) for i in images], self.augment.crop_scale,
                            self.augment.crop_ratio)
@@ -225,11 +239,104 @@ def check_device_augment(train_configs: Iterable[dict[str, Any]]) -> None:
 
 
 def folder_loader(dataset: Any, bundle: DataBundle, augment: Any, batch_size: int, *, shuffle: bool, seed: int,
-                  device: torch.device, workers: int) -> Callable[[int], FolderBatches]:
-    """``make_loader(epoch)`` of the device path for an image folder's training split (``RunContext.loader``)."""
+                  device: torch.device, workers: int,
+                  cache_at: Callable[[str], Path] | None = None) -> Callable[[int], FolderBatches]:
+    """``make_loader(epoch)`` of the device path for an image folder's training split (``RunContext.loader``);
+    with ``cache_at`` (``--input-path cached``: the file of a cache key), over the pre-resized copy kept there and on
+    the device."""
     aug, files = folder_augment(augment), FileBytes(dataset.samples)
+    cache = None
+    if cache_at is not None:
+        cache, files, workers = load_cache(dataset, bundle, device, workers, cache_at), _Indices(len(files)), 0
     drop_last = shuffle and len(files) > batch_size
     return lambda epoch: FolderBatches(
         make_loader(files, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last,
                     num_workers=workers, collate_fn=collate_bytes),
-        bundle, aug, seed=seed, epoch=epoch, device=device)
+        bundle, aug, seed=seed, epoch=epoch, device=device, cache=cache)
+
+
+class _Indices(Dataset):
+    """``(nothing, 0, index)``: the batches' order alone, for the cached path (images and labels are on the device)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int]:
+        return torch.empty(0, dtype=torch.uint8), 0, index
+
+
+CACHE_FORMAT = 1  # bump when what a cache file holds changes: old files are then rebuilt, never misread
+_LOADED: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}  # the last cache this process loaded, per device
+
+
+def cache_side(bundle: DataBundle) -> int:
+    """The cached images' side: what timm's eval transform resizes the shorter side to before its centre crop."""
+    return math.floor(bundle.img_size / bundle.crop_pct)
+
+
+def load_cache(dataset: Any, bundle: DataBundle, device: torch.device, workers: int,
+               cache_at: Callable[[str], Path]) -> tuple[Tensor, Tensor]:
+    """The training split's images, decoded once, resized and centre-cropped (uint8 ``[N, C, S, S]``), and their
+    labels, on ``device``: from this process's last load, else from the file ``cache_at(key)``, else built (and
+    saved there)."""
+    from safetensors.torch import load_file
+
+    side = cache_side(bundle)
+    key = _cache_key(dataset.samples, side, bundle)
+    if (key, str(device)) in _LOADED:
+        return _LOADED[key, str(device)]
+    _check_fits(len(dataset) * bundle.in_chans * side * side, device)
+    path = cache_at(key)
+    if path.is_file():
+        tensors = load_file(str(path))
+        images, labels = tensors["images"], tensors["labels"]
+    else:
+        images, labels = build_cache(dataset, bundle, side, workers)
+        atomic_save_tensors(path, {"images": images, "labels": labels})
+    _LOADED.clear()  # one cache held at a time: a run trains on one folder
+    _LOADED[key, str(device)] = images.to(device), labels.to(device)
+    return _LOADED[key, str(device)]
+
+
+def _cache_key(samples: Sequence[tuple[str, int]], side: int, bundle: DataBundle) -> str:
+    """A digest of what the cache depends on: each file's path, label, size and modification time, and how it is
+    resized. An edited, added or removed image makes a new cache."""
+    digest = hashlib.sha256(json.dumps([CACHE_FORMAT, side, bundle.in_chans, bundle.interpolation]).encode())
+    for path, label in samples:
+        status = os.stat(path)
+        digest.update(f"{path}\0{label}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _check_fits(size: int, device: torch.device) -> None:
+    """Refuse a cache larger than half the memory free where it is to live, before decoding anything."""
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if size > free / 2:
+        raise MonomodError(f"the pre-resized image cache needs {size / 2**30:.1f} GiB, more than half the "
+                           f"{free / 2**30:.1f} GiB free on {device}",
+                           "use --input-path device (decodes each batch) or a smaller --img-size")
+
+
+def build_cache(dataset: Any, bundle: DataBundle, side: int, workers: int) -> tuple[Tensor, Tensor]:
+    """Every image of ``dataset`` (an image folder) resized as timm's eval transform resizes it (shorter side to
+    ``side``, the bundle's interpolation) and centre-cropped to ``side`` x ``side``, decoded by ``workers``; an
+    unreadable file is replaced by the next as the folder does it on the CPU path, so labels come from the folder."""
+    from timm.data.transforms import str_to_interp_mode
+    from torchvision.transforms import CenterCrop, Compose, PILToTensor, Resize
+
+    source = copy.copy(dataset)
+    source.transform = Compose([Resize(side, interpolation=str_to_interp_mode(bundle.interpolation)),
+                                CenterCrop(side), PILToTensor()])
+    images = torch.empty((len(source), bundle.in_chans, side, side), dtype=torch.uint8)
+    labels = torch.empty(len(source), dtype=torch.int64)
+    done = 0
+    for x, y in make_loader(source, batch_size=256, shuffle=False, seed=0, num_workers=workers):
+        images[done:done + len(y)], labels[done:done + len(y)] = x, y
+        done += len(y)
+    return images, labels
