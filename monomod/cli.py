@@ -484,8 +484,10 @@ def _used(run_dir: Path, job) -> str:
     used = (RunDir(run_dir).done(job) or {}).get("used")
     if not isinstance(used, dict):
         return "-"
-    return ", ".join(str(part) for part in (f"{used.get('threads')} thr", used.get("device"), used.get("precision"))
-                     if part is not None)
+    input_path = used.get("input_path")
+    parts = (f"{used.get('threads')} thr", used.get("device"), used.get("precision"),
+             f"{input_path} input" if input_path else None)
+    return ", ".join(str(part) for part in parts if part is not None)
 
 
 def _job_state(run_dir: Path, job) -> str:

@@ -55,12 +55,24 @@ def test_auto_precision_is_resolved_by_the_process_that_runs_the_job(tmp_path, m
     assert report["result"]["ok"], report
     assert report["bf16_autocast"] == [True]  # the training loop ran under bf16 autocast there
     done = json.loads((run_dir / "jobs/meta/done.json").read_text())
-    assert done["used"] == {"threads": 1, "device": "cpu", "precision": "bf16"}
+    assert done["used"] == {"threads": 1, "device": "cpu", "precision": "bf16", "input_path": "cpu"}
     shown = json.loads(CliRunner().invoke(cli, ["plan", "show", str(run_dir), "--format", "json"]).output)
     meta = next(job for job in shown["jobs"] if job["name"] == "meta")
     assert meta["config"]["train"]["precision"] == "auto" and meta["used"]["precision"] == "bf16"  # asked, used
     table = CliRunner().invoke(cli, ["plan", "show", str(run_dir)]).output
     assert "threads auto, precision auto" in table  # what the plan asks; the table's `used` column, what ran
+
+
+def test_the_input_path_a_job_records_is_resolved_for_its_device_and_data():
+    from monomod.runtime.device_data import resolve_input_path
+
+    assert resolve_input_path("auto", "digits", device="cuda") == "device"
+    assert resolve_input_path("auto", "digits", device="cpu") == "cpu"
+    assert resolve_input_path("auto", "imagefolder:/data/x", device="cuda") == "cpu"  # until measured on a GPU
+    assert resolve_input_path("auto", "digits", "imagefolder:/data/x", device="cuda") == "cpu"
+    assert resolve_input_path("cached", "digits", device="cpu") == "device"  # an in-memory set is one already
+    assert resolve_input_path("cached", "imagefolder:/data/x", device="cpu") == "cached"
+    assert resolve_input_path("device", "imagefolder:/data/x", device="cpu") == "device"
 
 
 class _Plan:

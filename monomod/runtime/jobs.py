@@ -67,11 +67,19 @@ def run_job(ctx: RunContext, job: Job, threads: int | None = None) -> dict[str, 
 
 
 def _used(ctx: RunContext, job: Job, threads: int) -> dict[str, Any]:
-    """Threads, device and precision the job computed with here (an evaluation measures in the fine-tune's)."""
-    train = job.config.get("train")
-    if job.kind == "evaluate":
-        train = {"precision": asked_precision(ctx.plan)}
-    return used_here(train if isinstance(train, dict) else None, threads)
+    """Threads, device and precision the job computed with here (an evaluation measures in the fine-tune's), and
+    for a training job the input path its batches took."""
+    from monomod.runtime.device_data import resolve_input_path
+
+    members = job.config.get("members") or [{}]  # the fused job trains its members, alike but for the seed
+    trains = job.config.get("train") or members[0].get("train")
+    train = {"precision": asked_precision(ctx.plan)} if job.kind == "evaluate" else trains
+    used = used_here(train if isinstance(train, dict) else None, threads)
+    if isinstance(trains, dict):
+        s = ctx.settings
+        data = s.get("distill_data") if JOB_KINDS[job.kind].distill and s.get("distill_data") else s["data"]
+        used["input_path"] = resolve_input_path(s.get("input_path", "auto"), data, device=used["device"])
+    return used
 
 
 __all__ = ["RUNNERS", "RunContext", "accuracies", "assembly_mode", "job_threads", "measure_hybrids",
