@@ -2,9 +2,9 @@
 measured matmul peaks, beside a plain timm training loop of the same teacher (the anchor).
 
 On a GPU: ``vit_small`` (K=4) and ``vit_base`` (K=4 and K=8) into NAC students at 224 px, in bf16 autocast, on
-in-memory synthetic data, which ``--input-path auto`` keeps on the device (issue 26's 30 % goal: the vit_base K=8
-phase in bf16). On a CPU: the demo (``vit_tiny`` K=4, digits, 32 px) in fp32, where the other settings would take
-hours. The teacher side trains one step (the cost of a step does not depend on it); each m2mKD job (or the fused
+in-memory synthetic data, on the CPU input path and on the device path (issue 26's 30 % goal: the vit_base K=8
+phase in bf16). On a CPU, in fp32: the demo (``vit_tiny`` K=4, digits, 32 px) on both input paths, and
+``vit_small`` K=4 at 224 px at batch 16 (vit_base would take hours there). The teacher side trains one step (the cost of a step does not depend on it); each m2mKD job (or the fused
 job) then trains ``steps`` steps, and its steady samples/s leave out the first logging window.
 
 Module-samples/s count one sample through one module's m2mKD (K of them per fused sample). FLOPs per sample follow
@@ -27,13 +27,18 @@ from monomod.compiler import ConvertOptions, compile_options
 from monomod.rundir import RunDir
 from monomod.runtime.execute import execute, prepare_run_dir
 
-# name -> (convert options, batch, steps, log_every, precision)
+# name -> (convert options, batch, steps, log_every, precision, input paths)
 GPU_SETTINGS = {
-    "vit_small K=4, 224 px": (dict(teacher="vit_small", modules=4), 128, 40, 10, "bf16"),
-    "vit_base K=4, 224 px": (dict(teacher="vit_base", modules=4), 128, 40, 10, "bf16"),
-    "vit_base K=8, 224 px": (dict(teacher="vit_base", modules=8), 128, 40, 10, "bf16"),
+    "vit_small K=4, 224 px": (dict(teacher="vit_small", modules=4), 128, 40, 10, "bf16", ("cpu", "device")),
+    "vit_base K=4, 224 px": (dict(teacher="vit_base", modules=4), 128, 40, 10, "bf16", ("cpu", "device")),
+    "vit_base K=8, 224 px": (dict(teacher="vit_base", modules=8), 128, 40, 10, "bf16", ("cpu", "device")),
 }
-CPU_SETTINGS = {"demo (vit_tiny K=4, 32 px)": (dict(teacher="vit_tiny", modules=4, data="digits"), 64, 60, 10, "fp32")}
+CPU_SETTINGS = {
+    "demo (vit_tiny K=4, 32 px)": (dict(teacher="vit_tiny", modules=4, data="digits"), 64, 60, 10, "fp32",
+                                   ("cpu", "device")),
+    "vit_small K=4, 224 px": (dict(teacher="vit_small", modules=4, data="synthetic", img_size=224), 16, 12, 4, "fp32",
+                              ("cpu",)),
+}
 GPU_DATA = dict(data="synthetic", img_size=224)
 
 
@@ -44,16 +49,20 @@ def run(quick: bool = False) -> dict[str, Any]:
     settings = GPU_SETTINGS if gpu else CPU_SETTINGS
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for n, (setting, (options, batch, steps, log_every, precision)) in enumerate(settings.items()):
+        for n, (setting, (options, batch, steps, log_every, precision, paths)) in enumerate(settings.items()):
             options = {**(GPU_DATA if gpu else {}), **options}
-            steps, log_every = (2 * log_every // 5, log_every // 5) if quick else (steps, log_every)
-            for mode in ("separate", "fused"):
-                row = _phase(Path(tmp) / f"{n}-{mode}", options, mode, batch, steps, log_every, precision)
-                rows.append({"setting": setting, "mode": mode, "precision": precision, "batch": batch, **row,
-                             "fraction_of_peak": round(row["achieved_gflops"] * 1e9 / peaks[precision], 4)})
-                print(f"  {setting} {mode}: {row['module_samples_per_s']} module-samples/s, "
-                      f"{100 * rows[-1]['fraction_of_peak']:.1f} % of the {precision} peak", flush=True)
-            rows.append({"setting": setting, "mode": "timm loop (anchor)", "precision": precision, "batch": batch,
+            steps, log_every = (2 * max(1, log_every // 5), max(1, log_every // 5)) if quick else (steps, log_every)
+            for path in paths:
+                for mode in ("separate", "fused"):
+                    row = _phase(Path(tmp) / f"{n}-{mode}-{path}", {**options, "input_path": path}, mode, batch,
+                                 steps, log_every, precision)
+                    rows.append({"setting": setting, "mode": mode, "input": path, "precision": precision,
+                                 "batch": batch, **row,
+                                 "fraction_of_peak": round(row["achieved_gflops"] * 1e9 / peaks[precision], 4)})
+                    print(f"  {setting} {mode}, {path} input: {row['module_samples_per_s']} module-samples/s, "
+                          f"{100 * rows[-1]['fraction_of_peak']:.1f} % of the {precision} peak", flush=True)
+            rows.append({"setting": setting, "mode": "timm loop (anchor)", "input": "device tensors",
+                         "precision": precision, "batch": batch,
                          **_timm_loop(options["teacher"], options.get("img_size", 32), batch, steps, precision,
                                       device)})
     return {"rows": rows, "peaks": peaks, "device": torch.cuda.get_device_name() if gpu else "cpu",
@@ -148,11 +157,12 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['device']}, {result['threads']} threads; measured `torch.mm` peaks: fp32 "
              f"{peaks['fp32'] / 1e9:.1f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.1f} GFLOP/s. Module-samples/s: one "
              "sample through one module's m2mKD (a fused sample counts K); steady windows only.", "",
-             "| setting | mode | precision | batch | steps | module-samples/s | GFLOP/sample | GFLOP/s | of peak |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| setting | mode | input path | precision | batch | steps | module-samples/s | GFLOP/sample | GFLOP/s "
+             "| of peak |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         rate = r.get("module_samples_per_s", r.get("samples_per_s"))
         fraction = r.get("fraction_of_peak", r["achieved_gflops"] * 1e9 / peaks[r["precision"]])
-        lines.append(f"| {r['setting']} | {r['mode']} | {r['precision']} | {r['batch']} | {r['steps']} | {rate} | "
+        lines.append(f"| {r['setting']} | {r['mode']} | {r.get('input', '-')} | {r['precision']} | {r['batch']} "
+                     f"| {r['steps']} | {rate} | "
                      f"{r['gflop_per_sample']} | {r['achieved_gflops']} | {100 * fraction:.1f} % |")
     return "\n".join(lines) + "\n"
