@@ -266,6 +266,8 @@ def folder_rows(per_class: int = 100, batches: int = 6, repeats: int = 3, batch:
             ways[f"ImageFolder 224 px, {name}: cpu path ({n} workers decode and augment)"] = lambda cpu=cpu: cpu
             ways[f"ImageFolder 224 px, {name}: device path ({n} workers read, {device.type} decodes and augments)"] = (
                 lambda make=on_device: make(0))
+            ways[f"ImageFolder 224 px, {name}: anchor, timm's create_loader + prefetcher ({n} workers)"] = (
+                lambda augment=augment, n=n: _timm_loader(root / "train", augment, batch, n, device))
             cached = folder_loader(train, bundle, augment, batch, shuffle=True, seed=0, device=device, workers=n,
                                    cache_at=RunDir(Path(tmp) / "run").image_cache)  # built here, once: not timed
             ways[f"ImageFolder 224 px, {name}: cached path (pre-resized copy on the {device.type}, augmented there)"] = (
@@ -282,6 +284,21 @@ def folder_rows(per_class: int = 100, batches: int = 6, repeats: int = 3, batch:
                 seconds[name].append((time.perf_counter() - started) / seen)
     return [{"what": name, "device": device.type, "batch": batch, "batches": batches,
              "samples_per_s": round(1 / statistics.median(s), 1)} for name, s in seconds.items()]
+
+
+def _timm_loader(root: Path, augment: Any, batch: int, workers: int, device: torch.device) -> Any:
+    """timm's own training input pipeline on the same folder and augmentation: ``create_loader`` with its
+    prefetcher (normalisation and erasing on ``device``), the loop a timm training script runs."""
+    from timm.data import create_dataset, create_loader
+
+    from monomod.data import cap_rand_augment
+
+    loader = create_loader(create_dataset("", root=str(root), is_training=True), input_size=(3, 224, 224),
+                           batch_size=batch, is_training=True, re_prob=augment.reprob, re_mode="pixel",
+                           auto_augment=augment.auto_augment, num_workers=workers, use_prefetcher=True,
+                           device=device, persistent_workers=False)
+    cap_rand_augment(loader.loader.dataset.transform)  # the Pillow 13 fix monomod applies
+    return loader
 
 
 def input_markdown(result: dict[str, Any]) -> str:
