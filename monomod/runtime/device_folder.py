@@ -24,8 +24,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -41,6 +43,7 @@ from monomod.io import atomic_save_tensors
 from monomod.runtime.device_data import BatchAugment, finish_batch, sample_uniforms
 from monomod.runtime.device_randaugment import RandAugmentSpec, parse_rand_augment, rand_augment_batch
 
+log = logging.getLogger(__name__)
 _TRIES = 10  # timm's RandomResizedCropAndInterpolation.get_params
 _JPEG_MAGIC = (0xFF, 0xD8)
 
@@ -294,8 +297,11 @@ def load_cache(dataset: Any, bundle: DataBundle, device: torch.device, workers: 
         tensors = load_file(str(path))
         images, labels = tensors["images"], tensors["labels"]
     else:
+        log.info("decoding the %d training images once into a %d px cache (%s)", len(dataset), side, path)
+        started = time.perf_counter()
         images, labels = build_cache(dataset, bundle, side, workers)
         atomic_save_tensors(path, {"images": images, "labels": labels})
+        log.info("image cache built in %.1f s", time.perf_counter() - started)
     _LOADED.clear()  # one cache held at a time: a run trains on one folder
     _LOADED[key, str(device)] = images.to(device), labels.to(device)
     return _LOADED[key, str(device)]
@@ -316,7 +322,10 @@ def _check_fits(size: int, device: torch.device) -> None:
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
     else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # no such query here (macOS, Windows): nothing to check
+            return
     if size > free / 2:
         raise MonomodError(f"the pre-resized image cache needs {size / 2**30:.1f} GiB, more than half the "
                            f"{free / 2**30:.1f} GiB free on {device}",
