@@ -30,7 +30,7 @@ import timm
 import torch
 
 import monomod
-from monomod.passes.partition import _is_compute, _unit, optimal_cuts, search
+from monomod.passes.partition import _is_compute, _unit, cost_prefix, optimal_cuts, search
 
 # (name, timm kwargs, image size): ViT, DeiT, Swin, ConvNeXt, ResNet and friends, small enough for 2 CPU cores.
 MODELS: list[tuple[str, dict[str, Any], int]] = [
@@ -266,9 +266,7 @@ def family_row(family: str, name: str, params: int, k: int = FAMILY_K, baseline:
 def order_bound(traced: Any, k: int) -> float:
     """The best FLOPs balance of any split of ``traced``'s graph order into ``k`` runs, every position a cut point
     whatever crosses it: what no contiguous partition of this trace can beat."""
-    prefix = [0]
-    for info in traced.nodes.values():
-        prefix.append(prefix[-1] + info.flops)
+    prefix = cost_prefix(traced)
     compute = [i for i, info in enumerate(traced.nodes.values()) if _is_compute(info)]
     _, largest = optimal_cuts(prefix, compute[1:], [0] * (len(compute) - 1), k)
     return largest * k / prefix[-1] if prefix[-1] else 1.0

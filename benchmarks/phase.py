@@ -13,6 +13,7 @@ prefix once for all modules. ``python -m benchmarks.run --only phase``.
 """
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -103,8 +104,6 @@ def _phase(run_dir: Path, options: dict, mode: str, batch: int, steps: int, log_
 
 def _steady_seconds(run_dir: Path, job: Any, batch: int, log_every: int) -> float:
     """Seconds per sample of ``job`` in its steady windows (the first logging window left out)."""
-    import json
-
     lines = [json.loads(line) for line in (run_dir / "jobs" / job.dir / "metrics.jsonl").read_text().splitlines()]
     steady = lines[1:] or lines
     return sum(log_every * batch / line["samples_per_second"] for line in steady) / (len(steady) * log_every * batch)

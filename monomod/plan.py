@@ -144,6 +144,11 @@ class Job:
         """Directory name under RUN_DIR/jobs (no ':' so it is portable)."""
         return self.name.replace(":", "-")
 
+    def train_configs(self) -> list[dict[str, Any]]:
+        """The training configs this job trains with: its own, or its members' (the fused m2mKD job)."""
+        configs = (self.config, *self.config.get("members", ()))
+        return [c["train"] for c in configs if isinstance(c.get("train"), dict)]
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "inputs": list(self.inputs), "outputs": list(self.outputs),
                 "config": self.config, "hash": self.hash}

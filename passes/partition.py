@@ -108,6 +108,14 @@ def _is_compute(info: NodeInfo) -> bool:
     return info.op.startswith("call_") and not info.rematerializable
 
 
+def cost_prefix(traced: TracedModel, cost: str = "flops") -> list[int]:
+    """``prefix[p]``: the cost of every node before graph position ``p`` (the last entry is the total)."""
+    prefix = [0]
+    for value in _node_costs(traced, cost).values():
+        prefix.append(prefix[-1] + value)
+    return prefix
+
+
 def _node_costs(traced: TracedModel, cost: str) -> dict[str, int]:
     """Cost per node; a parameter read is charged to its first consumer, which is where it will live."""
     costs = {name: (info.flops if cost == "flops" else info.params) for name, info in traced.nodes.items()}
@@ -143,10 +151,7 @@ def search(traced: TracedModel, k: int, cost: str = "flops", tolerance: float = 
     Single-tensor cut points first; where their optimum is above ``1 + tolerance`` and cuts within the byte budget
     (at most the bytes of the model's largest activation, however many tensors) do strictly better, those; never
     with ``single_tensor``."""
-    costs = _node_costs(traced, cost)
-    prefix = [0]
-    for name in traced.nodes:
-        prefix.append(prefix[-1] + costs[name])
+    prefix = cost_prefix(traced, cost)
     crossing = cut_crossings(traced)
     compute = [i for i, info in enumerate(traced.nodes.values()) if _is_compute(info)]
     between = compute[1:]  # a cut before any compute node but the first leaves no module empty

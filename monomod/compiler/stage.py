@@ -74,7 +74,7 @@ def compile_options(options: Any, *, dry_run: bool = False, data_info: dict[str,
     set_checkpointing(plan, options.checkpoint_every, options.checkpoint_minutes)
     check_train_configs(plan)
     if options.input_path in ("device", "cached") and not in_memory:  # image folders augmented on the device
-        check_device_augment(c["train"] for j in plan.jobs for c in (j.config, *j.config.get("members", ())) if "train" in c)
+        check_device_augment(train for job in plan.jobs for train in job.train_configs())
     return plan
 
 

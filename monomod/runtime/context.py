@@ -48,13 +48,17 @@ class RunContext:
     @cached_property
     def data(self):
         """The task's data (``--data``): fine-tune, baseline and evaluation."""
-        s = self.settings
-        return self._load_data(s["data"], s["ood"])
+        return self._load_data(self.data_spec(distill=False), self.settings["ood"])
 
     @cached_property
     def distill_data(self):
         """The data the teacher, meta, incubate and m2mKD jobs train on (``--distill-data``; no OOD split)."""
-        return self._load_data(self.settings.get("distill_data") or self.settings["data"], None)
+        return self._load_data(self.data_spec(distill=True), None)
+
+    def data_spec(self, *, distill: bool) -> str:
+        """The spec of the task's data or (``distill``) of the data distillation trains on, without loading it."""
+        s = self.settings
+        return (s.get("distill_data") or s["data"]) if distill else s["data"]
 
     def _load_data(self, spec: str, ood: str | None):
         """Image folders take the teacher's normalisation, interpolation and crop (its timm pretrained config, read
@@ -72,28 +76,29 @@ class RunContext:
         return load_data(spec, img_size=s["img_size"], in_chans=s["in_chans"], ood=ood, data_config=config)
 
     def loader(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0, distill: bool = False,
-               augment: Any = None) -> Callable[[int], Any]:
+               augment: Any = None, device: torch.device | None = None) -> Callable[[int], Any]:
         """``make_loader(epoch)`` over ``split`` of the task's data or (``distill``) the distillation data;
-        ``augment`` (a ``monomod.data.Augment``) applies to ``train``."""
+        ``augment`` (a ``monomod.data.Augment``) applies to ``train``, on ``device`` (the job's; default: the one
+        ``auto`` picks) where the input path puts it there."""
         from monomod.data import make_loader
 
         bundle = self.distill_data if distill else self.data
         dataset = bundle.train_with(augment) if split == "train" else getattr(bundle, split)
-        path = self.input_path(dataset) if split == "train" else "cpu"
+        device = device if device is not None else resolve_device("auto")
+        path = self.input_path(dataset, device) if split == "train" else "cpu"
         if path != "cpu":
             return self._device_loader(bundle, dataset, augment, batch_size, shuffle=shuffle, seed=seed,
-                                       cached=path == "cached")
+                                       device=device, cached=path == "cached")
         return lambda epoch: make_loader(dataset, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch=epoch,
                                          drop_last=shuffle and len(dataset) > batch_size,
                                          num_workers=self.loader_workers)
 
     def _device_loader(self, bundle: Any, dataset: Any, augment: Any, batch_size: int, *, shuffle: bool,
-                       seed: int, cached: bool) -> Callable[[int], Any]:
+                       seed: int, device: torch.device, cached: bool) -> Callable[[int], Any]:
         """The device input path: in-memory sets moved there once (``device_data``), image folders decoded there
         a batch at a time or (``cached``) once into a pre-resized copy (``device_folder``)."""
         from monomod.data import TensorImageDataset, default_workers
 
-        device = resolve_device("auto")
         if isinstance(dataset, TensorImageDataset):
             from monomod.runtime.device_data import device_loader
 
@@ -104,13 +109,14 @@ class RunContext:
         return folder_loader(dataset, bundle, augment, batch_size, shuffle=shuffle, seed=seed, device=device,
                              workers=workers, cache_at=self.dirs.image_cache if cached else None)
 
-    def input_path(self, dataset: Any) -> str:
-        """Where this machine augments ``dataset``'s training batches: the path the plan asked for (``auto`` where
-        it records none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
+    def input_path(self, dataset: Any, device: torch.device) -> str:
+        """Where a job on ``device`` augments ``dataset``'s training batches: the path the plan asked for (``auto``
+        where it records none), resolved here, so a plan compiled on a CPU takes the device path on a GPU node."""
         from monomod.data import TensorImageDataset
         from monomod.runtime.device_data import input_path_for
 
-        return input_path_for(self.settings.get("input_path", "auto"), in_memory=isinstance(dataset, TensorImageDataset))
+        return input_path_for(self.settings.get("input_path", "auto"), in_memory=isinstance(dataset, TensorImageDataset),
+                              device=device)
 
     @property
     def distill_classes(self) -> int:

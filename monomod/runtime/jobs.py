@@ -71,14 +71,13 @@ def _used(ctx: RunContext, job: Job, threads: int) -> dict[str, Any]:
     for a training job the input path its batches took."""
     from monomod.runtime.device_data import resolve_input_path
 
-    members = job.config.get("members") or [{}]  # the fused job trains its members, alike but for the seed
-    trains = job.config.get("train") or members[0].get("train")
+    trains = next(iter(job.train_configs()), None)  # a fused job's members train alike but for the seed
     train = {"precision": asked_precision(ctx.plan)} if job.kind == "evaluate" else trains
-    used = used_here(train if isinstance(train, dict) else None, threads)
-    if isinstance(trains, dict):
-        s = ctx.settings
-        data = s.get("distill_data") if JOB_KINDS[job.kind].distill and s.get("distill_data") else s["data"]
-        used["input_path"] = resolve_input_path(s.get("input_path", "auto"), data, device=used["device"])
+    used = used_here(train, threads)
+    if trains is not None:
+        used["input_path"] = resolve_input_path(ctx.settings.get("input_path", "auto"),
+                                                ctx.data_spec(distill=JOB_KINDS[job.kind].distill),
+                                                device=used["device"])
     return used
 
 

@@ -42,7 +42,7 @@ def _fit(ctx: RunContext, job: Job, model: nn.Module, loss_fn: Callable, cfg: Tr
 
     augment = Augment(auto_augment=cfg.auto_augment, color_jitter=cfg.color_jitter, reprob=cfg.reprob)
     loader = ctx.loader("train", cfg.batch_size, shuffle=True, seed=cfg.seed, distill=job.kind in DISTILL_KINDS,
-                        augment=augment)
+                        augment=augment, device=resolve_device(cfg.device))
     result = train(model, loss_fn, loader, cfg, job_dir=ctx.job_dir(job.name), label=job.name, **train_options)
     return {"train_steps": result.steps, "final_loss": result.final_loss, "train_acc": result.train_acc,
             "samples_per_second": result.samples_per_second}
